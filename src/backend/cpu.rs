@@ -1,0 +1,416 @@
+//! The CPU reference backend: f32 compute, weights read in their stored dtype, rayon over output
+//! tiles, matrix products by `matrixmultiply`'s sgemm (runtime-detected AVX/FMA kernels).
+use rayon::prelude::*;
+
+use super::{AttnShape, Backend, KeySpan};
+use crate::model::config::Activation;
+use crate::model::weights::Tensor;
+use crate::{Error, Result};
+
+#[derive(Clone, Debug, Default)]
+pub struct CpuBackend;
+
+/// A checkpoint matrix, still in its mmapped stored dtype: (rows, cols).
+#[derive(Clone)]
+pub struct CpuMat {
+    t: Tensor,
+    rows: usize,
+    cols: usize,
+}
+
+/// A raw pointer handed to rayon tasks that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// Output features per rayon task: a few tasks per thread so the threads stay balanced, and enough
+/// columns that sgemm's packing of x is amortised.
+fn col_block(n: usize, m: usize) -> usize {
+    let threads = rayon::current_num_threads().max(1);
+    let target = n.div_ceil(threads * 2).next_multiple_of(16);
+    let max = if m <= 4 { 64 } else { 512 };
+    target.clamp(16, max)
+}
+
+/// Dot product with 8 independent accumulators (lets the compiler vectorise).
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the features were detected at run time.
+            return unsafe { dot_avx2(a, b) };
+        }
+    }
+    dot_portable(a, b)
+}
+
+#[inline(always)]
+fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] = x[i].mul_add(y[i], acc[i]);
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (x, y) in ra.iter().zip(rb) {
+        s += x * y;
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_portable(a, b)
+}
+
+impl CpuBackend {
+    pub fn new() -> Self {
+        CpuBackend
+    }
+}
+
+impl Backend for CpuBackend {
+    type Buf = Vec<f32>;
+    type Mat = CpuMat;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn upload(&self, x: &[f32]) -> Vec<f32> {
+        x.to_vec()
+    }
+
+    fn download(&self, x: &Vec<f32>) -> Vec<f32> {
+        x.clone()
+    }
+
+    fn matrix(&self, t: &Tensor) -> Result<CpuMat> {
+        let shape = t.shape();
+        if shape.is_empty() {
+            return Err(Error::tensor(t.file(), t.name(), "expected a matrix, found a scalar"));
+        }
+        let rows = shape[0];
+        let cols = shape[1..].iter().product::<usize>();
+        Ok(CpuMat { t: t.clone(), rows, cols })
+    }
+
+    fn mat_shape(&self, m: &CpuMat) -> (usize, usize) {
+        (m.rows, m.cols)
+    }
+
+    fn linear(&self, x: &Vec<f32>, m: usize, w: &CpuMat, bias: Option<&Vec<f32>>) -> Vec<f32> {
+        let (n, k) = (w.rows, w.cols);
+        assert_eq!(x.len(), m * k, "linear: x is not ({m}, {k})");
+        let mut out = vec![0f32; m * n]; // (m, n)
+        let nb = col_block(n, m);
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        (0..n.div_ceil(nb)).into_par_iter().for_each_init(Vec::new, |wf, bi| {
+            let out_ptr = out_ptr;
+            let (n0, n1) = (bi * nb, ((bi + 1) * nb).min(n));
+            wf.resize((n1 - n0) * k, 0.0);
+            w.t.rows_f32(n0, n1, wf); // (n1-n0, k) in f32
+            if m <= 4 {
+                for r in 0..m {
+                    let xr = &x[r * k..(r + 1) * k];
+                    for (j, wr) in wf.chunks_exact(k).enumerate() {
+                        // SAFETY: task bi alone writes columns [n0, n1) of out.
+                        unsafe { *out_ptr.0.add(r * n + n0 + j) = dot(xr, wr) };
+                    }
+                }
+            } else {
+                // SAFETY: x, wf and the (m, n1-n0) column block of out (row stride n) are in bounds;
+                // task bi alone writes columns [n0, n1).
+                unsafe {
+                    matrixmultiply::sgemm(
+                        m,
+                        k,
+                        n1 - n0,
+                        1.0,
+                        x.as_ptr(),
+                        k as isize,
+                        1,
+                        wf.as_ptr(),
+                        1,
+                        k as isize,
+                        0.0,
+                        out_ptr.0.add(n0),
+                        n as isize,
+                        1,
+                    )
+                };
+            }
+        });
+        if let Some(b) = bias {
+            assert_eq!(b.len(), n, "linear: bias length");
+            out.par_chunks_mut(n).for_each(|row| row.iter_mut().zip(b).for_each(|(o, b)| *o += b));
+        }
+        out
+    }
+
+    fn embed(&self, ids: &[u32], table: &CpuMat) -> Vec<f32> {
+        let d = table.cols;
+        let mut out = vec![0f32; ids.len() * d]; // (len, d)
+        for (row, &id) in out.chunks_exact_mut(d).zip(ids) {
+            let id = id as usize;
+            assert!(id < table.rows, "token id {id} outside the embedding table ({})", table.rows);
+            table.t.rows_f32(id, id + 1, row);
+        }
+        out
+    }
+
+    fn layer_norm(&self, x: &Vec<f32>, d: usize, w: &Vec<f32>, b: &Vec<f32>, eps: f32) -> Vec<f32> {
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, xr)| {
+            let mean = xr.iter().sum::<f32>() / d as f32;
+            let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+            let inv = 1.0 / (var + eps).sqrt();
+            for i in 0..d {
+                o[i] = (xr[i] - mean) * inv * w[i] + b[i];
+            }
+        });
+        out
+    }
+
+    fn rms_norm(&self, x: &Vec<f32>, d: usize, w: &Vec<f32>, eps: f32) -> Vec<f32> {
+        let mut out = vec![0f32; x.len()];
+        out.par_chunks_mut(d).zip(x.par_chunks(d)).for_each(|(o, xr)| {
+            let ms = xr.iter().map(|v| v * v).sum::<f32>() / d as f32;
+            let inv = 1.0 / (ms + eps).sqrt();
+            for i in 0..d {
+                o[i] = w[i] * (xr[i] * inv);
+            }
+        });
+        out
+    }
+
+    fn activation(&self, x: &mut Vec<f32>, act: Activation) {
+        let f: fn(f32) -> f32 = match act {
+            Activation::QuickGelu => |v| v / (1.0 + (-1.702 * v).exp()),
+            Activation::Gelu => |v| 0.5 * v * (1.0 + erf(v / std::f32::consts::SQRT_2)),
+            Activation::GeluTanh => |v| {
+                let c = (2.0 / std::f32::consts::PI).sqrt();
+                0.5 * v * (1.0 + (c * (v + 0.044715 * v * v * v)).tanh())
+            },
+            Activation::Silu => |v| v / (1.0 + (-v).exp()),
+        };
+        x.par_iter_mut().with_min_len(4096).for_each(|v| *v = f(*v));
+    }
+
+    fn add(&self, x: &mut Vec<f32>, y: &Vec<f32>) {
+        assert_eq!(x.len(), y.len());
+        x.iter_mut().zip(y).for_each(|(a, b)| *a += b);
+    }
+
+    fn axpy(&self, x: &mut Vec<f32>, alpha: f32, y: &Vec<f32>) {
+        assert_eq!(x.len(), y.len());
+        x.iter_mut().zip(y).for_each(|(a, b)| *a += alpha * b);
+    }
+
+    fn mul(&self, x: &mut Vec<f32>, y: &Vec<f32>) {
+        assert_eq!(x.len(), y.len());
+        x.iter_mut().zip(y).for_each(|(a, b)| *a *= b);
+    }
+
+    fn rope(&self, x: &mut Vec<f32>, heads: usize, head_dim: usize, pos0: usize, theta: f64) {
+        let half = head_dim / 2;
+        // inv_freq[i] = theta^(-2i/D), computed in f64 and rounded once, then angles in f64 so long
+        // positions keep their precision (HF computes the angle in f32 from f32 inv_freq; the f64
+        // oracle is what we match).
+        let inv: Vec<f64> = (0..half).map(|i| theta.powf(-((2 * i) as f64) / head_dim as f64)).collect();
+        x.par_chunks_mut(heads * head_dim).enumerate().for_each(|(r, row)| {
+            let pos = (pos0 + r) as f64;
+            let (cos, sin): (Vec<f32>, Vec<f32>) = inv
+                .iter()
+                .map(|f| {
+                    let a = pos * f;
+                    (a.cos() as f32, a.sin() as f32)
+                })
+                .unzip();
+            for h in row.chunks_exact_mut(head_dim) {
+                let (lo, hi) = h.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b) = (lo[i], hi[i]);
+                    // rotate_half: (x1, x2) -> (-x2, x1)
+                    lo[i] = a * cos[i] - b * sin[i];
+                    hi[i] = b * cos[i] + a * sin[i];
+                }
+            }
+        });
+    }
+
+    fn attention(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        s: AttnShape,
+        spans: Option<&[KeySpan]>,
+    ) -> (Vec<f32>, Option<Vec<f32>>) {
+        let d = s.head_dim;
+        let (qs, ks) = (s.heads * d, s.kv_heads * d); // row strides of q/out and of k/v
+        assert_eq!(q.len(), s.tq * qs, "attention: q shape");
+        assert_eq!(k.len(), s.tk * ks, "attention: k shape");
+        assert_eq!(v.len(), s.tk * ks, "attention: v shape");
+        let group = s.heads / s.kv_heads;
+        let scale = 1.0 / (d as f32).sqrt();
+        let n_spans = spans.map_or(0, |sp| sp.len());
+        // per head: its output (tq, d) and its span masses (tq, n_spans)
+        let per_head: Vec<(Vec<f32>, Vec<f32>)> = (0..s.heads)
+            .into_par_iter()
+            .map(|h| {
+                let kvh = h / group;
+                let mut p = vec![0f32; s.tq * s.tk]; // (tq, tk) scores, then probabilities
+                // SAFETY: q (tq, heads·d) read at column h·d with row stride qs; k (tk, kv_heads·d)
+                // read transposed at column kvh·d; p is (tq, tk) contiguous.
+                unsafe {
+                    matrixmultiply::sgemm(
+                        s.tq,
+                        d,
+                        s.tk,
+                        scale,
+                        q.as_ptr().add(h * d),
+                        qs as isize,
+                        1,
+                        k.as_ptr().add(kvh * d),
+                        1,
+                        ks as isize,
+                        0.0,
+                        p.as_mut_ptr(),
+                        s.tk as isize,
+                        1,
+                    )
+                };
+                let mut mass = vec![0f32; s.tq * n_spans];
+                for (i, row) in p.chunks_exact_mut(s.tk).enumerate() {
+                    let visible = if s.causal { (s.q_pos0 + i + 1).min(s.tk) } else { s.tk };
+                    let (vis, masked) = row.split_at_mut(visible);
+                    let mx = vis.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+                    let mut sum = 0f32;
+                    for x in vis.iter_mut() {
+                        *x = (*x - mx).exp();
+                        sum += *x;
+                    }
+                    let inv = 1.0 / sum;
+                    vis.iter_mut().for_each(|x| *x *= inv);
+                    masked.fill(0.0);
+                    if let Some(sp) = spans {
+                        for (g, &(a, b)) in sp.iter().enumerate() {
+                            mass[i * n_spans + g] = row[a.min(s.tk)..b.min(s.tk)].iter().sum();
+                        }
+                    }
+                }
+                let mut o = vec![0f32; s.tq * d]; // (tq, d)
+                // SAFETY: p (tq, tk) · v[:, kvh·d..] (tk, d, row stride ks) -> o (tq, d).
+                unsafe {
+                    matrixmultiply::sgemm(
+                        s.tq,
+                        s.tk,
+                        d,
+                        1.0,
+                        p.as_ptr(),
+                        s.tk as isize,
+                        1,
+                        v.as_ptr().add(kvh * d),
+                        ks as isize,
+                        1,
+                        0.0,
+                        o.as_mut_ptr(),
+                        d as isize,
+                        1,
+                    )
+                };
+                (o, mass)
+            })
+            .collect();
+        let mut out = vec![0f32; s.tq * qs]; // (tq, heads·d)
+        for (h, (o, _)) in per_head.iter().enumerate() {
+            for (i, r) in o.chunks_exact(d).enumerate() {
+                out[i * qs + h * d..i * qs + (h + 1) * d].copy_from_slice(r);
+            }
+        }
+        let mass = spans.map(|_| {
+            let mut m = vec![0f32; s.tq * n_spans]; // (tq, n_spans), heads averaged
+            for (_, hm) in &per_head {
+                m.iter_mut().zip(hm).for_each(|(a, b)| *a += b);
+            }
+            m.iter_mut().for_each(|a| *a /= s.heads as f32);
+            m
+        });
+        (out, mass)
+    }
+
+    fn append_rows(&self, dst: &mut Vec<f32>, src: &Vec<f32>) {
+        dst.extend_from_slice(src);
+    }
+
+    fn slice_rows(&self, x: &Vec<f32>, d: usize, r0: usize, r1: usize) -> Vec<f32> {
+        x[r0 * d..r1 * d].to_vec()
+    }
+
+    fn scatter_rows(&self, x: &mut Vec<f32>, d: usize, rows: &[usize], src: &Vec<f32>) {
+        assert_eq!(src.len(), rows.len() * d, "scatter_rows: source shape");
+        for (&r, s) in rows.iter().zip(src.chunks_exact(d)) {
+            x[r * d..(r + 1) * d].copy_from_slice(s);
+        }
+    }
+
+    fn token_logprobs(&self, logits: &Vec<f32>, vocab: usize, targets: &[u32]) -> Vec<f32> {
+        assert_eq!(logits.len(), targets.len() * vocab, "token_logprobs: logits shape");
+        logits
+            .par_chunks(vocab)
+            .zip(targets.par_iter())
+            .map(|(row, &t)| row[t as usize] - log_sum_exp(row))
+            .collect()
+    }
+}
+
+/// log Σ exp(x), accumulated in f64 so a 32k-entry vocabulary adds no rounding of its own.
+pub fn log_sum_exp(x: &[f32]) -> f32 {
+    let mx = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    let s: f64 = x.iter().map(|&v| ((v - mx) as f64).exp()).sum();
+    (mx as f64 + s.ln()) as f32
+}
+
+/// erf with |error| < 1.2e-7 (Numerical Recipes' erfc Chebyshev fit), enough for f32 GELU.
+fn erf(x: f32) -> f32 {
+    let z = (x as f64).abs();
+    let t = 1.0 / (1.0 + 0.5 * z);
+    let r = t
+        * (-z * z - 1.26551223
+            + t * (1.00002368
+                + t * (0.37409196
+                    + t * (0.09678418
+                        + t * (-0.18628806
+                            + t * (0.27886807
+                                + t * (-1.13520398
+                                    + t * (1.48851587 + t * (-0.82215223 + t * 0.17087277)))))))))
+            .exp();
+    let v = 1.0 - r;
+    (if x >= 0.0 { v } else { -v }) as f32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn erf_matches_known_values() {
+        for (x, e) in [(0.0f32, 0.0f32), (0.5, 0.520_499_9), (1.0, 0.842_700_8), (-2.0, -0.995_322_3)] {
+            assert!((erf(x) - e).abs() < 2e-7, "erf({x}) = {} want {e}", erf(x));
+        }
+    }
+
+    #[test]
+    fn dot_matches_naive_sum() {
+        let a: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..37).map(|i| (i as f32 * 0.11).cos()).collect();
+        let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+        assert!((dot(&a, &b) - naive).abs() < 1e-5);
+    }
+}

@@ -1,0 +1,9 @@
+//! miadpo: MIA-DPO (multi-image augmented direct preference optimization) for LLaVA models on a
+//! small handwritten transformer runtime. See docs/ARCHITECTURE.md for the map of the crate.
+pub mod error;
+pub mod model;
+pub mod vision;
+
+pub use error::{Error, Result};
+pub mod backend;
+pub mod text;

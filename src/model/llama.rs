@@ -1,0 +1,234 @@
+//! LLaMA decoder: RMSNorm, RoPE, GQA attention with a KV cache, SwiGLU MLP, optional unmerged LoRA.
+use super::config::{Activation, TextConfig};
+use super::lora::{LoraAdapter, Proj as ProjKind};
+use super::weights::WeightStore;
+use crate::backend::{AttnShape, Backend, KeySpan};
+use crate::{Error, Result};
+
+/// A low-rank update `scale · B A` kept beside its base weight (never merged into it).
+pub struct LoraPair<B: Backend> {
+    pub a: B::Mat, // (r, in)
+    pub b: B::Mat, // (out, r)
+    pub scale: f32,
+}
+
+/// One linear layer of the decoder.
+pub struct Linear<B: Backend> {
+    pub w: B::Mat, // (out, in)
+    pub bias: Option<B::Buf>,
+    pub lora: Option<LoraPair<B>>,
+}
+
+impl<B: Backend> Linear<B> {
+    /// y (m, out) = x (m, in) · Wᵀ + bias [+ scale · (x Aᵀ) Bᵀ when `use_lora`]
+    pub fn forward(&self, be: &B, x: &B::Buf, m: usize, use_lora: bool) -> B::Buf {
+        let mut y = be.linear(x, m, &self.w, self.bias.as_ref());
+        if let (true, Some(l)) = (use_lora, &self.lora) {
+            let t = be.linear(x, m, &l.a, None); // (m, r)
+            be.axpy(&mut y, l.scale, &be.linear(&t, m, &l.b, None));
+        }
+        y
+    }
+}
+
+pub struct LlamaLayer<B: Backend> {
+    pub input_norm: B::Buf,
+    pub q: Linear<B>,
+    pub k: Linear<B>,
+    pub v: Linear<B>,
+    pub o: Linear<B>,
+    pub post_norm: B::Buf,
+    pub gate: Linear<B>,
+    pub up: Linear<B>,
+    pub down: Linear<B>,
+}
+
+impl<B: Backend> LlamaLayer<B> {
+    pub fn proj_mut(&mut self, p: ProjKind) -> &mut Linear<B> {
+        match p {
+            ProjKind::Q => &mut self.q,
+            ProjKind::K => &mut self.k,
+            ProjKind::V => &mut self.v,
+            ProjKind::O => &mut self.o,
+            ProjKind::Gate => &mut self.gate,
+            ProjKind::Up => &mut self.up,
+            ProjKind::Down => &mut self.down,
+        }
+    }
+}
+
+pub struct Decoder<B: Backend> {
+    pub cfg: TextConfig,
+    pub embed: B::Mat, // (vocab, hidden)
+    pub layers: Vec<LlamaLayer<B>>,
+    pub norm: B::Buf,
+    pub lm_head: B::Mat, // (vocab, hidden)
+}
+
+/// Keys and values of every layer for the positions seen so far: per layer (len, kv_heads·head_dim).
+pub struct KvCache<B: Backend> {
+    pub k: Vec<B::Buf>,
+    pub v: Vec<B::Buf>,
+    pub len: usize,
+}
+
+impl<B: Backend> Clone for KvCache<B>
+where
+    B::Buf: Clone,
+{
+    fn clone(&self) -> Self {
+        KvCache { k: self.k.clone(), v: self.v.clone(), len: self.len }
+    }
+}
+
+/// Which attention masses a forward pass records: for each layer in `layers`, the mass of every query
+/// row on every span, heads averaged.
+pub struct MassCapture<'a> {
+    pub spans: &'a [KeySpan],
+    pub layers: Vec<usize>,
+}
+
+impl<B: Backend> Decoder<B> {
+    /// `p`: the decoder's prefix (`language_model.model.` or `model.language_model.`); `lm_head`:
+    /// the LM head's full name, empty for tied embeddings.
+    pub fn load(be: &B, w: &WeightStore, cfg: &TextConfig, p: &str, lm_head: &str) -> Result<Self> {
+        let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
+        let (qd, kvd) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
+        if cfg.act != Activation::Silu {
+            return Err(Error::Invalid(format!("decoder activation {:?} is not supported (SwiGLU needs silu)", cfg.act)));
+        }
+        let vec = |name: &str, n: usize| be.vector(w.get(&format!("{p}{name}"))?.expect_shape(&[n])?);
+        let lin = |name: &str, o: usize, i: usize, bias: bool| -> Result<Linear<B>> {
+            Ok(Linear {
+                w: be.matrix(w.get(&format!("{p}{name}.weight"))?.expect_shape(&[o, i])?)?,
+                bias: if bias { Some(vec(&format!("{name}.bias"), o)?) } else { None },
+                lora: None,
+            })
+        };
+        let embed = be.matrix(w.get(&format!("{p}embed_tokens.weight"))?.expect_shape(&[cfg.vocab_size, h])?)?;
+        let lm_head = if lm_head.is_empty() {
+            if !cfg.tie_word_embeddings {
+                return Err(Error::Invalid(format!(
+                    "{}: no LM head (`language_model.lm_head.weight` or `lm_head.weight`) and tie_word_embeddings is false",
+                    w.source().display()
+                )));
+            }
+            be.matrix(w.get(&format!("{p}embed_tokens.weight"))?)?
+        } else {
+            be.matrix(w.get(lm_head)?.expect_shape(&[cfg.vocab_size, h])?)?
+        };
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for l in 0..cfg.num_layers {
+            let n = |s: &str| format!("layers.{l}.{s}");
+            let (ab, mb) = (cfg.attention_bias, cfg.mlp_bias);
+            layers.push(LlamaLayer {
+                input_norm: vec(&n("input_layernorm.weight"), h)?,
+                q: lin(&n("self_attn.q_proj"), qd, h, ab)?,
+                k: lin(&n("self_attn.k_proj"), kvd, h, ab)?,
+                v: lin(&n("self_attn.v_proj"), kvd, h, ab)?,
+                o: lin(&n("self_attn.o_proj"), h, qd, ab)?,
+                post_norm: vec(&n("post_attention_layernorm.weight"), h)?,
+                gate: lin(&n("mlp.gate_proj"), i, h, mb)?,
+                up: lin(&n("mlp.up_proj"), i, h, mb)?,
+                down: lin(&n("mlp.down_proj"), h, i, mb)?,
+            });
+        }
+        let norm = vec("norm.weight", h)?;
+        Ok(Decoder { cfg: cfg.clone(), embed, layers, norm, lm_head })
+    }
+
+    /// Attaches (unmerged) the adapter's low-rank updates to their linear layers.
+    pub fn attach_lora(&mut self, be: &B, adapter: &LoraAdapter) -> Result<()> {
+        for m in &adapter.modules {
+            let layer = self.layers.get_mut(m.layer).ok_or_else(|| {
+                Error::tensor(&adapter.file, &m.a_name, format!("layer {} does not exist in the model", m.layer))
+            })?;
+            let lin = layer.proj_mut(m.proj);
+            let (out, inp) = be.mat_shape(&lin.w);
+            let a = m.a.expect_shape(&[adapter.r, inp])?;
+            let b = m.b.expect_shape(&[out, adapter.r])?;
+            lin.lora = Some(LoraPair { a: be.matrix(a)?, b: be.matrix(b)?, scale: adapter.scale });
+        }
+        Ok(())
+    }
+
+    /// Removes every LoRA update.
+    pub fn detach_lora(&mut self) {
+        for l in &mut self.layers {
+            for p in ProjKind::ALL {
+                l.proj_mut(p).lora = None;
+            }
+        }
+    }
+
+    pub fn new_cache(&self, be: &B) -> KvCache<B> {
+        KvCache {
+            k: (0..self.cfg.num_layers).map(|_| be.upload(&[])).collect(),
+            v: (0..self.cfg.num_layers).map(|_| be.upload(&[])).collect(),
+            len: 0,
+        }
+    }
+
+    /// x (t, hidden) of the positions `cache.len..cache.len+t` -> final-normed hidden states (t, hidden).
+    /// Appends the new keys/values to `cache`. Returns also the captured masses, per captured layer
+    /// (t, spans) in the order of `capture.layers`.
+    pub fn forward(
+        &self,
+        be: &B,
+        mut x: B::Buf,
+        t: usize,
+        cache: &mut KvCache<B>,
+        use_lora: bool,
+        capture: Option<&MassCapture>,
+    ) -> (B::Buf, Vec<Vec<f32>>) {
+        let c = &self.cfg;
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let pos0 = cache.len;
+        let mut masses = Vec::new();
+        for (li, l) in self.layers.iter().enumerate() {
+            let a = be.rms_norm(&x, h, &l.input_norm, c.rms_norm_eps);
+            let mut q = l.q.forward(be, &a, t, use_lora); // (t, heads·hd)
+            let mut k = l.k.forward(be, &a, t, use_lora); // (t, kv_heads·hd)
+            let v = l.v.forward(be, &a, t, use_lora);
+            be.rope(&mut q, c.num_heads, hd, pos0, c.rope_theta);
+            be.rope(&mut k, c.num_kv_heads, hd, pos0, c.rope_theta);
+            be.append_rows(&mut cache.k[li], &k);
+            be.append_rows(&mut cache.v[li], &v);
+            let spans = capture.filter(|cp| cp.layers.contains(&li)).map(|cp| cp.spans);
+            let shape = AttnShape {
+                tq: t,
+                tk: pos0 + t,
+                heads: c.num_heads,
+                kv_heads: c.num_kv_heads,
+                head_dim: hd,
+                causal: true,
+                q_pos0: pos0,
+            };
+            let (o, mass) = be.attention(&q, &cache.k[li], &cache.v[li], shape, spans);
+            if let Some(m) = mass {
+                masses.push((li, m));
+            }
+            be.add(&mut x, &l.o.forward(be, &o, t, use_lora));
+            let a = be.rms_norm(&x, h, &l.post_norm, c.rms_norm_eps);
+            let mut g = l.gate.forward(be, &a, t, use_lora); // (t, intermediate)
+            be.activation(&mut g, Activation::Silu);
+            be.mul(&mut g, &l.up.forward(be, &a, t, use_lora));
+            be.add(&mut x, &l.down.forward(be, &g, t, use_lora));
+        }
+        cache.len += t;
+        let ordered = match capture {
+            Some(cp) => cp
+                .layers
+                .iter()
+                .map(|want| masses.iter().find(|(li, _)| li == want).map(|(_, m)| m.clone()).unwrap_or_default())
+                .collect(),
+            None => Vec::new(),
+        };
+        (be.rms_norm(&x, h, &self.norm, c.rms_norm_eps), ordered)
+    }
+
+    /// hidden (t, hidden) -> logits (t, vocab)
+    pub fn logits(&self, be: &B, hidden: &B::Buf, t: usize) -> B::Buf {
+        be.linear(hidden, t, &self.lm_head, None)
+    }
+}

@@ -1,0 +1,288 @@
+//! LLaVA: CLIP features -> projector -> spliced into the decoder's input embeddings at the `<image>`
+//! tokens. Greedy generation with MIA-DPO's attention statistics, and sequence log-probs for DPO pairs.
+use std::path::{Path, PathBuf};
+
+use super::clip::VisionTower;
+use super::config::LlavaConfig;
+use super::llama::{Decoder, MassCapture};
+use super::lora::LoraAdapter;
+use super::weights::WeightStore;
+use super::Prefixes;
+use crate::backend::{Backend, KeySpan};
+use crate::text::tokenizer::PromptIds;
+use crate::text::{Template, TextTokenizer};
+use crate::vision::preprocess::{AspectMode, ClipProcessor};
+use crate::{Error, Result};
+
+pub struct Llava<B: Backend> {
+    pub be: B,
+    pub dir: PathBuf,
+    pub cfg: LlavaConfig,
+    pub tokenizer: TextTokenizer,
+    pub processor: ClipProcessor,
+    pub vision: VisionTower<B>,
+    proj1: (B::Mat, Option<B::Buf>), // (text hidden, vision hidden)
+    proj2: (B::Mat, Option<B::Buf>), // (text hidden, text hidden)
+    pub decoder: Decoder<B>,
+    pub adapter: Option<LoraAdapter>,
+}
+
+/// Settings of one greedy generation.
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub max_new_tokens: usize,
+    /// decoder layer whose attention gives the image attention (default: num_layers / 2)
+    pub attn_layer: Option<usize>,
+    /// run with the LoRA adapter (when one is loaded)
+    pub use_adapter: bool,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions { max_new_tokens: 512, attn_layer: None, use_adapter: true }
+    }
+}
+
+/// The result of greedy decoding, with MIA-DPO's statistics (definitions in DESIGN.md).
+#[derive(Clone, Debug)]
+pub struct Generation {
+    pub prompt_tokens: usize,
+    /// generated ids, EOS included when it was generated
+    pub token_ids: Vec<u32>,
+    pub text: String,
+    /// per key group (per image by default), normalised over groups; empty when no generated token was
+    /// fed back into the model (fewer than two generated tokens)
+    pub image_attention: Vec<f64>,
+    pub attn_layer: usize,
+    pub max_softmax_ppl: f64,
+    /// raw per-row masses at `attn_layer` (rows = generated tokens fed back, groups)
+    pub attention_rows: Vec<Vec<f64>>,
+}
+
+/// Logits and attention statistics of a whole prompt in one forward pass (for parity checks).
+pub struct PromptPass {
+    /// (t, vocab)
+    pub logits: Vec<f32>,
+    /// per layer: (t, spans), heads averaged
+    pub image_mass: Vec<Vec<f32>>,
+}
+
+impl<B: Backend> Llava<B>
+where
+    B::Buf: Clone,
+{
+    /// Loads an HF llava-hf checkpoint folder; every tensor is checked against config.json.
+    pub fn load(dir: &Path, be: B) -> Result<Self> {
+        if !dir.is_dir() {
+            return Err(Error::file(dir, "model folder not found"));
+        }
+        let cfg = LlavaConfig::from_file(&dir.join("config.json"))?;
+        let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"), &cfg)?;
+        let processor = ClipProcessor::from_file(&dir.join("preprocessor_config.json"))?;
+        let (ch, cw) = processor.output_size();
+        if ch != cfg.vision.image_size || cw != cfg.vision.image_size {
+            return Err(Error::file(
+                dir.join("preprocessor_config.json"),
+                format!("crop size {ch}x{cw} does not match the vision tower's image_size {}", cfg.vision.image_size),
+            ));
+        }
+        let w = WeightStore::open_dir(dir)?;
+        let p = Prefixes::detect(&w)?;
+        let vision = VisionTower::load(&be, &w, &cfg, &p.vision)?;
+        let (vh, th) = (cfg.vision.hidden_size, cfg.text.hidden_size);
+        let lin = |name: &str, o: usize, i: usize| -> Result<(B::Mat, Option<B::Buf>)> {
+            let wt = be.matrix(w.get(&format!("{}{name}.weight", p.projector))?.expect_shape(&[o, i])?)?;
+            let b = if cfg.projector_bias {
+                Some(be.vector(w.get(&format!("{}{name}.bias", p.projector))?.expect_shape(&[o])?)?)
+            } else {
+                None
+            };
+            Ok((wt, b))
+        };
+        let proj1 = lin("linear_1", th, vh)?;
+        let proj2 = lin("linear_2", th, th)?;
+        let decoder = Decoder::load(&be, &w, &cfg.text, &p.decoder, &p.lm_head)?;
+        Ok(Llava { be, dir: dir.to_path_buf(), cfg, tokenizer, processor, vision, proj1, proj2, decoder, adapter: None })
+    }
+
+    /// Loads a PEFT LoRA adapter and attaches it (unmerged); it is used where `use_adapter` is set.
+    pub fn load_adapter(&mut self, dir: &Path) -> Result<()> {
+        let a = LoraAdapter::load(dir, self.cfg.text.num_layers)?;
+        self.decoder.detach_lora();
+        self.decoder.attach_lora(&self.be, &a)?;
+        self.adapter = Some(a);
+        Ok(())
+    }
+
+    /// Default layer for the image attention: num_layers / 2.
+    pub fn default_attn_layer(&self) -> usize {
+        self.cfg.text.num_layers / 2
+    }
+
+    /// Decodes and preprocesses one image file -> (3, S, S).
+    pub fn pixels(&self, path: &Path, aspect: AspectMode) -> Result<Vec<f32>> {
+        self.processor.load_and_preprocess(path, aspect)
+    }
+
+    /// Tokenized prompt for a question with `n_images` `<image>` placeholders.
+    pub fn prompt(&self, template: Template, question: &str, n_images: usize, id: &str) -> Result<PromptIds> {
+        self.tokenizer.prompt(template, question, n_images, id)
+    }
+
+    /// images, each (3, S, S) -> projected features (n·image_seq_length, text hidden)
+    pub fn image_features(&self, pixels: &[Vec<f32>]) -> B::Buf {
+        let be = &self.be;
+        let n_tok = self.vision.tokens_per_image();
+        let mut all = Vec::with_capacity(pixels.len() * n_tok * self.cfg.vision.hidden_size);
+        for px in pixels {
+            all.extend(be.download(&self.vision.forward(be, px))); // (n_tok, vision hidden)
+        }
+        let rows = pixels.len() * n_tok;
+        let mut h = be.linear(&be.upload(&all), rows, &self.proj1.0, self.proj1.1.as_ref());
+        be.activation(&mut h, self.cfg.projector_act);
+        be.linear(&h, rows, &self.proj2.0, self.proj2.1.as_ref())
+    }
+
+    /// Input embeddings of `ids` (t, hidden) with the image features written over the image tokens.
+    fn embed_prompt(&self, ids: &[u32], features: &B::Buf) -> Result<B::Buf> {
+        let be = &self.be;
+        let h = self.cfg.text.hidden_size;
+        let rows: Vec<usize> =
+            ids.iter().enumerate().filter(|(_, &t)| t == self.cfg.image_token_id).map(|(i, _)| i).collect();
+        let mut x = be.embed(ids, &self.decoder.embed);
+        let n_feat = be.download(features).len() / h;
+        if rows.len() != n_feat {
+            return Err(Error::Invalid(format!(
+                "the prompt has {} image tokens but the images give {n_feat} features",
+                rows.len()
+            )));
+        }
+        be.scatter_rows(&mut x, h, &rows, features);
+        Ok(x)
+    }
+
+    /// One forward pass over the whole prompt: logits of every row, and the per-layer attention
+    /// mass of every row on each span (heads averaged).
+    pub fn prompt_pass(&self, prompt: &PromptIds, features: &B::Buf, use_adapter: bool) -> Result<PromptPass> {
+        let be = &self.be;
+        let t = prompt.ids.len();
+        let x = self.embed_prompt(&prompt.ids, features)?;
+        let mut cache = self.decoder.new_cache(be);
+        let capture = MassCapture { spans: &prompt.image_spans, layers: (0..self.cfg.text.num_layers).collect() };
+        let (h, image_mass) = self.decoder.forward(be, x, t, &mut cache, use_adapter, Some(&capture));
+        let logits = be.download(&self.decoder.logits(be, &h, t));
+        Ok(PromptPass { logits, image_mass })
+    }
+
+    /// Greedy decoding until EOS or `max_new_tokens`. `groups` are the key spans whose attention
+    /// share is reported (the image spans for `generate`; collage blocks for `select`).
+    pub fn generate_ids(
+        &self,
+        prompt: &PromptIds,
+        features: &B::Buf,
+        groups: &[KeySpan],
+        opts: &GenerateOptions,
+    ) -> Result<Generation> {
+        let be = &self.be;
+        let (h, vocab) = (self.cfg.text.hidden_size, self.cfg.text.vocab_size);
+        let layer = opts.attn_layer.unwrap_or(self.default_attn_layer());
+        if layer >= self.cfg.text.num_layers {
+            return Err(Error::Invalid(format!(
+                "--attn-layer {layer} is out of range: the decoder has {} layers (0-based)",
+                self.cfg.text.num_layers
+            )));
+        }
+        let use_lora = opts.use_adapter && self.adapter.is_some();
+        let t = prompt.ids.len();
+        let x = self.embed_prompt(&prompt.ids, features)?;
+        let mut cache = self.decoder.new_cache(be);
+        let (hid, _) = self.decoder.forward(be, x, t, &mut cache, use_lora, None);
+        let last = be.slice_rows(&hid, h, t - 1, t);
+        let mut logits = be.download(&self.decoder.logits(be, &last, 1)); // (vocab)
+        let capture = MassCapture { spans: groups, layers: vec![layer] };
+        let (mut gen, mut rows, mut log_pmax) = (Vec::new(), Vec::new(), 0f64);
+        while opts.max_new_tokens > 0 {
+            debug_assert_eq!(logits.len(), vocab);
+            let (tok, lp) = greedy(&logits);
+            gen.push(tok);
+            log_pmax += lp;
+            if tok == self.tokenizer.eos || gen.len() >= opts.max_new_tokens {
+                break;
+            }
+            // feed the token back; its query row at `layer` is one row of the image attention
+            let x = be.embed(&[tok], &self.decoder.embed);
+            let (hid, masses) = self.decoder.forward(be, x, 1, &mut cache, use_lora, Some(&capture));
+            rows.push(masses[0].iter().map(|&m| m as f64).collect::<Vec<f64>>());
+            logits = be.download(&self.decoder.logits(be, &hid, 1));
+        }
+        let image_attention = if rows.is_empty() {
+            Vec::new()
+        } else {
+            let mut per: Vec<f64> = vec![0.0; groups.len()];
+            for r in &rows {
+                per.iter_mut().zip(r).for_each(|(a, b)| *a += b / rows.len() as f64);
+            }
+            let total: f64 = per.iter().sum();
+            per.iter().map(|p| p / total).collect()
+        };
+        let max_softmax_ppl = if gen.is_empty() { f64::NAN } else { (-log_pmax / gen.len() as f64).exp() };
+        Ok(Generation {
+            prompt_tokens: t,
+            text: self.tokenizer.decode(&gen)?.trim().to_string(),
+            token_ids: gen,
+            image_attention,
+            attn_layer: layer,
+            max_softmax_ppl,
+            attention_rows: rows,
+        })
+    }
+
+    /// Sum of log-probs (f64) of each response `tokens(response) + [EOS]` after the prompt: the
+    /// prompt is run once and its KV cache shared by the responses.
+    pub fn sequence_logps(
+        &self,
+        prompt: &PromptIds,
+        features: &B::Buf,
+        responses: &[Vec<u32>],
+        use_adapter: bool,
+    ) -> Result<Vec<f64>> {
+        let be = &self.be;
+        let (h, vocab) = (self.cfg.text.hidden_size, self.cfg.text.vocab_size);
+        let use_lora = use_adapter && self.adapter.is_some();
+        let t = prompt.ids.len();
+        let x = self.embed_prompt(&prompt.ids, features)?;
+        let mut cache = self.decoder.new_cache(be);
+        let (hid, _) = self.decoder.forward(be, x, t, &mut cache, use_lora, None);
+        let last = be.slice_rows(&hid, h, t - 1, t);
+        let first_logits = self.decoder.logits(be, &last, 1);
+        let mut out = Vec::with_capacity(responses.len());
+        for r in responses {
+            if r.is_empty() {
+                return Err(Error::Invalid("empty response".into()));
+            }
+            let mut total = be.token_logprobs(&first_logits, vocab, &r[..1])[0] as f64;
+            if r.len() > 1 {
+                let mut c = cache.clone();
+                let m = r.len() - 1;
+                let x = be.embed(&r[..m], &self.decoder.embed);
+                let (hid, _) = self.decoder.forward(be, x, m, &mut c, use_lora, None);
+                let logits = self.decoder.logits(be, &hid, m); // (m, vocab)
+                total += be.token_logprobs(&logits, vocab, &r[1..]).iter().map(|&v| v as f64).sum::<f64>();
+            }
+            out.push(total);
+        }
+        Ok(out)
+    }
+}
+
+/// argmax (first index on ties, as torch) and log of its softmax probability.
+pub fn greedy(logits: &[f32]) -> (u32, f64) {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    let lse = crate::backend::cpu::log_sum_exp(logits) as f64;
+    (best as u32, logits[best] as f64 - lse)
+}

@@ -1,0 +1,48 @@
+//! Fixture access shared by the integration tests: `tests/fixtures/tiny-llava` (HF transformers + PEFT,
+//! float64; regenerate with `python scripts/make_fixtures.py --variant public --out tests/fixtures/tiny-llava
+//! --tokenizer <llama tokenizer.json>`, see tests/fixtures/README.md).
+#![allow(dead_code)]
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use serde_json::Value;
+
+pub fn fixture_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llava")
+}
+
+pub fn model_dir() -> PathBuf {
+    fixture_dir().join("model")
+}
+
+pub fn cases() -> Value {
+    let p = fixture_dir().join("cases.json");
+    serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
+}
+
+/// Every tensor of reference.safetensors as (shape, f32 values).
+pub fn reference() -> HashMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(fixture_dir().join("reference.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            assert_eq!(t.dtype(), safetensors::Dtype::F32, "{name}");
+            let v = t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            (name, (t.shape().to_vec(), v))
+        })
+        .collect()
+}
+
+pub fn ids(v: &Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+/// max |a - b| / max |b|: the error relative to the vector's scale. Per-element relative error is
+/// meaningless for logits near zero, so the contract's "relative 1e-4" is taken against the scale.
+pub fn rel_err_inf(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
+    let diff = a.iter().zip(b).fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()));
+    diff / scale
+}
