@@ -6,4 +6,6 @@ pub mod vision;
 
 pub use error::{Error, Result};
 pub mod backend;
+pub mod bench;
+pub mod data;
 pub mod text;

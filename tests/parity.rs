@@ -16,7 +16,11 @@ fn model() -> Llava<CpuBackend> {
 }
 
 fn images(v: &serde_json::Value) -> Vec<PathBuf> {
-    v.as_array().unwrap().iter().map(|n| fixture_dir().join("images").join(n.as_str().unwrap())).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|n| fixture_dir().join("images").join(n.as_str().unwrap()))
+        .collect()
 }
 
 #[test]
@@ -24,7 +28,11 @@ fn tokenizer_matches_hf() {
     let m = model();
     for c in cases()["tokenize"].as_array().unwrap() {
         let text = c["text"].as_str().unwrap();
-        assert_eq!(m.tokenizer.encode(text).unwrap(), ids(&c["ids"]), "tokenize {text:?}");
+        assert_eq!(
+            m.tokenizer.encode(text).unwrap(),
+            ids(&c["ids"]),
+            "tokenize {text:?}"
+        );
     }
 }
 
@@ -36,7 +44,14 @@ fn generate_cases_match_hf() {
     for c in all["generate"].as_array().unwrap() {
         let name = c["name"].as_str().unwrap();
         let paths = images(&c["images"]);
-        let prompt = m.prompt(Template::VicunaV1, c["question"].as_str().unwrap(), paths.len(), name).unwrap();
+        let prompt = m
+            .prompt(
+                Template::VicunaV1,
+                c["question"].as_str().unwrap(),
+                paths.len(),
+                name,
+            )
+            .unwrap();
         assert_eq!(prompt.ids, ids(&c["prompt_ids"]), "{name}: prompt ids");
         let spans: Vec<(usize, usize)> = c["image_spans"]
             .as_array()
@@ -45,7 +60,10 @@ fn generate_cases_match_hf() {
             .map(|s| (s[0].as_u64().unwrap() as usize, s[1].as_u64().unwrap() as usize))
             .collect();
         assert_eq!(prompt.image_spans, spans, "{name}: image spans");
-        let pixels: Vec<Vec<f32>> = paths.iter().map(|p| m.pixels(p, AspectMode::Pad).unwrap()).collect();
+        let pixels: Vec<Vec<f32>> = paths
+            .iter()
+            .map(|p| m.pixels(p, AspectMode::Pad).unwrap())
+            .collect();
         let feats = m.image_features(&pixels);
 
         // whole-prompt pass: logits of the last row, per-token log-probs, per-layer image mass
@@ -63,7 +81,10 @@ fn generate_cases_match_hf() {
             let lp = row[prompt.ids[i + 1] as usize] - miadpo::backend::cpu::log_sum_exp(row);
             let w = want[i];
             // relative 1e-4 per token, floored at |1| so a near-certain token (log-prob ~ 0) is held to 1e-4 absolute
-            assert!((lp - w).abs() <= 1e-4 * w.abs().max(1.0), "{name}: token {i} log-prob {lp} vs {w}");
+            assert!(
+                (lp - w).abs() <= 1e-4 * w.abs().max(1.0),
+                "{name}: token {i} log-prob {lp} vs {w}"
+            );
         }
         let (shape, want) = &refs[&format!("generate/{name}/prompt_image_mass")];
         assert_eq!(shape, &vec![m.cfg.text.num_layers, t, spans.len()]);
@@ -74,17 +95,40 @@ fn generate_cases_match_hf() {
         assert!(diff < 1e-5, "{name}: prompt_image_mass max abs diff {diff:.3e}");
 
         // greedy generation: tokens exact, statistics to 1e-4 relative
-        let opts = GenerateOptions { max_new_tokens: c["generated_ids"].as_array().unwrap().len(), attn_layer: Some(c["image_attention_layer"].as_u64().unwrap() as usize), use_adapter: false };
-        let g = m.generate_ids(&prompt, &feats, &prompt.image_spans, &opts).unwrap();
+        let opts = GenerateOptions {
+            max_new_tokens: c["generated_ids"].as_array().unwrap().len(),
+            attn_layer: Some(c["image_attention_layer"].as_u64().unwrap() as usize),
+            use_adapter: false,
+        };
+        let g = m
+            .generate_ids(&prompt, &feats, &prompt.image_spans, &opts)
+            .unwrap();
         assert_eq!(g.token_ids, ids(&c["generated_ids"]), "{name}: greedy tokens");
-        let want: Vec<f64> = c["image_attention"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+        let want: Vec<f64> = c["image_attention"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
         assert_eq!(g.image_attention.len(), want.len(), "{name}");
         for (a, b) in g.image_attention.iter().zip(&want) {
-            assert!((a - b).abs() <= 1e-4 * b.abs(), "{name}: image_attention {:?} vs {want:?}", g.image_attention);
+            assert!(
+                (a - b).abs() <= 1e-4 * b.abs(),
+                "{name}: image_attention {:?} vs {want:?}",
+                g.image_attention
+            );
         }
         let ppl = c["max_softmax_ppl"].as_f64().unwrap();
-        assert!((g.max_softmax_ppl - ppl).abs() <= 1e-4 * ppl, "{name}: max_softmax_ppl {} vs {ppl}", g.max_softmax_ppl);
-        assert_eq!(g.text, c["generated_text"].as_str().unwrap().trim(), "{name}: text");
+        assert!(
+            (g.max_softmax_ppl - ppl).abs() <= 1e-4 * ppl,
+            "{name}: max_softmax_ppl {} vs {ppl}",
+            g.max_softmax_ppl
+        );
+        assert_eq!(
+            g.text,
+            c["generated_text"].as_str().unwrap().trim(),
+            "{name}: text"
+        );
     }
 }
 
@@ -94,20 +138,33 @@ fn score_cases_match_hf_policy_and_reference() {
     m.load_adapter(&fixture_dir().join("adapter")).unwrap();
     for (i, c) in cases()["score"].as_array().unwrap().iter().enumerate() {
         let paths = images(&c["images"]);
-        let prompt = m.prompt(Template::VicunaV1, c["prompt"].as_str().unwrap(), paths.len(), "score").unwrap();
+        let prompt = m
+            .prompt(
+                Template::VicunaV1,
+                c["prompt"].as_str().unwrap(),
+                paths.len(),
+                "score",
+            )
+            .unwrap();
         assert_eq!(prompt.ids, ids(&c["prompt_ids"]), "pair {i}: prompt ids");
         let chosen = m.tokenizer.response(c["chosen"].as_str().unwrap()).unwrap();
         let rejected = m.tokenizer.response(c["rejected"].as_str().unwrap()).unwrap();
         assert_eq!(chosen, ids(&c["chosen_ids"]), "pair {i}: chosen ids");
         assert_eq!(rejected, ids(&c["rejected_ids"]), "pair {i}: rejected ids");
-        let pixels: Vec<Vec<f32>> = paths.iter().map(|p| m.pixels(p, AspectMode::Pad).unwrap()).collect();
+        let pixels: Vec<Vec<f32>> = paths
+            .iter()
+            .map(|p| m.pixels(p, AspectMode::Pad).unwrap())
+            .collect();
         let feats = m.image_features(&pixels);
         let resp = [chosen, rejected];
         for (adapter, tag) in [(true, "policy"), (false, "reference")] {
             let got = m.sequence_logps(&prompt, &feats, &resp, adapter).unwrap();
             for (g, which) in got.iter().zip(["chosen", "rejected"]) {
                 let w = c[format!("{tag}_{which}_logp")].as_f64().unwrap();
-                assert!((g - w).abs() <= 1e-4 * w.abs(), "pair {i}: {tag} {which} log-prob {g} vs {w}");
+                assert!(
+                    (g - w).abs() <= 1e-4 * w.abs(),
+                    "pair {i}: {tag} {which} log-prob {g} vs {w}"
+                );
             }
         }
     }

@@ -24,6 +24,14 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
+impl SendPtr {
+    /// Taking `self` makes closures capture the whole (Send) wrapper, not its raw field.
+    fn at(self, i: usize) -> *mut f32 {
+        // SAFETY: callers pass offsets inside the buffer the pointer was taken from.
+        unsafe { self.0.add(i) }
+    }
+}
+
 /// Output features per rayon task: a few tasks per thread so the threads stay balanced, and enough
 /// columns that sgemm's packing of x is amortised.
 fn col_block(n: usize, m: usize) -> usize {
@@ -93,11 +101,19 @@ impl Backend for CpuBackend {
     fn matrix(&self, t: &Tensor) -> Result<CpuMat> {
         let shape = t.shape();
         if shape.is_empty() {
-            return Err(Error::tensor(t.file(), t.name(), "expected a matrix, found a scalar"));
+            return Err(Error::tensor(
+                t.file(),
+                t.name(),
+                "expected a matrix, found a scalar",
+            ));
         }
         let rows = shape[0];
         let cols = shape[1..].iter().product::<usize>();
-        Ok(CpuMat { t: t.clone(), rows, cols })
+        Ok(CpuMat {
+            t: t.clone(),
+            rows,
+            cols,
+        })
     }
 
     fn mat_shape(&self, m: &CpuMat) -> (usize, usize) {
@@ -110,45 +126,47 @@ impl Backend for CpuBackend {
         let mut out = vec![0f32; m * n]; // (m, n)
         let nb = col_block(n, m);
         let out_ptr = SendPtr(out.as_mut_ptr());
-        (0..n.div_ceil(nb)).into_par_iter().for_each_init(Vec::new, |wf, bi| {
-            let out_ptr = out_ptr;
-            let (n0, n1) = (bi * nb, ((bi + 1) * nb).min(n));
-            wf.resize((n1 - n0) * k, 0.0);
-            w.t.rows_f32(n0, n1, wf); // (n1-n0, k) in f32
-            if m <= 4 {
-                for r in 0..m {
-                    let xr = &x[r * k..(r + 1) * k];
-                    for (j, wr) in wf.chunks_exact(k).enumerate() {
-                        // SAFETY: task bi alone writes columns [n0, n1) of out.
-                        unsafe { *out_ptr.0.add(r * n + n0 + j) = dot(xr, wr) };
+        (0..n.div_ceil(nb))
+            .into_par_iter()
+            .for_each_init(Vec::new, |wf, bi| {
+                let (n0, n1) = (bi * nb, ((bi + 1) * nb).min(n));
+                wf.resize((n1 - n0) * k, 0.0);
+                w.t.rows_f32(n0, n1, wf); // (n1-n0, k) in f32
+                if m <= 4 {
+                    for r in 0..m {
+                        let xr = &x[r * k..(r + 1) * k];
+                        for (j, wr) in wf.chunks_exact(k).enumerate() {
+                            // SAFETY: task bi alone writes columns [n0, n1) of out.
+                            unsafe { *out_ptr.at(r * n + n0 + j) = dot(xr, wr) };
+                        }
                     }
+                } else {
+                    // SAFETY: x, wf and the (m, n1-n0) column block of out (row stride n) are in bounds;
+                    // task bi alone writes columns [n0, n1).
+                    unsafe {
+                        matrixmultiply::sgemm(
+                            m,
+                            k,
+                            n1 - n0,
+                            1.0,
+                            x.as_ptr(),
+                            k as isize,
+                            1,
+                            wf.as_ptr(),
+                            1,
+                            k as isize,
+                            0.0,
+                            out_ptr.at(n0),
+                            n as isize,
+                            1,
+                        )
+                    };
                 }
-            } else {
-                // SAFETY: x, wf and the (m, n1-n0) column block of out (row stride n) are in bounds;
-                // task bi alone writes columns [n0, n1).
-                unsafe {
-                    matrixmultiply::sgemm(
-                        m,
-                        k,
-                        n1 - n0,
-                        1.0,
-                        x.as_ptr(),
-                        k as isize,
-                        1,
-                        wf.as_ptr(),
-                        1,
-                        k as isize,
-                        0.0,
-                        out_ptr.0.add(n0),
-                        n as isize,
-                        1,
-                    )
-                };
-            }
-        });
+            });
         if let Some(b) = bias {
             assert_eq!(b.len(), n, "linear: bias length");
-            out.par_chunks_mut(n).for_each(|row| row.iter_mut().zip(b).for_each(|(o, b)| *o += b));
+            out.par_chunks_mut(n)
+                .for_each(|row| row.iter_mut().zip(b).for_each(|(o, b)| *o += b));
         }
         out
     }
@@ -158,7 +176,11 @@ impl Backend for CpuBackend {
         let mut out = vec![0f32; ids.len() * d]; // (len, d)
         for (row, &id) in out.chunks_exact_mut(d).zip(ids) {
             let id = id as usize;
-            assert!(id < table.rows, "token id {id} outside the embedding table ({})", table.rows);
+            assert!(
+                id < table.rows,
+                "token id {id} outside the embedding table ({})",
+                table.rows
+            );
             table.t.rows_f32(id, id + 1, row);
         }
         out
@@ -222,26 +244,30 @@ impl Backend for CpuBackend {
         // inv_freq[i] = theta^(-2i/D), computed in f64 and rounded once, then angles in f64 so long
         // positions keep their precision (HF computes the angle in f32 from f32 inv_freq; the f64
         // oracle is what we match).
-        let inv: Vec<f64> = (0..half).map(|i| theta.powf(-((2 * i) as f64) / head_dim as f64)).collect();
-        x.par_chunks_mut(heads * head_dim).enumerate().for_each(|(r, row)| {
-            let pos = (pos0 + r) as f64;
-            let (cos, sin): (Vec<f32>, Vec<f32>) = inv
-                .iter()
-                .map(|f| {
-                    let a = pos * f;
-                    (a.cos() as f32, a.sin() as f32)
-                })
-                .unzip();
-            for h in row.chunks_exact_mut(head_dim) {
-                let (lo, hi) = h.split_at_mut(half);
-                for i in 0..half {
-                    let (a, b) = (lo[i], hi[i]);
-                    // rotate_half: (x1, x2) -> (-x2, x1)
-                    lo[i] = a * cos[i] - b * sin[i];
-                    hi[i] = b * cos[i] + a * sin[i];
+        let inv: Vec<f64> = (0..half)
+            .map(|i| theta.powf(-((2 * i) as f64) / head_dim as f64))
+            .collect();
+        x.par_chunks_mut(heads * head_dim)
+            .enumerate()
+            .for_each(|(r, row)| {
+                let pos = (pos0 + r) as f64;
+                let (cos, sin): (Vec<f32>, Vec<f32>) = inv
+                    .iter()
+                    .map(|f| {
+                        let a = pos * f;
+                        (a.cos() as f32, a.sin() as f32)
+                    })
+                    .unzip();
+                for h in row.chunks_exact_mut(head_dim) {
+                    let (lo, hi) = h.split_at_mut(half);
+                    for i in 0..half {
+                        let (a, b) = (lo[i], hi[i]);
+                        // rotate_half: (x1, x2) -> (-x2, x1)
+                        lo[i] = a * cos[i] - b * sin[i];
+                        hi[i] = b * cos[i] + a * sin[i];
+                    }
                 }
-            }
-        });
+            });
     }
 
     fn attention(
@@ -266,8 +292,8 @@ impl Backend for CpuBackend {
             .map(|h| {
                 let kvh = h / group;
                 let mut p = vec![0f32; s.tq * s.tk]; // (tq, tk) scores, then probabilities
-                // SAFETY: q (tq, heads·d) read at column h·d with row stride qs; k (tk, kv_heads·d)
-                // read transposed at column kvh·d; p is (tq, tk) contiguous.
+                                                     // SAFETY: q (tq, heads·d) read at column h·d with row stride qs; k (tk, kv_heads·d)
+                                                     // read transposed at column kvh·d; p is (tq, tk) contiguous.
                 unsafe {
                     matrixmultiply::sgemm(
                         s.tq,
@@ -288,7 +314,11 @@ impl Backend for CpuBackend {
                 };
                 let mut mass = vec![0f32; s.tq * n_spans];
                 for (i, row) in p.chunks_exact_mut(s.tk).enumerate() {
-                    let visible = if s.causal { (s.q_pos0 + i + 1).min(s.tk) } else { s.tk };
+                    let visible = if s.causal {
+                        (s.q_pos0 + i + 1).min(s.tk)
+                    } else {
+                        s.tk
+                    };
                     let (vis, masked) = row.split_at_mut(visible);
                     let mx = vis.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
                     let mut sum = 0f32;
@@ -306,7 +336,7 @@ impl Backend for CpuBackend {
                     }
                 }
                 let mut o = vec![0f32; s.tq * d]; // (tq, d)
-                // SAFETY: p (tq, tk) · v[:, kvh·d..] (tk, d, row stride ks) -> o (tq, d).
+                                                  // SAFETY: p (tq, tk) · v[:, kvh·d..] (tk, d, row stride ks) -> o (tq, d).
                 unsafe {
                     matrixmultiply::sgemm(
                         s.tq,
@@ -361,7 +391,11 @@ impl Backend for CpuBackend {
     }
 
     fn token_logprobs(&self, logits: &Vec<f32>, vocab: usize, targets: &[u32]) -> Vec<f32> {
-        assert_eq!(logits.len(), targets.len() * vocab, "token_logprobs: logits shape");
+        assert_eq!(
+            logits.len(),
+            targets.len() * vocab,
+            "token_logprobs: logits shape"
+        );
         logits
             .par_chunks(vocab)
             .zip(targets.par_iter())
@@ -401,7 +435,12 @@ mod tests {
 
     #[test]
     fn erf_matches_known_values() {
-        for (x, e) in [(0.0f32, 0.0f32), (0.5, 0.520_499_9), (1.0, 0.842_700_8), (-2.0, -0.995_322_3)] {
+        for (x, e) in [
+            (0.0f32, 0.0f32),
+            (0.5, 0.520_499_9),
+            (1.0, 0.842_700_8),
+            (-2.0, -0.995_322_3),
+        ] {
             assert!((erf(x) - e).abs() < 2e-7, "erf({x}) = {} want {e}", erf(x));
         }
     }

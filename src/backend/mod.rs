@@ -6,9 +6,58 @@
 //! uploads them once). `cpu.rs` is the readable reference every other backend is tested against.
 pub mod cpu;
 
+use std::fmt;
+use std::str::FromStr;
+
 use crate::model::config::Activation;
 use crate::model::weights::Tensor;
-use crate::Result;
+use crate::{Error, Result};
+
+/// `--device`: where the model runs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Device {
+    /// CUDA when a backend for it is built and a GPU is present, else the CPU
+    #[default]
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl FromStr for Device {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Device::Auto),
+            "cpu" => Ok(Device::Cpu),
+            "cuda" => Ok(Device::Cuda),
+            _ => Err(format!("unknown device `{s}` (expected auto, cpu or cuda)")),
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Device::Auto => "auto",
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        })
+    }
+}
+
+impl Device {
+    /// The backend for this device. There is no CUDA backend yet: `cuda` is refused with one clear
+    /// line and `auto` takes the CPU.
+    pub fn cpu_backend(self) -> Result<cpu::CpuBackend> {
+        match self {
+            Device::Auto | Device::Cpu => Ok(cpu::CpuBackend::new()),
+            Device::Cuda => Err(Error::Invalid(
+                "--device cuda: this build of miadpo has no CUDA backend yet; use --device cpu (or auto)"
+                    .into(),
+            )),
+        }
+    }
+}
 
 /// A group of key positions `[start, end)` whose attention probability mass is reported.
 pub type KeySpan = (usize, usize);

@@ -19,9 +19,9 @@ struct ClipLayer<B: Backend> {
 pub struct VisionTower<B: Backend> {
     cfg: VisionConfig,
     select: FeatureSelect,
-    patch: B::Mat,      // (hidden, C·P·P) = conv weight (hidden, C, P, P) flattened
-    class: Vec<f32>,    // (hidden)
-    pos: Vec<f32>,      // (1 + patches, hidden)
+    patch: B::Mat,   // (hidden, C·P·P) = conv weight (hidden, C, P, P) flattened
+    class: Vec<f32>, // (hidden)
+    pos: Vec<f32>,   // (1 + patches, hidden)
     pre_ln: (B::Buf, B::Buf),
     layers: Vec<ClipLayer<B>>, // the first `vision_feature_layer` layers only
 }
@@ -38,15 +38,24 @@ impl<B: Backend> VisionTower<B> {
             be.matrix(w.get(&format!("{p}.{name}"))?.expect_shape(shape)?)
         };
         let lin = |name: &str, o: usize, i: usize| -> Result<(B::Mat, B::Buf)> {
-            Ok((mat(&format!("{name}.weight"), &[o, i])?, vec(&format!("{name}.bias"), o)?))
+            Ok((
+                mat(&format!("{name}.weight"), &[o, i])?,
+                vec(&format!("{name}.bias"), o)?,
+            ))
         };
         let n_pos = v.num_patches() + 1;
         let patch = mat(
             "embeddings.patch_embedding.weight",
             &[h, v.num_channels, v.patch_size, v.patch_size],
         )?;
-        let class = w.get(&format!("{p}.embeddings.class_embedding"))?.expect_shape(&[h])?.to_f32();
-        let pos = w.get(&format!("{p}.embeddings.position_embedding.weight"))?.expect_shape(&[n_pos, h])?.to_f32();
+        let class = w
+            .get(&format!("{p}.embeddings.class_embedding"))?
+            .expect_shape(&[h])?
+            .to_f32();
+        let pos = w
+            .get(&format!("{p}.embeddings.position_embedding.weight"))?
+            .expect_shape(&[n_pos, h])?
+            .to_f32();
         let pre_ln = (vec("pre_layrnorm.weight", h)?, vec("pre_layrnorm.bias", h)?);
         let mut layers = Vec::new();
         for l in 0..cfg.vision_feature_layer {
@@ -62,7 +71,15 @@ impl<B: Backend> VisionTower<B> {
                 fc2: lin(&n("mlp.fc2"), h, i)?,
             });
         }
-        Ok(VisionTower { cfg: v.clone(), select: cfg.feature_select, patch, class, pos, pre_ln, layers })
+        Ok(VisionTower {
+            cfg: v.clone(),
+            select: cfg.feature_select,
+            patch,
+            class,
+            pos,
+            pre_ln,
+            layers,
+        })
     }
 
     /// Tokens per image handed to the projector.
@@ -96,7 +113,13 @@ impl<B: Backend> VisionTower<B> {
         emb.extend_from_slice(&self.class);
         emb.extend_from_slice(&patches);
         emb.iter_mut().zip(&self.pos).for_each(|(e, p)| *e += p);
-        let mut x = be.layer_norm(&be.upload(&emb), h, &self.pre_ln.0, &self.pre_ln.1, c.layer_norm_eps);
+        let mut x = be.layer_norm(
+            &be.upload(&emb),
+            h,
+            &self.pre_ln.0,
+            &self.pre_ln.1,
+            c.layer_norm_eps,
+        );
         let shape = AttnShape {
             tq: t,
             tk: t,

@@ -213,10 +213,7 @@ impl LlavaConfig {
         let eos = match &t.eos_token_id {
             None => 2,
             Some(Value::Number(n)) => n.as_u64().ok_or("bad eos_token_id")? as u32,
-            Some(Value::Array(a)) => a
-                .first()
-                .and_then(|v| v.as_u64())
-                .ok_or("bad eos_token_id")? as u32,
+            Some(Value::Array(a)) => a.first().and_then(|v| v.as_u64()).ok_or("bad eos_token_id")? as u32,
             Some(v) => return Err(format!("bad eos_token_id {v}")),
         };
         let text_cfg = TextConfig {
@@ -235,13 +232,14 @@ impl LlavaConfig {
                 .or(t.rope_theta)
                 .unwrap_or(10000.0),
             max_position_embeddings: t.max_position_embeddings.unwrap_or(2048),
-            act: act(t.hidden_act.as_deref(), Activation::Silu, "text_config.hidden_act")?,
+            act: act(
+                t.hidden_act.as_deref(),
+                Activation::Silu,
+                "text_config.hidden_act",
+            )?,
             attention_bias: t.attention_bias.unwrap_or(false),
             mlp_bias: t.mlp_bias.unwrap_or(false),
-            tie_word_embeddings: t
-                .tie_word_embeddings
-                .or(raw.tie_word_embeddings)
-                .unwrap_or(false),
+            tie_word_embeddings: t.tie_word_embeddings.or(raw.tie_word_embeddings).unwrap_or(false),
             bos_token_id: t.bos_token_id.unwrap_or(1),
             eos_token_id: eos,
         };
@@ -261,7 +259,11 @@ impl LlavaConfig {
             num_channels: v.num_channels.unwrap_or(3),
             image_size: v.image_size.unwrap_or(224),
             patch_size: v.patch_size.unwrap_or(32),
-            act: act(v.hidden_act.as_deref(), Activation::QuickGelu, "vision_config.hidden_act")?,
+            act: act(
+                v.hidden_act.as_deref(),
+                Activation::QuickGelu,
+                "vision_config.hidden_act",
+            )?,
             layer_norm_eps: v.layer_norm_eps.unwrap_or(1e-5),
         };
         let feature_layer = match &raw.vision_feature_layer {
@@ -274,7 +276,11 @@ impl LlavaConfig {
             }
         };
         let n_states = vision.num_layers as i64 + 1;
-        let idx = if feature_layer < 0 { n_states + feature_layer } else { feature_layer };
+        let idx = if feature_layer < 0 {
+            n_states + feature_layer
+        } else {
+            feature_layer
+        };
         if !(0..n_states).contains(&idx) {
             return Err(format!(
                 "vision_feature_layer {feature_layer} is out of range for {} vision layers",
@@ -301,7 +307,11 @@ impl LlavaConfig {
             vision,
             text: text_cfg,
             image_token_id: raw.image_token_id.or(raw.image_token_index).unwrap_or(32000),
-            projector_act: act(raw.projector_hidden_act.as_deref(), Activation::Gelu, "projector_hidden_act")?,
+            projector_act: act(
+                raw.projector_hidden_act.as_deref(),
+                Activation::Gelu,
+                "projector_hidden_act",
+            )?,
             projector_bias: raw.multimodal_projector_bias.unwrap_or(true),
             vision_feature_layer: idx as usize,
             feature_select,

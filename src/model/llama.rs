@@ -77,7 +77,11 @@ where
     B::Buf: Clone,
 {
     fn clone(&self) -> Self {
-        KvCache { k: self.k.clone(), v: self.v.clone(), len: self.len }
+        KvCache {
+            k: self.k.clone(),
+            v: self.v.clone(),
+            len: self.len,
+        }
     }
 }
 
@@ -95,17 +99,27 @@ impl<B: Backend> Decoder<B> {
         let (h, i, hd) = (cfg.hidden_size, cfg.intermediate_size, cfg.head_dim);
         let (qd, kvd) = (cfg.num_heads * hd, cfg.num_kv_heads * hd);
         if cfg.act != Activation::Silu {
-            return Err(Error::Invalid(format!("decoder activation {:?} is not supported (SwiGLU needs silu)", cfg.act)));
+            return Err(Error::Invalid(format!(
+                "decoder activation {:?} is not supported (SwiGLU needs silu)",
+                cfg.act
+            )));
         }
         let vec = |name: &str, n: usize| be.vector(w.get(&format!("{p}{name}"))?.expect_shape(&[n])?);
         let lin = |name: &str, o: usize, i: usize, bias: bool| -> Result<Linear<B>> {
             Ok(Linear {
                 w: be.matrix(w.get(&format!("{p}{name}.weight"))?.expect_shape(&[o, i])?)?,
-                bias: if bias { Some(vec(&format!("{name}.bias"), o)?) } else { None },
+                bias: if bias {
+                    Some(vec(&format!("{name}.bias"), o)?)
+                } else {
+                    None
+                },
                 lora: None,
             })
         };
-        let embed = be.matrix(w.get(&format!("{p}embed_tokens.weight"))?.expect_shape(&[cfg.vocab_size, h])?)?;
+        let embed = be.matrix(
+            w.get(&format!("{p}embed_tokens.weight"))?
+                .expect_shape(&[cfg.vocab_size, h])?,
+        )?;
         let lm_head = if lm_head.is_empty() {
             if !cfg.tie_word_embeddings {
                 return Err(Error::Invalid(format!(
@@ -134,20 +148,34 @@ impl<B: Backend> Decoder<B> {
             });
         }
         let norm = vec("norm.weight", h)?;
-        Ok(Decoder { cfg: cfg.clone(), embed, layers, norm, lm_head })
+        Ok(Decoder {
+            cfg: cfg.clone(),
+            embed,
+            layers,
+            norm,
+            lm_head,
+        })
     }
 
     /// Attaches (unmerged) the adapter's low-rank updates to their linear layers.
     pub fn attach_lora(&mut self, be: &B, adapter: &LoraAdapter) -> Result<()> {
         for m in &adapter.modules {
             let layer = self.layers.get_mut(m.layer).ok_or_else(|| {
-                Error::tensor(&adapter.file, &m.a_name, format!("layer {} does not exist in the model", m.layer))
+                Error::tensor(
+                    &adapter.file,
+                    &m.a_name,
+                    format!("layer {} does not exist in the model", m.layer),
+                )
             })?;
             let lin = layer.proj_mut(m.proj);
             let (out, inp) = be.mat_shape(&lin.w);
             let a = m.a.expect_shape(&[adapter.r, inp])?;
             let b = m.b.expect_shape(&[out, adapter.r])?;
-            lin.lora = Some(LoraPair { a: be.matrix(a)?, b: be.matrix(b)?, scale: adapter.scale });
+            lin.lora = Some(LoraPair {
+                a: be.matrix(a)?,
+                b: be.matrix(b)?,
+                scale: adapter.scale,
+            });
         }
         Ok(())
     }
@@ -220,7 +248,13 @@ impl<B: Backend> Decoder<B> {
             Some(cp) => cp
                 .layers
                 .iter()
-                .map(|want| masses.iter().find(|(li, _)| li == want).map(|(_, m)| m.clone()).unwrap_or_default())
+                .map(|want| {
+                    masses
+                        .iter()
+                        .find(|(li, _)| li == want)
+                        .map(|(_, m)| m.clone())
+                        .unwrap_or_default()
+                })
                 .collect(),
             None => Vec::new(),
         };

@@ -39,7 +39,11 @@ pub struct GenerateOptions {
 
 impl Default for GenerateOptions {
     fn default() -> Self {
-        GenerateOptions { max_new_tokens: 512, attn_layer: None, use_adapter: true }
+        GenerateOptions {
+            max_new_tokens: 512,
+            attn_layer: None,
+            use_adapter: true,
+        }
     }
 }
 
@@ -78,12 +82,15 @@ where
         }
         let cfg = LlavaConfig::from_file(&dir.join("config.json"))?;
         let tokenizer = TextTokenizer::from_file(&dir.join("tokenizer.json"), &cfg)?;
-        let processor = ClipProcessor::from_file(&dir.join("preprocessor_config.json"))?;
+        let processor = ClipProcessor::from_file(dir.join("preprocessor_config.json"))?;
         let (ch, cw) = processor.output_size();
         if ch != cfg.vision.image_size || cw != cfg.vision.image_size {
             return Err(Error::file(
                 dir.join("preprocessor_config.json"),
-                format!("crop size {ch}x{cw} does not match the vision tower's image_size {}", cfg.vision.image_size),
+                format!(
+                    "crop size {ch}x{cw} does not match the vision tower's image_size {}",
+                    cfg.vision.image_size
+                ),
             ));
         }
         let w = WeightStore::open_dir(dir)?;
@@ -91,9 +98,17 @@ where
         let vision = VisionTower::load(&be, &w, &cfg, &p.vision)?;
         let (vh, th) = (cfg.vision.hidden_size, cfg.text.hidden_size);
         let lin = |name: &str, o: usize, i: usize| -> Result<(B::Mat, Option<B::Buf>)> {
-            let wt = be.matrix(w.get(&format!("{}{name}.weight", p.projector))?.expect_shape(&[o, i])?)?;
+            let wt = be.matrix(
+                w.get(&format!("{}{name}.weight", p.projector))?
+                    .expect_shape(&[o, i])?,
+            )?;
             let b = if cfg.projector_bias {
-                Some(be.vector(w.get(&format!("{}{name}.bias", p.projector))?.expect_shape(&[o])?)?)
+                Some(
+                    be.vector(
+                        w.get(&format!("{}{name}.bias", p.projector))?
+                            .expect_shape(&[o])?,
+                    )?,
+                )
             } else {
                 None
             };
@@ -102,7 +117,18 @@ where
         let proj1 = lin("linear_1", th, vh)?;
         let proj2 = lin("linear_2", th, th)?;
         let decoder = Decoder::load(&be, &w, &cfg.text, &p.decoder, &p.lm_head)?;
-        Ok(Llava { be, dir: dir.to_path_buf(), cfg, tokenizer, processor, vision, proj1, proj2, decoder, adapter: None })
+        Ok(Llava {
+            be,
+            dir: dir.to_path_buf(),
+            cfg,
+            tokenizer,
+            processor,
+            vision,
+            proj1,
+            proj2,
+            decoder,
+            adapter: None,
+        })
     }
 
     /// Loads a PEFT LoRA adapter and attaches it (unmerged); it is used where `use_adapter` is set.
@@ -112,6 +138,11 @@ where
         self.decoder.attach_lora(&self.be, &a)?;
         self.adapter = Some(a);
         Ok(())
+    }
+
+    /// The backend's name (e.g. `cpu`).
+    pub fn be_name(&self) -> &'static str {
+        self.be.name()
     }
 
     /// Default layer for the image attention: num_layers / 2.
@@ -147,8 +178,12 @@ where
     fn embed_prompt(&self, ids: &[u32], features: &B::Buf) -> Result<B::Buf> {
         let be = &self.be;
         let h = self.cfg.text.hidden_size;
-        let rows: Vec<usize> =
-            ids.iter().enumerate().filter(|(_, &t)| t == self.cfg.image_token_id).map(|(i, _)| i).collect();
+        let rows: Vec<usize> = ids
+            .iter()
+            .enumerate()
+            .filter(|(_, &t)| t == self.cfg.image_token_id)
+            .map(|(i, _)| i)
+            .collect();
         let mut x = be.embed(ids, &self.decoder.embed);
         let n_feat = be.download(features).len() / h;
         if rows.len() != n_feat {
@@ -161,15 +196,30 @@ where
         Ok(x)
     }
 
+    /// Input embeddings of a prompt with the image features in place (for the benchmark's own loop).
+    pub fn embed_for_bench(&self, ids: &[u32], features: &B::Buf) -> Result<B::Buf> {
+        self.embed_prompt(ids, features)
+    }
+
     /// One forward pass over the whole prompt: logits of every row, and the per-layer attention
     /// mass of every row on each span (heads averaged).
-    pub fn prompt_pass(&self, prompt: &PromptIds, features: &B::Buf, use_adapter: bool) -> Result<PromptPass> {
+    pub fn prompt_pass(
+        &self,
+        prompt: &PromptIds,
+        features: &B::Buf,
+        use_adapter: bool,
+    ) -> Result<PromptPass> {
         let be = &self.be;
         let t = prompt.ids.len();
         let x = self.embed_prompt(&prompt.ids, features)?;
         let mut cache = self.decoder.new_cache(be);
-        let capture = MassCapture { spans: &prompt.image_spans, layers: (0..self.cfg.text.num_layers).collect() };
-        let (h, image_mass) = self.decoder.forward(be, x, t, &mut cache, use_adapter, Some(&capture));
+        let capture = MassCapture {
+            spans: &prompt.image_spans,
+            layers: (0..self.cfg.text.num_layers).collect(),
+        };
+        let (h, image_mass) = self
+            .decoder
+            .forward(be, x, t, &mut cache, use_adapter, Some(&capture));
         let logits = be.download(&self.decoder.logits(be, &h, t));
         Ok(PromptPass { logits, image_mass })
     }
@@ -182,6 +232,18 @@ where
         features: &B::Buf,
         groups: &[KeySpan],
         opts: &GenerateOptions,
+    ) -> Result<Generation> {
+        self.generate_ids_with(prompt, features, groups, opts, &mut |_| {})
+    }
+
+    /// [`Self::generate_ids`] calling `on_token(n)` after each of the n generated tokens.
+    pub fn generate_ids_with(
+        &self,
+        prompt: &PromptIds,
+        features: &B::Buf,
+        groups: &[KeySpan],
+        opts: &GenerateOptions,
+        on_token: &mut dyn FnMut(usize),
     ) -> Result<Generation> {
         let be = &self.be;
         let (h, vocab) = (self.cfg.text.hidden_size, self.cfg.text.vocab_size);
@@ -199,19 +261,25 @@ where
         let (hid, _) = self.decoder.forward(be, x, t, &mut cache, use_lora, None);
         let last = be.slice_rows(&hid, h, t - 1, t);
         let mut logits = be.download(&self.decoder.logits(be, &last, 1)); // (vocab)
-        let capture = MassCapture { spans: groups, layers: vec![layer] };
+        let capture = MassCapture {
+            spans: groups,
+            layers: vec![layer],
+        };
         let (mut gen, mut rows, mut log_pmax) = (Vec::new(), Vec::new(), 0f64);
-        while opts.max_new_tokens > 0 {
+        for _ in 0..opts.max_new_tokens {
             debug_assert_eq!(logits.len(), vocab);
             let (tok, lp) = greedy(&logits);
             gen.push(tok);
             log_pmax += lp;
-            if tok == self.tokenizer.eos || gen.len() >= opts.max_new_tokens {
+            on_token(gen.len());
+            if tok == self.tokenizer.eos || gen.len() == opts.max_new_tokens {
                 break;
             }
             // feed the token back; its query row at `layer` is one row of the image attention
             let x = be.embed(&[tok], &self.decoder.embed);
-            let (hid, masses) = self.decoder.forward(be, x, 1, &mut cache, use_lora, Some(&capture));
+            let (hid, masses) = self
+                .decoder
+                .forward(be, x, 1, &mut cache, use_lora, Some(&capture));
             rows.push(masses[0].iter().map(|&m| m as f64).collect::<Vec<f64>>());
             logits = be.download(&self.decoder.logits(be, &hid, 1));
         }
@@ -220,12 +288,18 @@ where
         } else {
             let mut per: Vec<f64> = vec![0.0; groups.len()];
             for r in &rows {
-                per.iter_mut().zip(r).for_each(|(a, b)| *a += b / rows.len() as f64);
+                per.iter_mut()
+                    .zip(r)
+                    .for_each(|(a, b)| *a += b / rows.len() as f64);
             }
             let total: f64 = per.iter().sum();
             per.iter().map(|p| p / total).collect()
         };
-        let max_softmax_ppl = if gen.is_empty() { f64::NAN } else { (-log_pmax / gen.len() as f64).exp() };
+        let max_softmax_ppl = if gen.is_empty() {
+            f64::NAN
+        } else {
+            (-log_pmax / gen.len() as f64).exp()
+        };
         Ok(Generation {
             prompt_tokens: t,
             text: self.tokenizer.decode(&gen)?.trim().to_string(),
@@ -267,7 +341,11 @@ where
                 let x = be.embed(&r[..m], &self.decoder.embed);
                 let (hid, _) = self.decoder.forward(be, x, m, &mut c, use_lora, None);
                 let logits = self.decoder.logits(be, &hid, m); // (m, vocab)
-                total += be.token_logprobs(&logits, vocab, &r[1..]).iter().map(|&v| v as f64).sum::<f64>();
+                total += be
+                    .token_logprobs(&logits, vocab, &r[1..])
+                    .iter()
+                    .map(|&v| v as f64)
+                    .sum::<f64>();
             }
             out.push(total);
         }

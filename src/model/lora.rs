@@ -22,7 +22,15 @@ pub enum Proj {
 }
 
 impl Proj {
-    pub const ALL: [Proj; 7] = [Proj::Q, Proj::K, Proj::V, Proj::O, Proj::Gate, Proj::Up, Proj::Down];
+    pub const ALL: [Proj; 7] = [
+        Proj::Q,
+        Proj::K,
+        Proj::V,
+        Proj::O,
+        Proj::Gate,
+        Proj::Up,
+        Proj::Down,
+    ];
 
     /// PEFT module path below a decoder layer, e.g. `self_attn.q_proj`.
     pub fn path(self) -> &'static str {
@@ -51,6 +59,15 @@ pub struct LoraModule {
     pub a_name: String,
 }
 
+/// A module's tensors while the adapter file is read.
+struct Partial {
+    layer: usize,
+    proj: Proj,
+    module: String,
+    a: Option<(String, Tensor)>,
+    b: Option<Tensor>,
+}
+
 pub struct LoraAdapter {
     pub dir: PathBuf,
     pub file: PathBuf,
@@ -72,7 +89,9 @@ enum Targets {
 impl Targets {
     fn matches(&self, module: &str) -> bool {
         match self {
-            Targets::List(l) => l.iter().any(|t| module == t || module.ends_with(&format!(".{t}"))),
+            Targets::List(l) => l
+                .iter()
+                .any(|t| module == t || module.ends_with(&format!(".{t}"))),
             Targets::Regex(r) => r.is_match(module),
         }
     }
@@ -112,9 +131,16 @@ impl LoraAdapter {
         let bad = |msg: String| Error::file(&cfg_path, msg);
         match raw.peft_type.as_deref() {
             Some("LORA") => {}
-            other => return Err(bad(format!("peft_type is {other:?}; only LORA adapters are supported"))),
+            other => {
+                return Err(bad(format!(
+                    "peft_type is {other:?}; only LORA adapters are supported"
+                )))
+            }
         }
-        let r = raw.r.filter(|&r| r > 0).ok_or_else(|| bad("`r` is missing or zero".into()))?;
+        let r = raw
+            .r
+            .filter(|&r| r > 0)
+            .ok_or_else(|| bad("`r` is missing or zero".into()))?;
         let alpha = raw.lora_alpha.unwrap_or(8.0);
         if raw.use_dora.unwrap_or(false) {
             return Err(bad("DoRA adapters (use_dora) are not supported".into()));
@@ -123,25 +149,45 @@ impl LoraAdapter {
             return Err(bad("fan_in_fan_out adapters are not supported".into()));
         }
         if raw.bias.as_deref().is_some_and(|b| b != "none") {
-            return Err(bad(format!("bias `{}` is not supported (only `none`)", raw.bias.unwrap_or_default())));
+            return Err(bad(format!(
+                "bias `{}` is not supported (only `none`)",
+                raw.bias.unwrap_or_default()
+            )));
         }
-        for (key, v) in [("modules_to_save", &raw.modules_to_save), ("rank_pattern", &raw.rank_pattern), ("alpha_pattern", &raw.alpha_pattern)] {
+        for (key, v) in [
+            ("modules_to_save", &raw.modules_to_save),
+            ("rank_pattern", &raw.rank_pattern),
+            ("alpha_pattern", &raw.alpha_pattern),
+        ] {
             if non_empty(v) {
                 return Err(bad(format!("`{key}` is not supported")));
             }
         }
         let targets = match &raw.target_modules {
             Some(Value::String(s)) => Targets::Regex(
-                Regex::new(&format!("^(?:{s})$")).map_err(|e| bad(format!("target_modules is not a valid regex: {e}")))?,
+                Regex::new(&format!("^(?:{s})$"))
+                    .map_err(|e| bad(format!("target_modules is not a valid regex: {e}")))?,
             ),
             Some(Value::Array(a)) => Targets::List(
                 a.iter()
-                    .map(|v| v.as_str().map(str::to_string).ok_or_else(|| bad(format!("target_modules entry {v} is not a string"))))
+                    .map(|v| {
+                        v.as_str()
+                            .map(str::to_string)
+                            .ok_or_else(|| bad(format!("target_modules entry {v} is not a string")))
+                    })
                     .collect::<Result<_>>()?,
             ),
-            other => return Err(bad(format!("target_modules must be a list or a regex string, found {other:?}"))),
+            other => {
+                return Err(bad(format!(
+                    "target_modules must be a list or a regex string, found {other:?}"
+                )))
+            }
         };
-        let scale = if raw.use_rslora.unwrap_or(false) { alpha / (r as f64).sqrt() } else { alpha / r as f64 } as f32;
+        let scale = if raw.use_rslora.unwrap_or(false) {
+            alpha / (r as f64).sqrt()
+        } else {
+            alpha / r as f64
+        } as f32;
 
         let file = dir.join("adapter_model.safetensors");
         if !file.exists() {
@@ -158,48 +204,79 @@ impl LoraAdapter {
             r"^base_model\.model\.((?:model\.language_model|language_model\.model)\.layers\.(\d+)\.((?:self_attn|mlp)\.[a-z_]+))\.lora_([AB])\.weight$",
         )
         .expect("static regex");
-        let mut found: Vec<(usize, Proj, String, Option<Tensor>, Option<Tensor>, String)> = Vec::new();
+        let mut found: std::collections::BTreeMap<(usize, usize), Partial> = Default::default();
         for name in store.names() {
             let caps = re.captures(name).ok_or_else(|| {
                 Error::tensor(&file, name, "not a LoRA weight of a decoder linear (only q/k/v/o/gate/up/down projections of the language model are supported)")
             })?;
             let module = caps[1].to_string();
-            let layer: usize = caps[2].parse().map_err(|_| Error::tensor(&file, name, "bad layer index"))?;
-            let proj = Proj::parse(&caps[3]).ok_or_else(|| Error::tensor(&file, name, "unsupported module"))?;
+            let layer: usize = caps[2]
+                .parse()
+                .map_err(|_| Error::tensor(&file, name, "bad layer index"))?;
+            let proj =
+                Proj::parse(&caps[3]).ok_or_else(|| Error::tensor(&file, name, "unsupported module"))?;
             if layer >= num_layers {
-                return Err(Error::tensor(&file, name, format!("layer {layer} but the model has {num_layers}")));
+                return Err(Error::tensor(
+                    &file,
+                    name,
+                    format!("layer {layer} but the model has {num_layers}"),
+                ));
             }
             if !targets.matches(&module) {
-                return Err(Error::tensor(&file, name, format!("module `{module}` is not matched by target_modules in {}", cfg_path.display())));
+                return Err(Error::tensor(
+                    &file,
+                    name,
+                    format!(
+                        "module `{module}` is not matched by target_modules in {}",
+                        cfg_path.display()
+                    ),
+                ));
             }
             let t = store.get(name)?.clone();
-            let entry = match found.iter_mut().position(|f| f.0 == layer && f.1 == proj) {
-                Some(i) => &mut found[i],
-                None => {
-                    found.push((layer, proj, module.clone(), None, None, String::new()));
-                    found.last_mut().expect("just pushed")
-                }
-            };
+            let entry = found.entry((layer, proj as usize)).or_insert_with(|| Partial {
+                layer,
+                proj,
+                module: module.clone(),
+                a: None,
+                b: None,
+            });
             if &caps[4] == "A" {
-                entry.5 = name.to_string();
-                entry.3 = Some(t);
+                entry.a = Some((name.to_string(), t));
             } else {
-                entry.4 = Some(t);
+                entry.b = Some(t);
             }
         }
         if found.is_empty() {
             return Err(Error::file(&file, "the adapter holds no LoRA weights"));
         }
         let mut modules = Vec::new();
-        for (layer, proj, module, a, b, a_name) in found {
-            match (a, b) {
-                (Some(a), Some(b)) => modules.push(LoraModule { layer, proj, a, b, a_name }),
-                (None, _) => return Err(Error::tensor(&file, format!("base_model.model.{module}.lora_A.weight"), "missing (its lora_B is present)")),
-                (_, None) => return Err(Error::tensor(&file, format!("base_model.model.{module}.lora_B.weight"), "missing (its lora_A is present)")),
-            }
+        for (_, p) in found {
+            let missing = |which: &str, other: &str| {
+                Error::tensor(
+                    &file,
+                    format!("base_model.model.{}.lora_{which}.weight", p.module),
+                    format!("missing (its lora_{other} is present)"),
+                )
+            };
+            let (a_name, a) = p.a.clone().ok_or_else(|| missing("A", "B"))?;
+            let b = p.b.clone().ok_or_else(|| missing("B", "A"))?;
+            modules.push(LoraModule {
+                layer: p.layer,
+                proj: p.proj,
+                a,
+                b,
+                a_name,
+            });
         }
         modules.sort_by_key(|m| (m.layer, m.proj as usize));
-        Ok(LoraAdapter { dir: dir.to_path_buf(), file, r, alpha, scale, modules })
+        Ok(LoraAdapter {
+            dir: dir.to_path_buf(),
+            file,
+            r,
+            alpha,
+            scale,
+            modules,
+        })
     }
 }
 

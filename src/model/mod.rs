@@ -4,6 +4,7 @@ pub mod config;
 pub mod llama;
 pub mod llava;
 pub mod lora;
+pub mod random;
 pub mod weights;
 
 use crate::error::{Error, Result};
@@ -31,13 +32,26 @@ impl Prefixes {
                     Error::Invalid(format!(
                         "{}: no {what} found (looked for `{}`)",
                         w.source().display(),
-                        cands.iter().map(|c| format!("{c}{probe}")).collect::<Vec<_>>().join("`, `")
+                        cands
+                            .iter()
+                            .map(|c| format!("{c}{probe}"))
+                            .collect::<Vec<_>>()
+                            .join("`, `")
                     ))
                 })
         };
-        let decoder = find(&["language_model.model.", "model.language_model."], "embed_tokens.weight", "LLaMA decoder")?;
+        let decoder = find(
+            &["language_model.model.", "model.language_model."],
+            "embed_tokens.weight",
+            "LLaMA decoder",
+        )?;
         let vision = find(
-            &["vision_tower.vision_model.", "vision_tower.", "model.vision_tower.vision_model.", "model.vision_tower."],
+            &[
+                "vision_tower.vision_model.",
+                "vision_tower.",
+                "model.vision_tower.vision_model.",
+                "model.vision_tower.",
+            ],
             "embeddings.class_embedding",
             "CLIP vision tower",
         )?;
@@ -51,6 +65,11 @@ impl Prefixes {
             .find(|n| w.contains(n))
             .map(|n| n.to_string())
             .unwrap_or_default(); // empty: tied to the embeddings (checked by the decoder loader)
-        Ok(Prefixes { decoder, lm_head, vision: vision.trim_end_matches('.').to_string(), projector })
+        Ok(Prefixes {
+            decoder,
+            lm_head,
+            vision: vision.trim_end_matches('.').to_string(),
+            projector,
+        })
     }
 }

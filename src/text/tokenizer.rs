@@ -37,7 +37,10 @@ impl TextTokenizer {
             Some(id) => {
                 return Err(Error::file(
                     path,
-                    format!("`<image>` is token {id} but config.json says {}", cfg.image_token_id),
+                    format!(
+                        "`<image>` is token {id} but config.json says {}",
+                        cfg.image_token_id
+                    ),
                 ))
             }
             None => return Err(Error::file(path, "the tokenizer has no `<image>` token")),
@@ -78,9 +81,10 @@ impl TextTokenizer {
                 format!("the prompt has {found} `<image>` placeholder(s) but {n_images} image(s) were given"),
             ));
         }
-        let expanded = template
-            .apply(question)
-            .replace(IMAGE_PLACEHOLDER, &IMAGE_PLACEHOLDER.repeat(self.image_seq_length));
+        let expanded = template.apply(question).replace(
+            IMAGE_PLACEHOLDER,
+            &IMAGE_PLACEHOLDER.repeat(self.image_seq_length),
+        );
         let mut ids = vec![self.bos];
         ids.extend(self.encode(&expanded)?);
         let image_spans = image_spans(&ids, self.image_token_id, self.image_seq_length);

@@ -1,0 +1,135 @@
+//! Prefill and decode throughput of a checkpoint, with the protocol of scripts/compare_hf_cpu.py so
+//! the two runtimes are timed on the same work: one image + filler text of `prompt_tokens` tokens, a
+//! full forward (vision tower, projector, decoder, last-row logits), then `new_tokens` greedy steps
+//! with the KV cache.
+use std::time::Instant;
+
+use crate::backend::Backend;
+use crate::model::llava::{greedy, Llava};
+use crate::model::random::Rng;
+use crate::text::tokenizer::image_spans;
+use crate::text::tokenizer::PromptIds;
+use crate::{Error, Result};
+
+#[derive(Clone, Debug)]
+pub struct BenchOptions {
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    pub repeats: usize,
+    pub warmup: usize,
+}
+
+/// min / median / max of one figure over the repeats.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Stats {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Stats {
+    pub fn of(mut v: Vec<f64>) -> Self {
+        v.sort_by(|a, b| a.total_cmp(b));
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            0.5 * (v[n / 2 - 1] + v[n / 2])
+        };
+        Stats {
+            median,
+            min: v[0],
+            max: v[n - 1],
+        }
+    }
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BenchResult {
+    pub prefill_tok_s: Stats,
+    pub decode_tok_s: Stats,
+    pub prompt_tokens: usize,
+    pub new_tokens: usize,
+    pub repeats: usize,
+    pub threads: usize,
+}
+
+/// The benchmark prompt: `[1] + [image]·image_seq_length + [100 + (i·7919) mod 31000 ...]`.
+pub fn bench_prompt<B: Backend>(m: &Llava<B>, prompt_tokens: usize) -> Result<PromptIds> {
+    let n_img = m.cfg.image_seq_length;
+    if prompt_tokens < n_img + 2 {
+        return Err(Error::Invalid(format!(
+            "--prompt-tokens {prompt_tokens} is too small: the image alone takes {n_img} tokens plus BOS"
+        )));
+    }
+    let mut ids = vec![m.cfg.text.bos_token_id];
+    ids.extend(std::iter::repeat_n(m.cfg.image_token_id, n_img));
+    ids.extend((0..prompt_tokens - 1 - n_img).map(|i| 100 + ((i * 7919) % 31000) as u32));
+    let image_spans = image_spans(&ids, m.cfg.image_token_id, n_img);
+    Ok(PromptIds { ids, image_spans })
+}
+
+pub fn run<B: Backend>(
+    m: &Llava<B>,
+    o: &BenchOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<BenchResult>
+where
+    B::Buf: Clone,
+{
+    if o.repeats == 0 {
+        return Err(Error::Invalid("--repeats must be at least 1".into()));
+    }
+    let be = &m.be;
+    let prompt = bench_prompt(m, o.prompt_tokens)?;
+    let s = m.cfg.vision.image_size;
+    let mut rng = Rng::new(0);
+    let pixels: Vec<f32> = (0..3 * s * s).map(|_| rng.normal() as f32).collect();
+    let (h, t) = (m.cfg.text.hidden_size, prompt.ids.len());
+    let (mut pre, mut dec) = (Vec::new(), Vec::new());
+    let total = o.warmup + o.repeats;
+    for rep in 0..total {
+        progress(rep, total);
+        let t0 = Instant::now();
+        let feats = m.image_features(std::slice::from_ref(&pixels));
+        let x = m.embed_for_bench(&prompt.ids, &feats)?;
+        let mut cache = m.decoder.new_cache(be);
+        let (hid, _) = m.decoder.forward(be, x, t, &mut cache, false, None);
+        let last = be.slice_rows(&hid, h, t - 1, t);
+        let mut logits = be.download(&m.decoder.logits(be, &last, 1));
+        let t1 = Instant::now();
+        for _ in 0..o.new_tokens {
+            let (tok, _) = greedy(&logits);
+            let x = be.embed(&[tok], &m.decoder.embed);
+            let (hid, _) = m.decoder.forward(be, x, 1, &mut cache, false, None);
+            logits = be.download(&m.decoder.logits(be, &hid, 1));
+        }
+        let t2 = Instant::now();
+        if rep >= o.warmup {
+            pre.push(t as f64 / (t1 - t0).as_secs_f64());
+            dec.push(o.new_tokens as f64 / (t2 - t1).as_secs_f64());
+        }
+    }
+    progress(total, total);
+    Ok(BenchResult {
+        prefill_tok_s: Stats::of(pre),
+        decode_tok_s: Stats::of(dec),
+        prompt_tokens: t,
+        new_tokens: o.new_tokens,
+        repeats: o.repeats,
+        threads: rayon::current_num_threads(),
+    })
+}
+
+/// The CPU model name from /proc/cpuinfo (for labelling numbers), or "unknown CPU".
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into())
+}

@@ -1,0 +1,165 @@
+//! MIA-DPO preference data (`{"id", "image", "prompt", "chosen", "rejected"}`) as a JSON list or
+//! JSONL, and image-path resolution against `--image-root` folders.
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use crate::{Error, Result};
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PreferencePair {
+    pub id: String,
+    /// image paths as written in the file (resolve with [`resolve_image`])
+    pub images: Vec<String>,
+    pub prompt: String,
+    pub chosen: String,
+    pub rejected: String,
+}
+
+/// Reads a JSON list or a JSONL file of preference pairs; errors name the file and the sample.
+pub fn load_pairs(path: &Path) -> Result<Vec<PreferencePair>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let records: Vec<(String, Value)> = if text.trim_start().starts_with('[') {
+        let v: Value =
+            serde_json::from_str(&text).map_err(|e| Error::file(path, format!("not valid JSON: {e}")))?;
+        let list = v
+            .as_array()
+            .ok_or_else(|| Error::file(path, "expected a JSON list of samples"))?;
+        list.iter()
+            .enumerate()
+            .map(|(i, r)| (format!("#{i}"), r.clone()))
+            .collect()
+    } else {
+        let mut out = Vec::new();
+        for (i, line) in text.lines().enumerate() {
+            if line.trim().is_empty() {
+                continue;
+            }
+            let v: Value = serde_json::from_str(line)
+                .map_err(|e| Error::file(path, format!("line {}: not valid JSON: {e}", i + 1)))?;
+            out.push((format!("line {}", i + 1), v));
+        }
+        out
+    };
+    if records.is_empty() {
+        return Err(Error::file(path, "holds no samples"));
+    }
+    records
+        .into_iter()
+        .map(|(pos, r)| parse_pair(&r, &pos).map_err(|e| in_file(path, e)))
+        .collect()
+}
+
+/// Prefixes a sample error with the file it came from.
+fn in_file(path: &Path, e: Error) -> Error {
+    match e {
+        Error::Sample { id, msg } => Error::file(path, format!("sample `{id}`: {msg}")),
+        other => other,
+    }
+}
+
+fn parse_pair(r: &Value, pos: &str) -> Result<PreferencePair> {
+    let obj = r
+        .as_object()
+        .ok_or_else(|| Error::sample(pos, format!("expected an object, found {}", kind(r))))?;
+    let id = match obj.get("id") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        None => pos.to_string(),
+        Some(v) => {
+            return Err(Error::sample(
+                pos,
+                format!("`id` must be a string or number, found {}", kind(v)),
+            ))
+        }
+    };
+    let text = |key: &str| -> Result<String> {
+        match obj.get(key) {
+            Some(Value::String(s)) => Ok(s.clone()),
+            None => Err(Error::sample(&id, format!("missing `{key}`"))),
+            Some(v) => Err(Error::sample(
+                &id,
+                format!("`{key}` must be a string, found {}", kind(v)),
+            )),
+        }
+    };
+    let images = match obj.get("image") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) => vec![s.clone()],
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| {
+                v.as_str().map(str::to_string).ok_or_else(|| {
+                    Error::sample(&id, format!("`image` entries must be strings, found {}", kind(v)))
+                })
+            })
+            .collect::<Result<_>>()?,
+        Some(v) => {
+            return Err(Error::sample(
+                &id,
+                format!("`image` must be a path or a list of paths, found {}", kind(v)),
+            ))
+        }
+    };
+    Ok(PreferencePair {
+        prompt: text("prompt")?,
+        chosen: text("chosen")?,
+        rejected: text("rejected")?,
+        images,
+        id,
+    })
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// An image path from a data file: absolute paths as they are, relative ones tried against each root in
+/// order (the current folder when there is none). The error names the sample and every place tried.
+pub fn resolve_image(path: &str, roots: &[PathBuf], id: &str) -> Result<PathBuf> {
+    let p = Path::new(path);
+    if p.is_absolute() {
+        return if p.is_file() {
+            Ok(p.to_path_buf())
+        } else {
+            Err(Error::sample(id, format!("image `{path}` does not exist")))
+        };
+    }
+    let cands: Vec<PathBuf> = if roots.is_empty() {
+        vec![p.to_path_buf()]
+    } else {
+        roots.iter().map(|r| r.join(p)).collect()
+    };
+    cands.iter().find(|c| c.is_file()).cloned().ok_or_else(|| {
+        let tried: Vec<String> = cands.iter().map(|c| c.display().to_string()).collect();
+        Error::sample(
+            id,
+            format!("image `{path}` not found (tried {})", tried.join(", ")),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_field_takes_string_or_list() {
+        let r: Value =
+            serde_json::from_str(r#"{"id":7,"image":"a.png","prompt":"p","chosen":"c","rejected":"r"}"#)
+                .unwrap();
+        assert_eq!(parse_pair(&r, "#0").unwrap().images, vec!["a.png"]);
+        let r: Value =
+            serde_json::from_str(r#"{"id":"x","image":["a","b"],"prompt":"p","chosen":"c","rejected":"r"}"#)
+                .unwrap();
+        let p = parse_pair(&r, "#0").unwrap();
+        assert_eq!((p.id.as_str(), p.images.len()), ("x", 2));
+    }
+}

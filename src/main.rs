@@ -1,0 +1,382 @@
+//! The `miadpo` command line: a thin layer over the library (see README.md for every subcommand).
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+
+use miadpo::backend::cpu::CpuBackend;
+use miadpo::backend::Device;
+use miadpo::bench::{self, BenchOptions};
+use miadpo::data::{load_pairs, resolve_image};
+use miadpo::model::llava::{GenerateOptions, Llava};
+use miadpo::model::random::{write_random_checkpoint, RandomSpec};
+use miadpo::text::Template;
+use miadpo::vision::preprocess::AspectMode;
+
+#[derive(Parser)]
+#[command(
+    name = "miadpo",
+    version,
+    about = "MIA-DPO for LLaVA models on a handwritten transformer runtime"
+)]
+struct Cli {
+    /// Worker threads (default: every core).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Greedy answer to a question about one or more images, with MIA-DPO's attention statistics.
+    Generate(GenerateArgs),
+    /// Sequence log-probs of the chosen and rejected answers of DPO preference pairs.
+    Score(ScoreArgs),
+    /// Prefill and decode throughput on a checkpoint (by default a random "small" LLaVA).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// llava-hf checkpoint folder (config.json, tokenizer.json, preprocessor_config.json, *.safetensors)
+    #[arg(long)]
+    model: PathBuf,
+    /// PEFT LoRA adapter folder, applied unmerged
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// Conversation template: vicuna_v1, llava_v0, llava_hf or plain
+    #[arg(long, default_value = "vicuna_v1")]
+    template: Template,
+    /// Non-square images: `pad` to a square of the mean colour (LLaVA-1.5) or centre `crop` (HF default)
+    #[arg(long, default_value = "pad")]
+    aspect: AspectMode,
+    /// auto, cpu or cuda
+    #[arg(long, default_value = "auto")]
+    device: Device,
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// An image; repeat for several, one per `<image>` in the prompt, in order
+    #[arg(long = "image", required = true)]
+    images: Vec<PathBuf>,
+    /// The question, with one `<image>` per --image (e.g. $'<image>\nWhat is shown?')
+    #[arg(long)]
+    prompt: String,
+    /// Stop after this many new tokens (or at EOS)
+    #[arg(long, default_value_t = 512)]
+    max_new_tokens: usize,
+    /// Decoder layer (0-based) whose attention gives image_attention [default: num_layers / 2]
+    #[arg(long)]
+    attn_layer: Option<usize>,
+    /// Print one JSON line instead of text
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct ScoreArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// Preference pairs: a JSON list or JSONL of {"id", "image", "prompt", "chosen", "rejected"}
+    #[arg(long)]
+    data: PathBuf,
+    /// Folder that relative image paths are resolved against; repeat to try several in order
+    #[arg(long = "image-root")]
+    image_roots: Vec<PathBuf>,
+    /// Print one JSON line per pair instead of a table
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// Checkpoint to time [default: a random LLaVA of --preset, written to a temporary folder]
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Random model size when no --model is given: small (CLIP-B/14 224 px + 12x1024 decoder) or tiny
+    #[arg(long, default_value = "small")]
+    preset: String,
+    /// Keep the random checkpoint in this folder (e.g. to time HF transformers on it)
+    #[arg(long)]
+    save_model: Option<PathBuf>,
+    /// tokenizer.json for the random checkpoint [default: tests/fixtures/tiny-llava/model/tokenizer.json]
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Prompt length in tokens, image included
+    #[arg(long, default_value_t = 320)]
+    prompt_tokens: usize,
+    /// Greedy decode steps timed after the prefill
+    #[arg(long, default_value_t = 64)]
+    new_tokens: usize,
+    /// Timed repeats (medians are reported)
+    #[arg(long, default_value_t = 5)]
+    repeats: usize,
+    /// Untimed warm-up runs
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    #[arg(long)]
+    device: Option<Device>,
+    /// Print one JSON line
+    #[arg(long)]
+    json: bool,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global()
+            .context("--threads")?;
+    }
+    match cli.cmd {
+        Cmd::Generate(a) => generate(a),
+        Cmd::Score(a) => score(a),
+        Cmd::Bench(a) => bench_cmd(a),
+    }
+}
+
+fn load_model(m: &ModelArgs) -> Result<Llava<CpuBackend>> {
+    let be = m.device.cpu_backend()?;
+    let mut model = Llava::load(&m.model, be)?;
+    if let Some(a) = &m.adapter {
+        model.load_adapter(a)?;
+    }
+    Ok(model)
+}
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{spinner}} {what} {{bar:40}} {{pos}}/{{len}} [{{elapsed}} < {{eta}}]"
+        ))
+        .expect("static template"),
+    );
+    pb
+}
+
+#[derive(Serialize)]
+struct GenerateJson<'a> {
+    prompt_tokens: usize,
+    token_ids: &'a [u32],
+    text: &'a str,
+    image_attention: &'a [f64],
+    attn_layer: usize,
+    max_softmax_ppl: f64,
+}
+
+fn generate(a: GenerateArgs) -> Result<()> {
+    let model = load_model(&a.m)?;
+    let prompt = model.prompt(a.m.template, &a.prompt, a.images.len(), "--prompt")?;
+    let pixels = a
+        .images
+        .iter()
+        .map(|p| model.pixels(p, a.m.aspect))
+        .collect::<miadpo::Result<Vec<_>>>()?;
+    let features = model.image_features(&pixels);
+    let opts = GenerateOptions {
+        max_new_tokens: a.max_new_tokens,
+        attn_layer: a.attn_layer,
+        use_adapter: true,
+    };
+    let pb = bar(a.max_new_tokens as u64, "generating");
+    let g = model.generate_ids_with(&prompt, &features, &prompt.image_spans, &opts, &mut |n| {
+        pb.set_position(n as u64)
+    })?;
+    pb.finish_and_clear();
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        let j = GenerateJson {
+            prompt_tokens: g.prompt_tokens,
+            token_ids: &g.token_ids,
+            text: &g.text,
+            image_attention: &g.image_attention,
+            attn_layer: g.attn_layer,
+            max_softmax_ppl: g.max_softmax_ppl,
+        };
+        writeln!(out, "{}", serde_json::to_string(&j)?)?;
+    } else {
+        writeln!(out, "{}", g.text)?;
+        let att: Vec<String> = g
+            .image_attention
+            .iter()
+            .enumerate()
+            .map(|(i, r)| format!("Image{} {r:.4}", i + 1))
+            .collect();
+        writeln!(
+            out,
+            "[{} new tokens after a {}-token prompt; image attention at layer {}: {}; max-softmax ppl {:.4}]",
+            g.token_ids.len(),
+            g.prompt_tokens,
+            g.attn_layer,
+            if att.is_empty() {
+                "n/a (fewer than 2 tokens)".to_string()
+            } else {
+                att.join(", ")
+            },
+            g.max_softmax_ppl
+        )?;
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct ScoreJson<'a> {
+    id: &'a str,
+    chosen_logp: f64,
+    rejected_logp: f64,
+    chosen_tokens: usize,
+    rejected_tokens: usize,
+}
+
+fn score(a: ScoreArgs) -> Result<()> {
+    let model = load_model(&a.m)?;
+    let pairs = load_pairs(&a.data)?;
+    let pb = bar(pairs.len() as u64, "scoring");
+    let mut out = std::io::stdout().lock();
+    if !a.json {
+        writeln!(
+            out,
+            "{:<24} {:>14} {:>14} {:>7} {:>7}",
+            "id", "chosen_logp", "rejected_logp", "c_tok", "r_tok"
+        )?;
+    }
+    for p in &pairs {
+        let paths = p
+            .images
+            .iter()
+            .map(|i| resolve_image(i, &a.image_roots, &p.id))
+            .collect::<miadpo::Result<Vec<_>>>()
+            .with_context(|| format!("{}", a.data.display()))?;
+        let prompt = model.prompt(a.m.template, &p.prompt, paths.len(), &p.id)?;
+        let pixels = paths
+            .iter()
+            .map(|path| model.pixels(path, a.m.aspect))
+            .collect::<miadpo::Result<Vec<_>>>()
+            .with_context(|| format!("sample `{}`", p.id))?;
+        let features = model.image_features(&pixels);
+        let chosen = model.tokenizer.response(&p.chosen)?;
+        let rejected = model.tokenizer.response(&p.rejected)?;
+        let lps = model.sequence_logps(&prompt, &features, &[chosen.clone(), rejected.clone()], true)?;
+        pb.suspend(|| -> Result<()> {
+            if a.json {
+                let j = ScoreJson {
+                    id: &p.id,
+                    chosen_logp: lps[0],
+                    rejected_logp: lps[1],
+                    chosen_tokens: chosen.len(),
+                    rejected_tokens: rejected.len(),
+                };
+                writeln!(out, "{}", serde_json::to_string(&j)?)?;
+            } else {
+                writeln!(
+                    out,
+                    "{:<24} {:>14.4} {:>14.4} {:>7} {:>7}",
+                    p.id,
+                    lps[0],
+                    lps[1],
+                    chosen.len(),
+                    rejected.len()
+                )?;
+            }
+            Ok(())
+        })?;
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    Ok(())
+}
+
+fn default_tokenizer() -> Result<PathBuf> {
+    let rel = Path::new("tests/fixtures/tiny-llava/model/tokenizer.json");
+    let built_in = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
+    [rel.to_path_buf(), built_in]
+        .into_iter()
+        .find(|p| p.is_file())
+        .with_context(|| {
+            format!(
+                "no tokenizer for the random model: pass --tokenizer (looked for {})",
+                rel.display()
+            )
+        })
+}
+
+fn bench_cmd(a: BenchArgs) -> Result<()> {
+    let be = a.device.unwrap_or_default().cpu_backend()?;
+    let tmp;
+    let dir = match (&a.model, &a.save_model) {
+        (Some(m), None) => m.clone(),
+        (Some(_), Some(_)) => bail!("--model and --save-model exclude each other"),
+        (None, save) => {
+            let spec = RandomSpec::preset(&a.preset)?;
+            let tok = match &a.tokenizer {
+                Some(t) => t.clone(),
+                None => default_tokenizer()?,
+            };
+            let dir = match save {
+                Some(d) => d.clone(),
+                None => {
+                    tmp = std::env::temp_dir().join(format!("miadpo-bench-{}", std::process::id()));
+                    tmp.clone()
+                }
+            };
+            eprintln!("writing a random `{}` LLaVA to {}", a.preset, dir.display());
+            write_random_checkpoint(&dir, &spec, 0, &tok)?;
+            dir
+        }
+    };
+    let model = Llava::load(&dir, be)?;
+    let opts = BenchOptions {
+        prompt_tokens: a.prompt_tokens,
+        new_tokens: a.new_tokens,
+        repeats: a.repeats,
+        warmup: a.warmup,
+    };
+    let pb = bar((a.warmup + a.repeats) as u64, "timing");
+    let r = bench::run(&model, &opts, |i, _| pb.set_position(i as u64))?;
+    pb.finish_and_clear();
+    if a.model.is_none() && a.save_model.is_none() {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    let cpu = bench::cpu_model();
+    if a.json {
+        let mut v = serde_json::to_value(&r)?;
+        v["runtime"] = "miadpo".into();
+        v["device"] = cpu.clone().into();
+        v["model"] = dir.display().to_string().into();
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        println!(
+            "miadpo {} on {cpu} ({} threads), prompt {} tokens, {} new tokens, {} repeats:",
+            model.be_name(),
+            r.threads,
+            r.prompt_tokens,
+            r.new_tokens,
+            r.repeats
+        );
+        println!(
+            "  prefill {:>9.1} tok/s (min {:.1}, max {:.1})",
+            r.prefill_tok_s.median, r.prefill_tok_s.min, r.prefill_tok_s.max
+        );
+        println!(
+            "  decode  {:>9.2} tok/s (min {:.2}, max {:.2})",
+            r.decode_tok_s.median, r.decode_tok_s.min, r.decode_tok_s.max
+        );
+    }
+    Ok(())
+}
