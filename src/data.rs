@@ -19,7 +19,16 @@ pub struct PreferencePair {
 /// Reads a JSON list or a JSONL file of preference pairs; errors name the file and the sample.
 pub fn load_pairs(path: &Path) -> Result<Vec<PreferencePair>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let records: Vec<(String, Value)> = if text.trim_start().starts_with('[') {
+    let trimmed = text.trim();
+    if trimmed.starts_with('{') && trimmed.lines().count() > 1 {
+        if let Ok(Value::Object(_)) = serde_json::from_str::<Value>(trimmed) {
+            return Err(Error::file(
+                path,
+                "expected a JSON list of samples (or JSONL, one sample per line), found one JSON object",
+            ));
+        }
+    }
+    let records: Vec<(String, Value)> = if trimmed.starts_with('[') {
         let v: Value =
             serde_json::from_str(&text).map_err(|e| Error::file(path, format!("not valid JSON: {e}")))?;
         let list = v

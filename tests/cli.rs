@@ -1,0 +1,199 @@
+//! The `generate` and `score` command-line contracts, run through the built binary.
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::*;
+use serde_json::Value;
+
+fn miadpo(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_miadpo"))
+        .args(args)
+        .output()
+        .expect("run miadpo")
+}
+
+fn ok_stdout(out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "miadpo failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn generate_json_follows_the_contract_and_the_oracle() {
+    let model = model_dir();
+    let imgs = fixture_dir().join("images");
+    for c in cases()["generate"].as_array().unwrap() {
+        let mut args = vec!["generate".to_string(), "--model".into(), s(&model).into()];
+        for n in c["images"].as_array().unwrap() {
+            args.extend(["--image".into(), s(&imgs.join(n.as_str().unwrap())).to_string()]);
+        }
+        let n_new = c["generated_ids"].as_array().unwrap().len().to_string();
+        // no --attn-layer: the default is num_layers / 2 = 1, the fixture's layer
+        args.extend([
+            "--prompt".into(),
+            c["question"].as_str().unwrap().into(),
+            "--max-new-tokens".into(),
+            n_new,
+        ]);
+        args.push("--json".into());
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let out = ok_stdout(miadpo(&argv));
+        assert_eq!(out.lines().count(), 1, "one JSON line: {out}");
+        let v: Value = serde_json::from_str(out.trim()).unwrap();
+        let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+        let mut want_keys = vec![
+            "prompt_tokens",
+            "token_ids",
+            "text",
+            "image_attention",
+            "attn_layer",
+            "max_softmax_ppl",
+        ];
+        want_keys.sort(); // serde_json's map is sorted; the order on the line is checked below
+        assert_eq!(keys, want_keys);
+        let order: Vec<usize> = [
+            "prompt_tokens",
+            "token_ids",
+            "text",
+            "image_attention",
+            "attn_layer",
+            "max_softmax_ppl",
+        ]
+        .iter()
+        .map(|k| out.find(&format!("\"{k}\":")).unwrap())
+        .collect();
+        assert!(
+            order.windows(2).all(|w| w[0] < w[1]),
+            "key order on the line: {out}"
+        );
+        assert_eq!(
+            v["prompt_tokens"].as_u64().unwrap() as usize,
+            c["prompt_ids"].as_array().unwrap().len()
+        );
+        assert_eq!(ids(&v["token_ids"]), ids(&c["generated_ids"]));
+        assert_eq!(v["attn_layer"], c["image_attention_layer"]);
+        for (a, b) in v["image_attention"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .zip(c["image_attention"].as_array().unwrap())
+        {
+            let (a, b) = (a.as_f64().unwrap(), b.as_f64().unwrap());
+            assert!((a - b).abs() <= 1e-4 * b, "image_attention {a} vs {b}");
+        }
+        let (p, q) = (
+            v["max_softmax_ppl"].as_f64().unwrap(),
+            c["max_softmax_ppl"].as_f64().unwrap(),
+        );
+        assert!((p - q).abs() <= 1e-4 * q, "ppl {p} vs {q}");
+    }
+}
+
+/// Writes the fixture's score cases as a data file (JSON list or JSONL) with relative image paths.
+fn write_pairs(dir: &Path, jsonl: bool) -> std::path::PathBuf {
+    let recs: Vec<Value> = cases()["score"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+        .map(|(i, c)| {
+            let imgs = c["images"].as_array().unwrap();
+            // a single image as a plain string, several as a list: both forms are accepted
+            let image = if imgs.len() == 1 {
+                imgs[0].clone()
+            } else {
+                Value::Array(imgs.clone())
+            };
+            serde_json::json!({"id": format!("pair{i}"), "image": image, "prompt": c["prompt"],
+                               "chosen": c["chosen"], "rejected": c["rejected"]})
+        })
+        .collect();
+    let p = dir.join(if jsonl { "pairs.jsonl" } else { "pairs.json" });
+    let text = if jsonl {
+        recs.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("\n")
+    } else {
+        Value::Array(recs).to_string()
+    };
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn score_json_gives_policy_and_reference_logps_in_input_order() {
+    let tmp = tempfile::tempdir().unwrap();
+    let empty_root = tmp.path().join("nothing-here");
+    std::fs::create_dir(&empty_root).unwrap();
+    let imgs = fixture_dir().join("images");
+    let adapter = fixture_dir().join("adapter");
+    let model = model_dir();
+    for (jsonl, with_adapter) in [(true, true), (false, false)] {
+        let data = write_pairs(tmp.path(), jsonl);
+        let mut args = vec!["score", "--model", s(&model), "--data", s(&data)];
+        // the first root lacks the images: roots are tried in order
+        args.extend(["--image-root", s(&empty_root), "--image-root", s(&imgs), "--json"]);
+        if with_adapter {
+            args.extend(["--adapter", s(&adapter)]);
+        }
+        let out = ok_stdout(miadpo(&args));
+        let lines: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let all = cases();
+        let want = all["score"].as_array().unwrap();
+        assert_eq!(lines.len(), want.len());
+        let tag = if with_adapter { "policy" } else { "reference" };
+        for (i, (l, c)) in lines.iter().zip(want).enumerate() {
+            let keys: Vec<&str> = l.as_object().unwrap().keys().map(String::as_str).collect();
+            assert_eq!(
+                keys,
+                [
+                    "chosen_logp",
+                    "chosen_tokens",
+                    "id",
+                    "rejected_logp",
+                    "rejected_tokens"
+                ]
+            );
+            assert_eq!(l["id"], format!("pair{i}"));
+            for which in ["chosen", "rejected"] {
+                let got = l[format!("{which}_logp")].as_f64().unwrap();
+                let w = c[format!("{tag}_{which}_logp")].as_f64().unwrap();
+                assert!(
+                    (got - w).abs() <= 1e-4 * w.abs(),
+                    "pair{i} {tag} {which}: {got} vs {w}"
+                );
+                assert_eq!(
+                    l[format!("{which}_tokens")].as_u64().unwrap() as usize,
+                    c[format!("{which}_ids")].as_array().unwrap().len()
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn device_cuda_is_refused_with_one_line() {
+    let img = fixture_dir().join("images/sq0.png");
+    let out = miadpo(&[
+        "generate",
+        "--model",
+        s(&model_dir()),
+        "--image",
+        s(&img),
+        "--prompt",
+        "<image>",
+        "--device",
+        "cuda",
+    ]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.contains("CUDA"), "{err}");
+}
