@@ -4,7 +4,7 @@ use rayon::prelude::*;
 
 use super::{AttnShape, Backend, KeySpan};
 use crate::model::config::Activation;
-use crate::model::weights::Tensor;
+use crate::model::weights::{DType, Tensor};
 use crate::{Error, Result};
 
 #[derive(Clone, Debug, Default)]
@@ -41,39 +41,107 @@ fn col_block(n: usize, m: usize) -> usize {
     target.clamp(16, max)
 }
 
-/// Dot product with 8 independent accumulators (lets the compiler vectorise).
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+/// `x · w` where `w` holds `x.len()` weights of one dtype as little-endian bytes, any alignment.
+type DotFn = fn(&[f32], &[u8]) -> f32;
+
+/// The fastest dot product for weights of `dtype` on this CPU (AVX2+FMA+F16C when detected).
+fn dot_fn(dtype: DType) -> DotFn {
     #[cfg(target_arch = "x86_64")]
     {
-        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            // SAFETY: the features were detected at run time.
-            return unsafe { dot_avx2(a, b) };
+        if is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
+        {
+            return match dtype {
+                // SAFETY (all three): the features were detected just above.
+                DType::F16 => |x, w| unsafe { simd::dot(x, w, DType::F16) },
+                DType::BF16 => |x, w| unsafe { simd::dot(x, w, DType::BF16) },
+                DType::F32 => |x, w| unsafe { simd::dot(x, w, DType::F32) },
+            };
         }
     }
-    dot_portable(a, b)
+    match dtype {
+        DType::F16 => |x, w| dot_portable(x, w, DType::F16),
+        DType::BF16 => |x, w| dot_portable(x, w, DType::BF16),
+        DType::F32 => |x, w| dot_portable(x, w, DType::F32),
+    }
 }
 
+/// Stored weight `i` of `w` as f32.
 #[inline(always)]
-fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 16];
-    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..16 {
-            acc[i] = x[i].mul_add(y[i], acc[i]);
+fn weight_at(w: &[u8], i: usize, dtype: DType) -> f32 {
+    match dtype {
+        DType::F16 => half::f16::from_bits(u16::from_le_bytes([w[2 * i], w[2 * i + 1]])).to_f32(),
+        DType::BF16 => half::bf16::from_bits(u16::from_le_bytes([w[2 * i], w[2 * i + 1]])).to_f32(),
+        DType::F32 => f32::from_le_bytes([w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]]),
+    }
+}
+
+fn dot_portable(x: &[f32], w: &[u8], dtype: DType) -> f32 {
+    let mut acc = [0f32; 8];
+    let chunks = x.len() / 8;
+    for c in 0..chunks {
+        for (l, a) in acc.iter_mut().enumerate() {
+            let i = c * 8 + l;
+            *a = x[i].mul_add(weight_at(w, i, dtype), *a);
         }
     }
     let mut s: f32 = acc.iter().sum();
-    for (x, y) in ra.iter().zip(rb) {
-        s += x * y;
+    for (i, xi) in x.iter().enumerate().skip(chunks * 8) {
+        s += xi * weight_at(w, i, dtype);
     }
     s
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    dot_portable(a, b)
+mod simd {
+    use std::arch::x86_64::*;
+
+    use super::weight_at;
+    use crate::model::weights::DType;
+
+    /// 8 weights starting at element `i`, as f32 lanes.
+    #[inline(always)]
+    unsafe fn load8(w: *const u8, i: usize, dtype: DType) -> __m256 {
+        match dtype {
+            DType::F16 => _mm256_cvtph_ps(_mm_loadu_si128(w.add(2 * i) as *const __m128i)),
+            DType::BF16 => _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128(w.add(2 * i) as *const __m128i)),
+                16,
+            )),
+            DType::F32 => _mm256_loadu_ps(w.add(4 * i) as *const f32),
+        }
+    }
+
+    /// Fused convert-and-dot with four independent FMA chains.
+    /// SAFETY: the CPU must support AVX2, FMA and F16C.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dot(x: &[f32], w: &[u8], dtype: DType) -> f32 {
+        let k = x.len();
+        assert!(w.len() >= k * dtype.size(), "weight row shorter than x");
+        let (xp, wp) = (x.as_ptr(), w.as_ptr());
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= k {
+            for (j, a) in acc.iter_mut().enumerate() {
+                let o = i + 8 * j;
+                *a = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(o)), load8(wp, o, dtype), *a);
+            }
+            i += 32;
+        }
+        while i + 8 <= k {
+            acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(i)), load8(wp, i, dtype), acc[0]);
+            i += 8;
+        }
+        let v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), v);
+        let mut s: f32 = lanes.iter().sum();
+        for (j, xi) in x.iter().enumerate().skip(i) {
+            s += xi * weight_at(w, j, dtype);
+        }
+        s
+    }
 }
 
 impl CpuBackend {
@@ -126,23 +194,26 @@ impl Backend for CpuBackend {
         let mut out = vec![0f32; m * n]; // (m, n)
         let nb = col_block(n, m);
         let out_ptr = SendPtr(out.as_mut_ptr());
+        let dot = dot_fn(w.t.dtype());
+        let size = w.t.dtype().size();
         (0..n.div_ceil(nb))
             .into_par_iter()
             .for_each_init(Vec::new, |wf, bi| {
                 let (n0, n1) = (bi * nb, ((bi + 1) * nb).min(n));
-                wf.resize((n1 - n0) * k, 0.0);
-                w.t.rows_f32(n0, n1, wf); // (n1-n0, k) in f32
                 if m <= 4 {
-                    for r in 0..m {
-                        let xr = &x[r * k..(r + 1) * k];
-                        for (j, wr) in wf.chunks_exact(k).enumerate() {
+                    // decode-sized: one fused convert-and-dot pass over each stored weight row
+                    let rows = &w.t.bytes()[n0 * k * size..n1 * k * size];
+                    for (j, wr) in rows.chunks_exact(k * size).enumerate() {
+                        for r in 0..m {
                             // SAFETY: task bi alone writes columns [n0, n1) of out.
-                            unsafe { *out_ptr.at(r * n + n0 + j) = dot(xr, wr) };
+                            unsafe { *out_ptr.at(r * n + n0 + j) = dot(&x[r * k..(r + 1) * k], wr) };
                         }
                     }
                 } else {
-                    // SAFETY: x, wf and the (m, n1-n0) column block of out (row stride n) are in bounds;
-                    // task bi alone writes columns [n0, n1).
+                    wf.resize((n1 - n0) * k, 0.0);
+                    w.t.rows_f32(n0, n1, wf); // (n1-n0, k) in f32
+                                              // SAFETY: x, wf and the (m, n1-n0) column block of out (row stride n) are in bounds;
+                                              // task bi alone writes columns [n0, n1).
                     unsafe {
                         matrixmultiply::sgemm(
                             m,
@@ -446,10 +517,33 @@ mod tests {
     }
 
     #[test]
-    fn dot_matches_naive_sum() {
-        let a: Vec<f32> = (0..37).map(|i| (i as f32 * 0.37).sin()).collect();
-        let b: Vec<f32> = (0..37).map(|i| (i as f32 * 0.11).cos()).collect();
-        let naive: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
-        assert!((dot(&a, &b) - naive).abs() < 1e-5);
+    fn fused_dots_match_converted_weights_for_every_dtype_and_alignment() {
+        // 75 = 2·32 + 8 + 3: the unrolled loop, the 8-wide loop and the scalar tail all run
+        let x: Vec<f32> = (0..75).map(|i| (i as f32 * 0.37).sin()).collect();
+        let wv: Vec<f32> = (0..75).map(|i| (i as f32 * 0.11).cos()).collect();
+        for dtype in [DType::F16, DType::BF16, DType::F32] {
+            let mut bytes: Vec<u8> = Vec::new();
+            for &v in &wv {
+                match dtype {
+                    DType::F16 => bytes.extend(half::f16::from_f32(v).to_le_bytes()),
+                    DType::BF16 => bytes.extend(half::bf16::from_f32(v).to_le_bytes()),
+                    DType::F32 => bytes.extend(v.to_le_bytes()),
+                }
+            }
+            let exact: f64 = (0..75)
+                .map(|i| x[i] as f64 * weight_at(&bytes, i, dtype) as f64)
+                .sum();
+            for shift in 0..3 {
+                let mut shifted = vec![0u8; shift];
+                shifted.extend(&bytes);
+                let w = &shifted[shift..];
+                for got in [dot_fn(dtype)(&x, w), dot_portable(&x, w, dtype)] {
+                    assert!(
+                        (got as f64 - exact).abs() < 1e-5,
+                        "{dtype:?} shift {shift}: {got} vs {exact}"
+                    );
+                }
+            }
+        }
     }
 }
