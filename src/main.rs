@@ -181,6 +181,19 @@ struct GenerateJson<'a> {
 }
 
 fn generate(a: GenerateArgs) -> Result<()> {
+    let placeholders = a
+        .prompt
+        .matches(miadpo::text::tokenizer::IMAGE_PLACEHOLDER)
+        .count();
+    if placeholders != a.images.len() {
+        bail!(
+            "--prompt has {placeholders} `<image>` placeholder(s) but {} --image was given (one `<image>` per image, in order)",
+            a.images.len()
+        );
+    }
+    if a.max_new_tokens == 0 {
+        bail!("--max-new-tokens must be at least 1");
+    }
     let model = load_model(&a.m)?;
     let prompt = model.prompt(a.m.template, &a.prompt, a.images.len(), "--prompt")?;
     let pixels = a

@@ -111,7 +111,7 @@ fn image_count_not_matching_the_placeholders() {
         "--prompt",
         "no placeholder",
     ]);
-    assert!(err.contains("0 `<image>`"), "{err}");
+    assert!(err.contains("--prompt has 0 `<image>`"), "{err}");
 }
 
 fn write(text: &str) -> PathBuf {

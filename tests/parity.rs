@@ -1,9 +1,10 @@
-//! The CPU backend against the HF transformers oracle (float64) on the tiny LLaVA fixture.
+//! The CPU backend against the HF transformers oracle (float64) on the tiny LLaVA fixtures (f16 MHA and
+//! bf16 GQA).
 //! Tolerances are DESIGN.md's: CPU f32 vs f64 oracle, relative 1e-4 on logits and log-probs, greedy
 //! tokens identical.
 mod common;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use common::*;
 use miadpo::backend::cpu::CpuBackend;
@@ -11,21 +12,21 @@ use miadpo::model::llava::{GenerateOptions, Llava};
 use miadpo::text::Template;
 use miadpo::vision::preprocess::AspectMode;
 
-fn model() -> Llava<CpuBackend> {
-    Llava::load(&model_dir(), CpuBackend::new()).expect("load tiny-llava")
+fn model(dir: &Path) -> Llava<CpuBackend> {
+    Llava::load(&dir.join("model"), CpuBackend::new()).expect("load the fixture model")
 }
 
-fn images(v: &serde_json::Value) -> Vec<PathBuf> {
+fn images(dir: &Path, v: &serde_json::Value) -> Vec<PathBuf> {
     v.as_array()
         .unwrap()
         .iter()
-        .map(|n| fixture_dir().join("images").join(n.as_str().unwrap()))
+        .map(|n| dir.join("images").join(n.as_str().unwrap()))
         .collect()
 }
 
 #[test]
 fn tokenizer_matches_hf() {
-    let m = model();
+    let m = model(&fixture_dir());
     for c in cases()["tokenize"].as_array().unwrap() {
         let text = c["text"].as_str().unwrap();
         assert_eq!(
@@ -38,12 +39,22 @@ fn tokenizer_matches_hf() {
 
 #[test]
 fn generate_cases_match_hf() {
-    let m = model();
-    let refs = reference();
-    let all = cases();
+    for fx in FIXTURES {
+        generate_cases(&fixture(fx));
+    }
+}
+
+fn generate_cases(dir: &Path) {
+    let m = model(dir);
+    let refs = reference(dir);
+    let all = cases_of(dir);
     for c in all["generate"].as_array().unwrap() {
-        let name = c["name"].as_str().unwrap();
-        let paths = images(&c["images"]);
+        let name = &format!(
+            "{}/{}",
+            dir.file_name().unwrap().to_str().unwrap(),
+            c["name"].as_str().unwrap()
+        );
+        let paths = images(dir, &c["images"]);
         let prompt = m
             .prompt(
                 Template::VicunaV1,
@@ -70,12 +81,12 @@ fn generate_cases_match_hf() {
         let pass = m.prompt_pass(&prompt, &feats, false).unwrap();
         let vocab = m.cfg.text.vocab_size;
         let t = prompt.ids.len();
-        let (_, want) = &refs[&format!("generate/{name}/logits_last")];
+        let (_, want) = &refs[&format!("generate/{}/logits_last", c["name"].as_str().unwrap())];
         let got = &pass.logits[(t - 1) * vocab..];
         let e = rel_err_inf(got, want);
         eprintln!("{name}: logits_last relative error {e:.3e}");
-        assert!(e < 1e-4, "{name}: logits_last relative error {e:.3e}");
-        let (_, want) = &refs[&format!("generate/{name}/prompt_token_logps")];
+        assert!(e < 1e-4, "{name}: logits_last relative error {e:.3e} {REGEN}");
+        let (_, want) = &refs[&format!("generate/{}/prompt_token_logps", c["name"].as_str().unwrap())];
         for i in 0..t - 1 {
             let row = &pass.logits[i * vocab..(i + 1) * vocab];
             let lp = row[prompt.ids[i + 1] as usize] - miadpo::backend::cpu::log_sum_exp(row);
@@ -86,7 +97,7 @@ fn generate_cases_match_hf() {
                 "{name}: token {i} log-prob {lp} vs {w}"
             );
         }
-        let (shape, want) = &refs[&format!("generate/{name}/prompt_image_mass")];
+        let (shape, want) = &refs[&format!("generate/{}/prompt_image_mass", c["name"].as_str().unwrap())];
         assert_eq!(shape, &vec![m.cfg.text.num_layers, t, spans.len()]);
         let got: Vec<f32> = pass.image_mass.concat();
         let diff = got.iter().zip(want).fold(0f32, |a, (x, y)| a.max((x - y).abs()));
@@ -103,7 +114,11 @@ fn generate_cases_match_hf() {
         let g = m
             .generate_ids(&prompt, &feats, &prompt.image_spans, &opts)
             .unwrap();
-        assert_eq!(g.token_ids, ids(&c["generated_ids"]), "{name}: greedy tokens");
+        assert_eq!(
+            g.token_ids,
+            ids(&c["generated_ids"]),
+            "{name}: greedy tokens {REGEN}"
+        );
         let want: Vec<f64> = c["image_attention"]
             .as_array()
             .unwrap()
@@ -134,10 +149,17 @@ fn generate_cases_match_hf() {
 
 #[test]
 fn score_cases_match_hf_policy_and_reference() {
-    let mut m = model();
-    m.load_adapter(&fixture_dir().join("adapter")).unwrap();
-    for (i, c) in cases()["score"].as_array().unwrap().iter().enumerate() {
-        let paths = images(&c["images"]);
+    for fx in FIXTURES {
+        score_cases(&fixture(fx));
+    }
+}
+
+fn score_cases(dir: &Path) {
+    let mut m = model(dir);
+    m.load_adapter(&dir.join("adapter")).unwrap();
+    for (i, c) in cases_of(dir)["score"].as_array().unwrap().iter().enumerate() {
+        let i = format!("{}/{i}", dir.file_name().unwrap().to_str().unwrap());
+        let paths = images(dir, &c["images"]);
         let prompt = m
             .prompt(
                 Template::VicunaV1,
@@ -168,4 +190,83 @@ fn score_cases_match_hf_policy_and_reference() {
             }
         }
     }
+}
+
+/// The fixture re-saved as f32 weights in two shards with an index: the f16 -> f32 widening is exact,
+/// so logits and greedy tokens must be bit-identical to the f16 checkpoint's.
+#[test]
+fn f32_sharded_copy_gives_identical_results() {
+    let src = model_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let dst = tmp.path();
+    for f in ["config.json", "tokenizer.json", "preprocessor_config.json"] {
+        std::fs::copy(src.join(f), dst.join(f)).unwrap();
+    }
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_string).collect();
+    names.sort();
+    let widened: Vec<(String, Vec<usize>, Vec<u8>)> = names
+        .iter()
+        .map(|n| {
+            let t = st.tensor(n).unwrap();
+            assert_eq!(t.dtype(), safetensors::Dtype::F16);
+            let data: Vec<u8> = t
+                .data()
+                .chunks_exact(2)
+                .flat_map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32().to_le_bytes())
+                .collect();
+            (n.clone(), t.shape().to_vec(), data)
+        })
+        .collect();
+    let half_point = widened.len() / 2;
+    let mut weight_map = serde_json::Map::new();
+    for (i, part) in [&widened[..half_point], &widened[half_point..]]
+        .into_iter()
+        .enumerate()
+    {
+        let file = format!("model-0000{}-of-00002.safetensors", i + 1);
+        let views: Vec<(String, safetensors::tensor::TensorView)> = part
+            .iter()
+            .map(|(n, s, d)| {
+                weight_map.insert(n.clone(), file.clone().into());
+                (
+                    n.clone(),
+                    safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap(),
+                )
+            })
+            .collect();
+        safetensors::serialize_to_file(views, None, &dst.join(&file)).unwrap();
+    }
+    let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+    std::fs::write(dst.join("model.safetensors.index.json"), index.to_string()).unwrap();
+
+    let a = Llava::load(&src, CpuBackend::new()).unwrap();
+    let b = Llava::load(dst, CpuBackend::new()).unwrap();
+    let c = &cases()["generate"][1];
+    let paths = images(&fixture_dir(), &c["images"]);
+    let q = c["question"].as_str().unwrap();
+    let opts = GenerateOptions {
+        max_new_tokens: 10,
+        attn_layer: None,
+        use_adapter: false,
+    };
+    let run = |m: &Llava<CpuBackend>| {
+        let prompt = m.prompt(Template::VicunaV1, q, paths.len(), "seq2").unwrap();
+        let px: Vec<Vec<f32>> = paths
+            .iter()
+            .map(|p| m.pixels(p, AspectMode::Pad).unwrap())
+            .collect();
+        let feats = m.image_features(&px);
+        let pass = m.prompt_pass(&prompt, &feats, false).unwrap();
+        (
+            pass.logits,
+            m.generate_ids(&prompt, &feats, &prompt.image_spans, &opts)
+                .unwrap(),
+        )
+    };
+    let ((la, ga), (lb, gb)) = (run(&a), run(&b));
+    assert!(la == lb, "f32 shards changed the logits");
+    assert_eq!(ga.token_ids, gb.token_ids);
+    assert_eq!(ga.image_attention, gb.image_attention);
 }

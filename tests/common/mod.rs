@@ -3,12 +3,26 @@
 //! --tokenizer <llama tokenizer.json>`, see tests/fixtures/README.md).
 #![allow(dead_code)]
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
+/// The oracle fixtures: `tiny-llava` (f16 weights, multi-head attention; shared/fixtures) and
+/// `tiny-llava-gqa` (bf16 weights, 2 KV heads for 4 query heads; `make_fixtures.py --variant gqa`).
+pub const FIXTURES: [&str; 2] = ["tiny-llava", "tiny-llava-gqa"];
+
+/// Appended to parity failures: where the golden numbers come from.
+pub const REGEN: &str =
+    "(golden numbers: HF transformers 5.24 float64, see tests/fixtures/README.md to regenerate)";
+
+pub fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
 pub fn fixture_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llava")
+    fixture("tiny-llava")
 }
 
 pub fn model_dir() -> PathBuf {
@@ -16,13 +30,17 @@ pub fn model_dir() -> PathBuf {
 }
 
 pub fn cases() -> Value {
-    let p = fixture_dir().join("cases.json");
+    cases_of(&fixture_dir())
+}
+
+pub fn cases_of(dir: &Path) -> Value {
+    let p = dir.join("cases.json");
     serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap()
 }
 
-/// Every tensor of reference.safetensors as (shape, f32 values).
-pub fn reference() -> HashMap<String, (Vec<usize>, Vec<f32>)> {
-    let bytes = std::fs::read(fixture_dir().join("reference.safetensors")).unwrap();
+/// Every tensor of the fixture's reference.safetensors as (shape, f32 values).
+pub fn reference(dir: &Path) -> HashMap<String, (Vec<usize>, Vec<f32>)> {
+    let bytes = std::fs::read(dir.join("reference.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     st.tensors()
         .into_iter()
