@@ -27,6 +27,16 @@ fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// The `generate --json` keys, in the order of the contract.
+const GENERATE_KEYS: [&str; 6] = [
+    "prompt_tokens",
+    "token_ids",
+    "text",
+    "image_attention",
+    "attn_layer",
+    "max_softmax_ppl",
+];
+
 #[test]
 fn generate_json_follows_the_contract_and_the_oracle() {
     let model = model_dir();
@@ -50,27 +60,13 @@ fn generate_json_follows_the_contract_and_the_oracle() {
         assert_eq!(out.lines().count(), 1, "one JSON line: {out}");
         let v: Value = serde_json::from_str(out.trim()).unwrap();
         let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
-        let mut want_keys = vec![
-            "prompt_tokens",
-            "token_ids",
-            "text",
-            "image_attention",
-            "attn_layer",
-            "max_softmax_ppl",
-        ];
-        want_keys.sort(); // serde_json's map is sorted; the order on the line is checked below
-        assert_eq!(keys, want_keys);
-        let order: Vec<usize> = [
-            "prompt_tokens",
-            "token_ids",
-            "text",
-            "image_attention",
-            "attn_layer",
-            "max_softmax_ppl",
-        ]
-        .iter()
-        .map(|k| out.find(&format!("\"{k}\":")).unwrap())
-        .collect();
+        let mut sorted = GENERATE_KEYS.to_vec();
+        sorted.sort(); // serde_json's map is sorted; the order on the line is checked below
+        assert_eq!(keys, sorted);
+        let order: Vec<usize> = GENERATE_KEYS
+            .iter()
+            .map(|k| out.find(&format!("\"{k}\":")).unwrap())
+            .collect();
         assert!(
             order.windows(2).all(|w| w[0] < w[1]),
             "key order on the line: {out}"

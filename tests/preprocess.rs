@@ -1,27 +1,18 @@
 //! Image preprocessing against the HF reference (`tests/fixtures/tiny-llava`, computed by
 //! transformers' `CLIPImageProcessorPil`, see `scripts/make_fixtures.py`), and decoding of bad input.
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+mod common;
+
+use common::*;
 use miadpo::vision::preprocess::{load_image, AspectMode, ClipProcessor};
 use serde_json::Value;
 
-fn fixture_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llava")
-}
-
-/// Reads an f32 tensor (little-endian) and its shape from the reference file.
+/// An f32 tensor and its shape from the reference file.
 fn reference_tensor(name: &str) -> (Vec<usize>, Vec<f32>) {
-    let path = fixture_dir().join("reference.safetensors");
-    let bytes = std::fs::read(&path).expect("read reference.safetensors");
-    let st = safetensors::SafeTensors::deserialize(&bytes).expect("parse reference.safetensors");
-    let t = st.tensor(name).unwrap_or_else(|e| panic!("tensor {name}: {e}"));
-    assert_eq!(t.dtype(), safetensors::Dtype::F32, "tensor {name}");
-    let data = t
-        .data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect();
-    (t.shape().to_vec(), data)
+    reference(&fixture_dir())
+        .remove(name)
+        .unwrap_or_else(|| panic!("tensor {name} not in the reference"))
 }
 
 #[test]
