@@ -5,6 +5,7 @@ pub mod model;
 pub mod vision;
 
 pub use error::{Error, Result};
+pub mod augment;
 pub mod backend;
 pub mod bench;
 pub mod data;

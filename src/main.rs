@@ -7,6 +7,7 @@ use clap::{Args, Parser, Subcommand};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 
+use miadpo::augment::{AugmentOptions, Companions, Kind};
 use miadpo::backend::cpu::CpuBackend;
 use miadpo::backend::Device;
 use miadpo::bench::{self, BenchOptions};
@@ -32,12 +33,48 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Turn single-image LLaVA data into sequence, grid-collage and pic-in-pic multi-image prompts.
+    Augment(AugmentArgs),
     /// Greedy answer to a question about one or more images, with MIA-DPO's attention statistics.
     Generate(GenerateArgs),
     /// Sequence log-probs of the chosen and rejected answers of DPO preference pairs.
     Score(ScoreArgs),
     /// Prefill and decode throughput on a checkpoint (by default a random "small" LLaVA).
     Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct AugmentArgs {
+    /// LLaVA-665k-style JSON list of {"id", "image", "conversations"}
+    #[arg(long)]
+    data: PathBuf,
+    /// Folder that image paths are resolved against; repeat to try several in order
+    #[arg(long = "image-root")]
+    image_roots: Vec<PathBuf>,
+    /// Output folder: sequence.json, grid.json, pip.json, images/
+    #[arg(long)]
+    out: PathBuf,
+    /// Kinds to make, comma-separated
+    #[arg(long, value_delimiter = ',', default_value = "sequence,grid,pip")]
+    kinds: Vec<Kind>,
+    /// At most N records per kind (the first N usable samples)
+    #[arg(long)]
+    per_kind: Option<usize>,
+    /// Random seed: the same seed gives byte-identical output
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Companion and background images: `same` source dataset (coco, gqa, ...) or `any`
+    #[arg(long, default_value = "same")]
+    companions: Companions,
+    /// JPEG quality of composed images
+    #[arg(long, default_value_t = 95, value_parser = clap::value_parser!(u8).range(1..=100))]
+    jpeg_quality: u8,
+    /// Skip samples with a missing or undecodable image (listed in OUT/skipped.jsonl) instead of failing
+    #[arg(long)]
+    skip_bad: bool,
+    /// Replace the results of an earlier run in --out
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(Args)]
@@ -144,6 +181,7 @@ fn run(cli: Cli) -> Result<()> {
             .context("--threads")?;
     }
     match cli.cmd {
+        Cmd::Augment(a) => augment(a),
         Cmd::Generate(a) => generate(a),
         Cmd::Score(a) => score(a),
         Cmd::Bench(a) => bench_cmd(a),
@@ -168,6 +206,58 @@ fn bar(len: u64, what: &str) -> ProgressBar {
         .expect("static template"),
     );
     pb
+}
+
+fn augment(a: AugmentArgs) -> Result<()> {
+    let mut kinds = a.kinds.clone();
+    kinds.sort();
+    kinds.dedup();
+    let o = AugmentOptions {
+        data: a.data,
+        image_roots: a.image_roots,
+        out: a.out,
+        kinds,
+        per_kind: a.per_kind,
+        seed: a.seed,
+        companions: a.companions,
+        jpeg_quality: a.jpeg_quality,
+        skip_bad: a.skip_bad,
+        overwrite: a.overwrite,
+    };
+    let pb = bar(0, "composing");
+    let summary = miadpo::augment::run(&o, &|done, total| {
+        pb.set_length(total);
+        pb.set_position(done);
+    })?;
+    pb.finish_and_clear();
+    eprintln!(
+        "augment: {} samples read, {} used, {} skipped",
+        summary.samples_read,
+        summary.samples_used,
+        summary.samples_read - summary.samples_used
+    );
+    for (reason, n) in summary.skip_reasons() {
+        eprintln!("  skipped {n:>7}  {reason}");
+    }
+    for (kind, n) in &summary.records {
+        eprintln!(
+            "  {kind:<9} {n:>7} records -> {}",
+            o.out.join(format!("{kind}.json")).display()
+        );
+    }
+    if summary.companion_fallbacks > 0 {
+        eprintln!(
+            "  {} record(s) drew companions from other datasets: their own dataset holds too few images",
+            summary.companion_fallbacks
+        );
+    }
+    if !summary.skipped.is_empty() {
+        eprintln!(
+            "  skipped samples are listed in {}",
+            o.out.join("skipped.jsonl").display()
+        );
+    }
+    Ok(())
 }
 
 #[derive(Serialize)]
