@@ -241,7 +241,8 @@ fn augment(a: AugmentArgs) -> Result<()> {
     }
     for (kind, n) in &summary.records {
         eprintln!(
-            "  {kind:<9} {n:>7} records -> {}",
+            "  {:<9} {n:>7} records -> {}",
+            kind.name(),
             o.out.join(format!("{kind}.json")).display()
         );
     }
