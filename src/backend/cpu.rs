@@ -357,21 +357,31 @@ impl Backend for CpuBackend {
         let group = s.heads / s.kv_heads;
         let scale = 1.0 / (d as f32).sqrt();
         let n_spans = spans.map_or(0, |sp| sp.len());
-        // per head: its output (tq, d) and its span masses (tq, n_spans)
-        let per_head: Vec<(Vec<f32>, Vec<f32>)> = (0..s.heads)
+        // Tasks are (head, block of QB query rows): the score matrix of one task is (QB, tk), so memory
+        // grows linearly with the sequence, and a causal block only reads the keys it can see.
+        const QB: usize = 64;
+        let blocks = s.tq.div_ceil(QB);
+        let mut out = vec![0f32; s.tq * qs]; // (tq, heads·d)
+        let out_ptr = SendPtr(out.as_mut_ptr());
+        // per task: (first row, span masses (rows, n_spans)) for the head average below
+        let masses: Vec<(usize, Vec<f32>)> = (0..s.heads * blocks)
             .into_par_iter()
-            .map(|h| {
+            .map(|task| {
+                let (h, bi) = (task / blocks, task % blocks);
                 let kvh = h / group;
-                let mut p = vec![0f32; s.tq * s.tk]; // (tq, tk) scores, then probabilities
-                                                     // SAFETY: q (tq, heads·d) read at column h·d with row stride qs; k (tk, kv_heads·d)
-                                                     // read transposed at column kvh·d; p is (tq, tk) contiguous.
+                let (i0, i1) = (bi * QB, ((bi + 1) * QB).min(s.tq));
+                let rows = i1 - i0;
+                let tk = if s.causal { (s.q_pos0 + i1).min(s.tk) } else { s.tk };
+                let mut p = vec![0f32; rows * tk]; // (rows, tk) scores, then probabilities
+                                                   // SAFETY: q rows i0..i1 at column h·d (row stride qs); k (tk, kv_heads·d) read transposed
+                                                   // at column kvh·d; p is (rows, tk) contiguous.
                 unsafe {
                     matrixmultiply::sgemm(
-                        s.tq,
+                        rows,
                         d,
-                        s.tk,
+                        tk,
                         scale,
-                        q.as_ptr().add(h * d),
+                        q.as_ptr().add(i0 * qs + h * d),
                         qs as isize,
                         1,
                         k.as_ptr().add(kvh * d),
@@ -379,16 +389,16 @@ impl Backend for CpuBackend {
                         ks as isize,
                         0.0,
                         p.as_mut_ptr(),
-                        s.tk as isize,
+                        tk as isize,
                         1,
                     )
                 };
-                let mut mass = vec![0f32; s.tq * n_spans];
-                for (i, row) in p.chunks_exact_mut(s.tk).enumerate() {
+                let mut mass = vec![0f32; rows * n_spans];
+                for (r, row) in p.chunks_exact_mut(tk).enumerate() {
                     let visible = if s.causal {
-                        (s.q_pos0 + i + 1).min(s.tk)
+                        (s.q_pos0 + i0 + r + 1).min(tk)
                     } else {
-                        s.tk
+                        tk
                     };
                     let (vis, masked) = row.split_at_mut(visible);
                     let mx = vis.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
@@ -402,43 +412,40 @@ impl Backend for CpuBackend {
                     masked.fill(0.0);
                     if let Some(sp) = spans {
                         for (g, &(a, b)) in sp.iter().enumerate() {
-                            mass[i * n_spans + g] = row[a.min(s.tk)..b.min(s.tk)].iter().sum();
+                            mass[r * n_spans + g] = row[a.min(tk)..b.min(tk)].iter().sum();
                         }
                     }
                 }
-                let mut o = vec![0f32; s.tq * d]; // (tq, d)
-                                                  // SAFETY: p (tq, tk) · v[:, kvh·d..] (tk, d, row stride ks) -> o (tq, d).
+                // SAFETY: p (rows, tk) · v[:, kvh·d..] (tk, d, row stride ks) -> out rows i0..i1, columns
+                // h·d..(h+1)·d (row stride qs): no other task writes that block.
                 unsafe {
                     matrixmultiply::sgemm(
-                        s.tq,
-                        s.tk,
+                        rows,
+                        tk,
                         d,
                         1.0,
                         p.as_ptr(),
-                        s.tk as isize,
+                        tk as isize,
                         1,
                         v.as_ptr().add(kvh * d),
                         ks as isize,
                         1,
                         0.0,
-                        o.as_mut_ptr(),
-                        d as isize,
+                        out_ptr.at(i0 * qs + h * d),
+                        qs as isize,
                         1,
                     )
                 };
-                (o, mass)
+                (i0, mass)
             })
             .collect();
-        let mut out = vec![0f32; s.tq * qs]; // (tq, heads·d)
-        for (h, (o, _)) in per_head.iter().enumerate() {
-            for (i, r) in o.chunks_exact(d).enumerate() {
-                out[i * qs + h * d..i * qs + (h + 1) * d].copy_from_slice(r);
-            }
-        }
         let mass = spans.map(|_| {
             let mut m = vec![0f32; s.tq * n_spans]; // (tq, n_spans), heads averaged
-            for (_, hm) in &per_head {
-                m.iter_mut().zip(hm).for_each(|(a, b)| *a += b);
+            for (i0, part) in &masses {
+                m[i0 * n_spans..i0 * n_spans + part.len()]
+                    .iter_mut()
+                    .zip(part)
+                    .for_each(|(a, b)| *a += b);
             }
             m.iter_mut().for_each(|a| *a /= s.heads as f32);
             m
@@ -544,6 +551,86 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// Plain per-row attention in f64, the definition the blocked kernel must match.
+    fn naive_attention(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        s: AttnShape,
+        spans: &[KeySpan],
+    ) -> (Vec<f64>, Vec<f64>) {
+        let d = s.head_dim;
+        let (qs, ks) = (s.heads * d, s.kv_heads * d);
+        let mut out = vec![0f64; s.tq * qs];
+        let mut mass = vec![0f64; s.tq * spans.len()];
+        for h in 0..s.heads {
+            let kvh = h / (s.heads / s.kv_heads);
+            for i in 0..s.tq {
+                let vis = if s.causal {
+                    (s.q_pos0 + i + 1).min(s.tk)
+                } else {
+                    s.tk
+                };
+                let sc: Vec<f64> = (0..vis)
+                    .map(|j| {
+                        (0..d)
+                            .map(|c| q[i * qs + h * d + c] as f64 * k[j * ks + kvh * d + c] as f64)
+                            .sum::<f64>()
+                            / (d as f64).sqrt()
+                    })
+                    .collect();
+                let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = sc.iter().map(|x| (x - mx).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for (j, ej) in e.iter().enumerate() {
+                    for c in 0..d {
+                        out[i * qs + h * d + c] += ej / z * v[j * ks + kvh * d + c] as f64;
+                    }
+                }
+                for (g, &(a, b)) in spans.iter().enumerate() {
+                    mass[i * spans.len() + g] +=
+                        (a..b.min(vis)).map(|j| e[j] / z).sum::<f64>() / s.heads as f64;
+                }
+            }
+        }
+        (out, mass)
+    }
+
+    #[test]
+    fn blocked_attention_matches_the_plain_definition() {
+        let mut rng = crate::model::random::Rng::new(3);
+        // GQA (6 query heads on 2 KV heads), 150 query rows (3 blocks) after a 20-row cache, and the
+        // non-causal vision case
+        for (causal, q_pos0, tq) in [(true, 20, 150), (false, 0, 70)] {
+            let s = AttnShape {
+                tq,
+                tk: q_pos0 + tq,
+                heads: 6,
+                kv_heads: 2,
+                head_dim: 8,
+                causal,
+                q_pos0,
+            };
+            let mut rand = |n: usize| (0..n).map(|_| rng.normal() as f32).collect::<Vec<f32>>();
+            let (q, k, v) = (rand(s.tq * 48), rand(s.tk * 16), rand(s.tk * 16));
+            let spans = [(3, 40), (40, 41), (100, 170)];
+            let (out, mass) = CpuBackend.attention(&q, &k, &v, s, Some(&spans));
+            let (want, want_mass) = naive_attention(&q, &k, &v, s, &spans);
+            // f32 sums of <= 170 terms of size ~1: 1e-5 is ~100 ulps
+            let e = out
+                .iter()
+                .zip(&want)
+                .fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
+            assert!(e < 1e-5, "causal={causal}: output error {e:e}");
+            let e = mass
+                .unwrap()
+                .iter()
+                .zip(&want_mass)
+                .fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
+            assert!(e < 1e-5, "causal={causal}: mass error {e:e}");
         }
     }
 }
