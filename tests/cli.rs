@@ -200,13 +200,28 @@ fn augment_writes_three_files_and_a_summary() {
     let out = tmp.path().join("aug");
     let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/data/llava_mini.json");
     let root = fixture_dir();
-    let args = ["augment", "--data", s(&data), "--image-root", s(&root), "--out", s(&out), "--seed", "4"];
+    let args = [
+        "augment",
+        "--data",
+        s(&data),
+        "--image-root",
+        s(&root),
+        "--out",
+        s(&out),
+        "--seed",
+        "4",
+    ];
     let o = miadpo(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("9 samples read, 8 used, 1 skipped") && err.contains("no image"), "{err}");
+    assert!(
+        err.contains("9 samples read, 8 used, 1 skipped") && err.contains("no image"),
+        "{err}"
+    );
     for kind in ["sequence", "grid", "pip"] {
-        let recs: Vec<Value> = serde_json::from_str(&std::fs::read_to_string(out.join(format!("{kind}.json"))).unwrap()).unwrap();
+        let recs: Vec<Value> =
+            serde_json::from_str(&std::fs::read_to_string(out.join(format!("{kind}.json"))).unwrap())
+                .unwrap();
         assert_eq!(recs.len(), 8, "{kind}");
         assert!(err.contains(&format!("{kind:<9}       8 records")), "{err}");
     }

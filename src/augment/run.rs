@@ -402,11 +402,24 @@ fn prepare_out(out: &Path, overwrite: bool) -> Result<()> {
 }
 
 fn write_jpeg(path: &Path, img: &image::RgbImage, quality: u8) -> Result<()> {
+    let bytes =
+        encode_jpeg(img, quality).map_err(|e| Error::file(path, format!("cannot encode JPEG: {e}")))?;
+    write_atomic(path, &bytes)
+}
+
+/// Baseline JPEG (4:2:0) through `jpeg-encoder`, whose AVX2 path is ~9x faster than the `image` crate's
+/// encoder here — with it, composing rather than encoding dominates a collage's cost.
+pub fn encode_jpeg(img: &image::RgbImage, quality: u8) -> std::result::Result<Vec<u8>, String> {
+    let (w, h) = img.dimensions();
+    let (w16, h16) = (u16::try_from(w), u16::try_from(h));
+    let (Ok(w16), Ok(h16)) = (w16, h16) else {
+        return Err(format!("{w}x{h} is larger than JPEG's 65535 px limit"));
+    };
     let mut buf = Vec::new();
-    image::codecs::jpeg::JpegEncoder::new_with_quality(&mut buf, quality)
-        .encode_image(img)
-        .map_err(|e| Error::file(path, format!("cannot encode JPEG: {e}")))?;
-    write_atomic(path, &buf)
+    jpeg_encoder::Encoder::new(&mut buf, quality)
+        .encode(img.as_raw(), w16, h16, jpeg_encoder::ColorType::Rgb)
+        .map_err(|e| e.to_string())?;
+    Ok(buf)
 }
 
 /// Writes to a hidden temporary file beside `path`, then renames it over `path`: a killed run leaves
