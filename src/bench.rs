@@ -73,10 +73,7 @@ pub fn run<B: Backend>(
     m: &Llava<B>,
     o: &BenchOptions,
     mut progress: impl FnMut(usize, usize),
-) -> Result<BenchResult>
-where
-    B::Buf: Clone,
-{
+) -> Result<BenchResult> {
     if o.repeats == 0 {
         return Err(Error::Invalid("--repeats must be at least 1".into()));
     }

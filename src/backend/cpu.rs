@@ -32,12 +32,17 @@ impl SendPtr {
     }
 }
 
+/// Products with at most this many rows (decode steps of up to 16 sequences) take the fused
+/// convert-and-dot path: each output element is then computed by the same code whatever the batch, so
+/// batched greedy decoding gives bit-identical tokens to one sequence at a time.
+pub const DOT_ROWS: usize = 16;
+
 /// Output features per rayon task: a few tasks per thread so the threads stay balanced, and enough
 /// columns that sgemm's packing of x is amortised.
 fn col_block(n: usize, m: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
     let target = n.div_ceil(threads * 2).next_multiple_of(16);
-    let max = if m <= 4 { 64 } else { 512 };
+    let max = if m <= DOT_ROWS { 64 } else { 512 };
     target.clamp(16, max)
 }
 
@@ -200,8 +205,9 @@ impl Backend for CpuBackend {
             .into_par_iter()
             .for_each_init(Vec::new, |wf, bi| {
                 let (n0, n1) = (bi * nb, ((bi + 1) * nb).min(n));
-                if m <= 4 {
-                    // decode-sized: one fused convert-and-dot pass over each stored weight row
+                if m <= DOT_ROWS {
+                    // decode-sized: one fused convert-and-dot pass over each stored weight row (read once,
+                    // dotted with every row of x while it is in L1)
                     let rows = &w.t.bytes()[n0 * k * size..n1 * k * size];
                     for (j, wr) in rows.chunks_exact(k * size).enumerate() {
                         for r in 0..m {
@@ -310,7 +316,8 @@ impl Backend for CpuBackend {
         x.iter_mut().zip(y).for_each(|(a, b)| *a *= b);
     }
 
-    fn rope(&self, x: &mut Vec<f32>, heads: usize, head_dim: usize, pos0: usize, theta: f64) {
+    fn rope(&self, x: &mut Vec<f32>, heads: usize, head_dim: usize, positions: &[usize], theta: f64) {
+        assert_eq!(x.len(), positions.len() * heads * head_dim, "rope: x shape");
         let half = head_dim / 2;
         // inv_freq[i] = theta^(-2i/D), computed in f64 and rounded once, then angles in f64 so long
         // positions keep their precision (HF computes the angle in f32 from f32 inv_freq; the f64
@@ -321,7 +328,7 @@ impl Backend for CpuBackend {
         x.par_chunks_mut(heads * head_dim)
             .enumerate()
             .for_each(|(r, row)| {
-                let pos = (pos0 + r) as f64;
+                let pos = positions[r] as f64;
                 let (cos, sin): (Vec<f32>, Vec<f32>) = inv
                     .iter()
                     .map(|f| {
@@ -451,6 +458,10 @@ impl Backend for CpuBackend {
             m
         });
         (out, mass)
+    }
+
+    fn concat_rows(&self, parts: &[Vec<f32>]) -> Vec<f32> {
+        parts.concat()
     }
 
     fn append_rows(&self, dst: &mut Vec<f32>, src: &Vec<f32>) {

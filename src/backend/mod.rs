@@ -79,7 +79,7 @@ pub struct AttnShape {
 
 pub trait Backend: Send + Sync {
     /// A device buffer of f32.
-    type Buf: Send + Sync;
+    type Buf: Send + Sync + Clone;
     /// A weight matrix resident for this backend, rows = output features.
     type Mat: Send + Sync;
 
@@ -109,8 +109,8 @@ pub trait Backend: Send + Sync {
     fn axpy(&self, x: &mut Self::Buf, alpha: f32, y: &Self::Buf);
     /// x *= y, elementwise
     fn mul(&self, x: &mut Self::Buf, y: &Self::Buf);
-    /// Rotary embedding (HF rotate_half layout) on x (rows, heads·head_dim), row i at position pos0 + i.
-    fn rope(&self, x: &mut Self::Buf, heads: usize, head_dim: usize, pos0: usize, theta: f64);
+    /// Rotary embedding (HF rotate_half layout) on x (rows, heads·head_dim), row i at `positions[i]`.
+    fn rope(&self, x: &mut Self::Buf, heads: usize, head_dim: usize, positions: &[usize], theta: f64);
     /// Scaled dot-product attention: q (tq, heads·D), k and v (tk, kv_heads·D) -> (tq, heads·D).
     /// With `spans`, also returns the attention probability mass that each query row puts on each span,
     /// averaged over heads: (tq, spans.len()) — the per-image attention of MIA-DPO.
@@ -122,6 +122,8 @@ pub trait Backend: Send + Sync {
         shape: AttnShape,
         spans: Option<&[KeySpan]>,
     ) -> (Self::Buf, Option<Vec<f32>>);
+    /// The rows of every part, in order (packed batches).
+    fn concat_rows(&self, parts: &[Self::Buf]) -> Self::Buf;
     /// Rows of `src` (rows, d) appended to `dst` (KV cache growth).
     fn append_rows(&self, dst: &mut Self::Buf, src: &Self::Buf);
     /// Rows `[r0, r1)` of x (rows, d).

@@ -72,10 +72,7 @@ pub struct KvCache<B: Backend> {
     pub len: usize,
 }
 
-impl<B: Backend> Clone for KvCache<B>
-where
-    B::Buf: Clone,
-{
+impl<B: Backend> Clone for KvCache<B> {
     fn clone(&self) -> Self {
         KvCache {
             k: self.k.clone(),
@@ -83,6 +80,13 @@ where
             len: self.len,
         }
     }
+}
+
+/// One sequence of a packed batch: how many new rows it has, and what attention it records.
+#[derive(Clone, Copy)]
+pub struct Segment<'a> {
+    pub rows: usize,
+    pub capture: Option<&'a MassCapture<'a>>,
 }
 
 /// Which attention masses a forward pass records: for each layer in `layers`, the mass of every query
@@ -203,39 +207,89 @@ impl<B: Backend> Decoder<B> {
     pub fn forward(
         &self,
         be: &B,
-        mut x: B::Buf,
+        x: B::Buf,
         t: usize,
         cache: &mut KvCache<B>,
         use_lora: bool,
         capture: Option<&MassCapture>,
     ) -> (B::Buf, Vec<Vec<f32>>) {
+        let seg = Segment { rows: t, capture };
+        let (h, mut masses) = self.forward_packed(be, x, &[seg], std::slice::from_mut(cache), use_lora);
+        (h, masses.pop().unwrap_or_default())
+    }
+
+    /// A packed batch: x holds the rows of several sequences back to back (segment i: `segs[i].rows`
+    /// rows continuing `caches[i]`). The linear layers run once over all rows (one weight read for the
+    /// batch); RoPE and attention run per sequence. Returns the final-normed hidden states of all rows
+    /// and, per segment, its captured masses (per captured layer: (rows, spans)).
+    pub fn forward_packed(
+        &self,
+        be: &B,
+        mut x: B::Buf,
+        segs: &[Segment],
+        caches: &mut [KvCache<B>],
+        use_lora: bool,
+    ) -> (B::Buf, Vec<Vec<Vec<f32>>>) {
+        assert_eq!(segs.len(), caches.len(), "one cache per segment");
         let c = &self.cfg;
         let (h, hd) = (c.hidden_size, c.head_dim);
-        let pos0 = cache.len;
-        let mut masses = Vec::new();
+        let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
+        let t: usize = segs.iter().map(|s| s.rows).sum();
+        let positions: Vec<usize> = segs
+            .iter()
+            .zip(caches.iter())
+            .flat_map(|(s, kv)| kv.len..kv.len + s.rows)
+            .collect();
+        let mut masses: Vec<Vec<(usize, Vec<f32>)>> = vec![Vec::new(); segs.len()];
         for (li, l) in self.layers.iter().enumerate() {
             let a = be.rms_norm(&x, h, &l.input_norm, c.rms_norm_eps);
             let mut q = l.q.forward(be, &a, t, use_lora); // (t, heads·hd)
             let mut k = l.k.forward(be, &a, t, use_lora); // (t, kv_heads·hd)
             let v = l.v.forward(be, &a, t, use_lora);
-            be.rope(&mut q, c.num_heads, hd, pos0, c.rope_theta);
-            be.rope(&mut k, c.num_kv_heads, hd, pos0, c.rope_theta);
-            be.append_rows(&mut cache.k[li], &k);
-            be.append_rows(&mut cache.v[li], &v);
-            let spans = capture.filter(|cp| cp.layers.contains(&li)).map(|cp| cp.spans);
-            let shape = AttnShape {
-                tq: t,
-                tk: pos0 + t,
-                heads: c.num_heads,
-                kv_heads: c.num_kv_heads,
-                head_dim: hd,
-                causal: true,
-                q_pos0: pos0,
-            };
-            let (o, mass) = be.attention(&q, &cache.k[li], &cache.v[li], shape, spans);
-            if let Some(m) = mass {
-                masses.push((li, m));
+            be.rope(&mut q, c.num_heads, hd, &positions, c.rope_theta);
+            be.rope(&mut k, c.num_kv_heads, hd, &positions, c.rope_theta);
+            let mut outs = Vec::with_capacity(segs.len());
+            let mut r0 = 0;
+            for (si, (seg, kv)) in segs.iter().zip(caches.iter_mut()).enumerate() {
+                let r1 = r0 + seg.rows;
+                let one = segs.len() == 1; // a lone segment needs no row copies
+                if one {
+                    be.append_rows(&mut kv.k[li], &k);
+                    be.append_rows(&mut kv.v[li], &v);
+                } else {
+                    be.append_rows(&mut kv.k[li], &be.slice_rows(&k, kvd, r0, r1));
+                    be.append_rows(&mut kv.v[li], &be.slice_rows(&v, kvd, r0, r1));
+                }
+                let spans = seg
+                    .capture
+                    .filter(|cp| cp.layers.contains(&li))
+                    .map(|cp| cp.spans);
+                let shape = AttnShape {
+                    tq: seg.rows,
+                    tk: kv.len + seg.rows,
+                    heads: c.num_heads,
+                    kv_heads: c.num_kv_heads,
+                    head_dim: hd,
+                    causal: true,
+                    q_pos0: kv.len,
+                };
+                let qs = if one {
+                    None
+                } else {
+                    Some(be.slice_rows(&q, qd, r0, r1))
+                };
+                let (o, mass) = be.attention(qs.as_ref().unwrap_or(&q), &kv.k[li], &kv.v[li], shape, spans);
+                if let Some(m) = mass {
+                    masses[si].push((li, m));
+                }
+                outs.push(o);
+                r0 = r1;
             }
+            let o = if outs.len() == 1 {
+                outs.pop().expect("one segment")
+            } else {
+                be.concat_rows(&outs)
+            };
             be.add(&mut x, &l.o.forward(be, &o, t, use_lora));
             let a = be.rms_norm(&x, h, &l.post_norm, c.rms_norm_eps);
             let mut g = l.gate.forward(be, &a, t, use_lora); // (t, intermediate)
@@ -243,21 +297,27 @@ impl<B: Backend> Decoder<B> {
             be.mul(&mut g, &l.up.forward(be, &a, t, use_lora));
             be.add(&mut x, &l.down.forward(be, &g, t, use_lora));
         }
-        cache.len += t;
-        let ordered = match capture {
-            Some(cp) => cp
-                .layers
-                .iter()
-                .map(|want| {
-                    masses
-                        .iter()
-                        .find(|(li, _)| li == want)
-                        .map(|(_, m)| m.clone())
-                        .unwrap_or_default()
-                })
-                .collect(),
-            None => Vec::new(),
-        };
+        for (seg, kv) in segs.iter().zip(caches.iter_mut()) {
+            kv.len += seg.rows;
+        }
+        // per segment, the captured layers in the order asked for
+        let ordered = segs
+            .iter()
+            .zip(masses)
+            .map(|(seg, got)| match seg.capture {
+                Some(cp) => cp
+                    .layers
+                    .iter()
+                    .map(|want| {
+                        got.iter()
+                            .find(|(li, _)| li == want)
+                            .map(|(_, m)| m.clone())
+                            .unwrap_or_default()
+                    })
+                    .collect(),
+                None => Vec::new(),
+            })
+            .collect();
         (be.rms_norm(&x, h, &self.norm, c.rms_norm_eps), ordered)
     }
 

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use super::clip::VisionTower;
 use super::config::LlavaConfig;
-use super::llama::{Decoder, MassCapture};
+use super::llama::{Decoder, MassCapture, Segment};
 use super::lora::LoraAdapter;
 use super::weights::WeightStore;
 use super::Prefixes;
@@ -63,6 +63,14 @@ pub struct Generation {
     pub attention_rows: Vec<Vec<f64>>,
 }
 
+/// One prompt of a batched generation: its ids, its image features (n·image_seq_length, hidden) and
+/// the key spans whose attention is recorded.
+pub struct GenerateItem<'a, B: Backend> {
+    pub prompt: &'a PromptIds,
+    pub features: &'a B::Buf,
+    pub groups: &'a [KeySpan],
+}
+
 /// Logits and attention statistics of a whole prompt in one forward pass (for parity checks).
 pub struct PromptPass {
     /// (t, vocab)
@@ -71,10 +79,7 @@ pub struct PromptPass {
     pub image_mass: Vec<Vec<f32>>,
 }
 
-impl<B: Backend> Llava<B>
-where
-    B::Buf: Clone,
-{
+impl<B: Backend> Llava<B> {
     /// Loads an HF llava-hf checkpoint folder; every tensor is checked against config.json.
     pub fn load(dir: &Path, be: B) -> Result<Self> {
         if !dir.is_dir() {
@@ -245,6 +250,29 @@ where
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(usize),
     ) -> Result<Generation> {
+        let item = GenerateItem {
+            prompt,
+            features,
+            groups,
+        };
+        let mut n = 0;
+        let mut g = self.generate_batch(&[item], opts, &mut |new| {
+            n += new;
+            on_token(n)
+        })?;
+        Ok(g.pop().expect("one generation per item"))
+    }
+
+    /// Greedy decoding of several prompts at once: each prompt is prefilled on its own (memory stays
+    /// that of one prompt), then the decode steps of all unfinished sequences run as one packed batch
+    /// (one weight read per step for the whole batch). Results are bit-identical to one prompt at a
+    /// time for batches of up to `DOT_ROWS` sequences. `on_step(k)`: k more tokens were generated.
+    pub fn generate_batch(
+        &self,
+        items: &[GenerateItem<B>],
+        opts: &GenerateOptions,
+        on_step: &mut dyn FnMut(usize),
+    ) -> Result<Vec<Generation>> {
         let be = &self.be;
         let (h, vocab) = (self.cfg.text.hidden_size, self.cfg.text.vocab_size);
         let layer = opts.attn_layer.unwrap_or(self.default_attn_layer());
@@ -255,60 +283,108 @@ where
             )));
         }
         let use_lora = opts.use_adapter && self.adapter.is_some();
-        let t = prompt.ids.len();
-        let x = self.embed_prompt(&prompt.ids, features)?;
-        let mut cache = self.decoder.new_cache(be);
-        let (hid, _) = self.decoder.forward(be, x, t, &mut cache, use_lora, None);
-        let last = be.slice_rows(&hid, h, t - 1, t);
-        let mut logits = be.download(&self.decoder.logits(be, &last, 1)); // (vocab)
-        let capture = MassCapture {
-            spans: groups,
-            layers: vec![layer],
-        };
-        let (mut gen, mut rows, mut log_pmax) = (Vec::new(), Vec::new(), 0f64);
-        for _ in 0..opts.max_new_tokens {
-            debug_assert_eq!(logits.len(), vocab);
-            let (tok, lp) = greedy(&logits);
-            gen.push(tok);
-            log_pmax += lp;
-            on_token(gen.len());
-            if tok == self.tokenizer.eos || gen.len() == opts.max_new_tokens {
+        let captures: Vec<MassCapture> = items
+            .iter()
+            .map(|it| MassCapture {
+                spans: it.groups,
+                layers: vec![layer],
+            })
+            .collect();
+        struct State {
+            gen: Vec<u32>,
+            rows: Vec<Vec<f64>>,
+            log_pmax: f64,
+            logits: Vec<f32>, // (vocab) for the next token
+        }
+        let mut states = Vec::with_capacity(items.len());
+        let mut caches = Vec::with_capacity(items.len());
+        for it in items {
+            let t = it.prompt.ids.len();
+            let x = self.embed_prompt(&it.prompt.ids, it.features)?;
+            let mut cache = self.decoder.new_cache(be);
+            let (hid, _) = self.decoder.forward(be, x, t, &mut cache, use_lora, None);
+            let last = be.slice_rows(&hid, h, t - 1, t);
+            let logits = be.download(&self.decoder.logits(be, &last, 1));
+            states.push(State {
+                gen: Vec::new(),
+                rows: Vec::new(),
+                log_pmax: 0.0,
+                logits,
+            });
+            caches.push(cache);
+        }
+        // `active[j]` is the item whose cache is `caches[j]`
+        let mut active: Vec<usize> = (0..items.len()).collect();
+        while !active.is_empty() && opts.max_new_tokens > 0 {
+            let generated = active.len(); // one token per unfinished sequence this step
+            let mut feed = Vec::with_capacity(active.len());
+            let mut j = 0;
+            while j < active.len() {
+                let st = &mut states[active[j]];
+                debug_assert_eq!(st.logits.len(), vocab);
+                let (tok, lp) = greedy(&st.logits);
+                st.gen.push(tok);
+                st.log_pmax += lp;
+                if tok == self.tokenizer.eos || st.gen.len() == opts.max_new_tokens {
+                    active.remove(j);
+                    caches.remove(j);
+                } else {
+                    feed.push(tok);
+                    j += 1;
+                }
+            }
+            on_step(generated);
+            if active.is_empty() {
                 break;
             }
-            // feed the token back; its query row at `layer` is one row of the image attention
-            let x = be.embed(&[tok], &self.decoder.embed);
-            let (hid, masses) = self
-                .decoder
-                .forward(be, x, 1, &mut cache, use_lora, Some(&capture));
-            rows.push(masses[0].iter().map(|&m| m as f64).collect::<Vec<f64>>());
-            logits = be.download(&self.decoder.logits(be, &hid, 1));
-        }
-        let image_attention = if rows.is_empty() {
-            Vec::new()
-        } else {
-            let mut per: Vec<f64> = vec![0.0; groups.len()];
-            for r in &rows {
-                per.iter_mut()
-                    .zip(r)
-                    .for_each(|(a, b)| *a += b / rows.len() as f64);
+            // feed the tokens back; their query rows at `layer` are rows of the image attention
+            let segs: Vec<Segment> = active
+                .iter()
+                .map(|&i| Segment {
+                    rows: 1,
+                    capture: Some(&captures[i]),
+                })
+                .collect();
+            let x = be.embed(&feed, &self.decoder.embed);
+            let (hid, masses) = self.decoder.forward_packed(be, x, &segs, &mut caches, use_lora);
+            let logits = be.download(&self.decoder.logits(be, &hid, active.len())); // (active, vocab)
+            for ((&i, m), row) in active.iter().zip(masses).zip(logits.chunks_exact(vocab)) {
+                states[i].rows.push(m[0].iter().map(|&v| v as f64).collect());
+                states[i].logits = row.to_vec();
             }
-            let total: f64 = per.iter().sum();
-            per.iter().map(|p| p / total).collect()
-        };
-        let max_softmax_ppl = if gen.is_empty() {
-            f64::NAN
-        } else {
-            (-log_pmax / gen.len() as f64).exp()
-        };
-        Ok(Generation {
-            prompt_tokens: t,
-            text: self.tokenizer.decode(&gen)?.trim().to_string(),
-            token_ids: gen,
-            image_attention,
-            attn_layer: layer,
-            max_softmax_ppl,
-            attention_rows: rows,
-        })
+        }
+        items
+            .iter()
+            .zip(states)
+            .map(|(it, st)| {
+                let image_attention = if st.rows.is_empty() {
+                    Vec::new()
+                } else {
+                    let mut per = vec![0f64; it.groups.len()];
+                    for r in &st.rows {
+                        per.iter_mut()
+                            .zip(r)
+                            .for_each(|(a, b)| *a += b / st.rows.len() as f64);
+                    }
+                    let total: f64 = per.iter().sum();
+                    per.iter().map(|p| p / total).collect()
+                };
+                let n = st.gen.len();
+                Ok(Generation {
+                    prompt_tokens: it.prompt.ids.len(),
+                    text: self.tokenizer.decode(&st.gen)?.trim().to_string(),
+                    token_ids: st.gen,
+                    image_attention,
+                    attn_layer: layer,
+                    max_softmax_ppl: if n == 0 {
+                        f64::NAN
+                    } else {
+                        (-st.log_pmax / n as f64).exp()
+                    },
+                    attention_rows: st.rows,
+                })
+            })
+            .collect()
     }
 
     /// Sum of log-probs (f64) of each response `tokens(response) + [EOS]` after the prompt: the
