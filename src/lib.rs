@@ -9,4 +9,5 @@ pub mod augment;
 pub mod backend;
 pub mod bench;
 pub mod data;
+pub mod select;
 pub mod text;

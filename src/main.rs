@@ -14,6 +14,7 @@ use miadpo::bench::{self, BenchOptions};
 use miadpo::data::{load_pairs, resolve_image};
 use miadpo::model::llava::{GenerateOptions, Llava};
 use miadpo::model::random::{write_random_checkpoint, RandomSpec};
+use miadpo::select::{PostSelect, SelectOptions, Shard};
 use miadpo::text::Template;
 use miadpo::vision::preprocess::AspectMode;
 
@@ -35,6 +36,8 @@ struct Cli {
 enum Cmd {
     /// Turn single-image LLaVA data into sequence, grid-collage and pic-in-pic multi-image prompts.
     Augment(AugmentArgs),
+    /// Answer augmented prompts greedily and keep low-attention wrong answers as DPO rejected answers.
+    Select(SelectArgs),
     /// Greedy answer to a question about one or more images, with MIA-DPO's attention statistics.
     Generate(GenerateArgs),
     /// Sequence log-probs of the chosen and rejected answers of DPO preference pairs.
@@ -75,6 +78,56 @@ struct AugmentArgs {
     /// Replace the results of an earlier run in --out
     #[arg(long)]
     overwrite: bool,
+}
+
+#[derive(Args)]
+struct SelectArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// Records written by `miadpo augment` (sequence.json, grid.json, pip.json); repeat for several
+    #[arg(long, required = true)]
+    data: Vec<PathBuf>,
+    /// Folder that image paths are resolved against; repeat (e.g. the original images and the augment folder)
+    #[arg(long = "image-root")]
+    image_roots: Vec<PathBuf>,
+    /// Output JSONL of kept pairs; dropped ids go to FILE.dropped.jsonl; an existing file is resumed
+    #[arg(long)]
+    out: PathBuf,
+    /// Decoder layer (0-based) whose attention gives the ratio [default: num_layers / 2]
+    #[arg(long)]
+    attn_layer: Option<usize>,
+    #[arg(long, default_value_t = 512)]
+    max_new_tokens: usize,
+    /// One ratio threshold for every kind [default: MIA-DPO's per kind and image count]
+    #[arg(long)]
+    ratio_threshold: Option<f64>,
+    /// Keep only answers whose max-softmax perplexity is above this
+    #[arg(long, default_value_t = 1.1)]
+    ppl_threshold: f64,
+    /// Skip the post-selection filters
+    #[arg(long)]
+    no_post_select: bool,
+    /// Post-selection: drop pairs whose rejected answer's perplexity is above this
+    #[arg(long, default_value_t = 10.0)]
+    post_max_ppl: f64,
+    /// Post-selection: drop pairs whose answers' word counts differ by more than this factor
+    #[arg(long, default_value_t = 3.0)]
+    post_max_length_ratio: f64,
+    /// Post-selection: drop pairs whose normalised edit distance is below this (near-duplicates)
+    #[arg(long, default_value_t = 0.2)]
+    post_min_edit_distance: f64,
+    /// Skip records whose ground truth is longer than this many characters
+    #[arg(long, default_value_t = 512)]
+    max_gt_chars: usize,
+    /// Prompts decoded together
+    #[arg(long, default_value_t = 8)]
+    batch_size: usize,
+    /// Process every N-th record starting at I (I/N), for N processes side by side
+    #[arg(long, default_value = "0/1")]
+    shard: Shard,
+    /// Skip (and count) malformed records and records whose images are missing instead of failing
+    #[arg(long)]
+    skip_bad: bool,
 }
 
 #[derive(Args)]
@@ -182,6 +235,7 @@ fn run(cli: Cli) -> Result<()> {
     }
     match cli.cmd {
         Cmd::Augment(a) => augment(a),
+        Cmd::Select(a) => select(a),
         Cmd::Generate(a) => generate(a),
         Cmd::Score(a) => score(a),
         Cmd::Bench(a) => bench_cmd(a),
@@ -256,6 +310,85 @@ fn augment(a: AugmentArgs) -> Result<()> {
         eprintln!(
             "  skipped samples are listed in {}",
             o.out.join("skipped.jsonl").display()
+        );
+    }
+    Ok(())
+}
+
+fn select(a: SelectArgs) -> Result<()> {
+    let model = load_model(&a.m)?;
+    let o = SelectOptions {
+        data: a.data,
+        image_roots: a.image_roots,
+        out: a.out,
+        template: a.m.template,
+        aspect: a.m.aspect,
+        generate: GenerateOptions {
+            max_new_tokens: a.max_new_tokens,
+            attn_layer: a.attn_layer,
+            use_adapter: true,
+        },
+        ratio_threshold: a.ratio_threshold,
+        ppl_threshold: a.ppl_threshold,
+        post: (!a.no_post_select).then_some(PostSelect {
+            max_ppl: a.post_max_ppl,
+            max_length_ratio: a.post_max_length_ratio,
+            min_edit_distance: a.post_min_edit_distance,
+        }),
+        max_gt_chars: a.max_gt_chars,
+        batch_size: a.batch_size,
+        shard: a.shard,
+        skip_bad: a.skip_bad,
+    };
+    let pb = bar(0, "selecting");
+    pb.set_style(
+        ProgressStyle::with_template(
+            "{spinner} selecting {bar:30} {pos}/{len} records [{elapsed} < {eta}] {msg}",
+        )
+        .expect("static template"),
+    );
+    let t0 = std::time::Instant::now();
+    let s = miadpo::select::run(&model, &o, &mut |p| {
+        pb.set_length(p.total as u64);
+        pb.set_position(p.done as u64);
+        let secs = t0.elapsed().as_secs_f64().max(1e-9);
+        pb.set_message(format!(
+            "{} kept, {:.2} answers/s, {:.1} tokens/s",
+            p.kept,
+            p.done as f64 / secs,
+            p.tokens as f64 / secs
+        ));
+    })?;
+    pb.finish_and_clear();
+    let kept: usize = s.kept.values().sum();
+    let dropped: usize = s.dropped.values().sum();
+    let skipped: usize = s.skipped.values().sum();
+    eprintln!(
+        "select: {} records (shard {}/{}), {} decided by an earlier run, {} skipped, {} answered",
+        s.seen, o.shard.index, o.shard.count, s.resumed, skipped, s.answers
+    );
+    for (reason, n) in &s.skipped {
+        eprintln!("  skipped {n:>7}  {reason}");
+    }
+    eprintln!("  kept    {kept:>7}  -> {}", o.out.display());
+    for ((kind, n_img), n) in &s.kept {
+        eprintln!("          {n:>7}  {kind}, {n_img} images");
+    }
+    eprintln!(
+        "  dropped {dropped:>7}  -> {}",
+        miadpo::select::run::dropped_path(&o.out).display()
+    );
+    for (reason, n) in &s.dropped {
+        eprintln!("          {n:>7}  {reason}");
+    }
+    if s.answers > 0 {
+        eprintln!(
+            "  {} answers, {} tokens in {:.1} s: {:.2} answers/s, {:.1} tokens/s",
+            s.answers,
+            s.tokens,
+            s.seconds,
+            s.answers as f64 / s.seconds,
+            s.tokens as f64 / s.seconds
         );
     }
     Ok(())
