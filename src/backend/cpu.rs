@@ -37,13 +37,95 @@ impl SendPtr {
 /// batched greedy decoding gives bit-identical tokens to one sequence at a time.
 pub const DOT_ROWS: usize = 16;
 
+/// Attention blocks of at most this many query rows (decode steps) use dot products over the cache
+/// instead of sgemm, which would first copy (pack) the whole cache of the head.
+const DECODE_ROWS: usize = 4;
+
 /// Output features per rayon task: a few tasks per thread so the threads stay balanced, and enough
 /// columns that sgemm's packing of x is amortised.
 fn col_block(n: usize, m: usize) -> usize {
     let threads = rayon::current_num_threads().max(1);
-    let target = n.div_ceil(threads * 2).next_multiple_of(16);
-    let max = if m <= DOT_ROWS { 64 } else { 512 };
-    target.clamp(16, max)
+    if m <= DOT_ROWS {
+        // streaming weights: small tiles keep the threads balanced
+        n.div_ceil(threads * 2).next_multiple_of(16).clamp(16, 64)
+    } else {
+        // sgemm packs all of x for every tile: one tile per thread packs it least often
+        n.div_ceil(threads).next_multiple_of(16).max(16)
+    }
+}
+
+/// e^x in f32 to ~2 ulp (Cephes' expf: range reduction by ln 2 in two parts, degree-6 polynomial,
+/// scaling by 2^n through the exponent bits). Plain arithmetic, so loops over it vectorise; libm's
+/// expf is a call per element.
+#[inline(always)]
+pub fn fast_exp(x: f32) -> f32 {
+    let x = x.clamp(-87.3, 88.3);
+    let n = (x * std::f32::consts::LOG2_E).round();
+    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4; // x - n·ln2, ln2 split in a high and a low part
+    let p = 1.987_569_1e-4_f32;
+    let p = p.mul_add(r, 1.398_199_9e-3);
+    let p = p.mul_add(r, 8.333_452e-3);
+    let p = p.mul_add(r, 4.166_579_6e-2);
+    let p = p.mul_add(r, 1.666_666_5e-1);
+    let p = p.mul_add(r, 5e-1);
+    let y = (p * r).mul_add(r, r) + 1.0;
+    y * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// x[i] = f(x[i]) over rayon chunks, compiled for AVX2+FMA where the CPU has them so that `f`
+/// (plain arithmetic) vectorises.
+fn map_in_place<F: Fn(f32) -> f32 + Sync + Send + Copy>(x: &mut [f32], f: F) {
+    x.par_chunks_mut(4096).for_each(|c| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                // SAFETY: the features were detected at run time.
+                return unsafe { map_avx2(c, f) };
+            }
+        }
+        c.iter_mut().for_each(|v| *v = f(*v));
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn map_avx2<F: Fn(f32) -> f32>(x: &mut [f32], f: F) {
+    x.iter_mut().for_each(|v| *v = f(*v));
+}
+
+/// Numerically stable softmax of one row, in place.
+fn softmax_in_place(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the features were detected at run time.
+            return unsafe { softmax_avx2(x) };
+        }
+    }
+    softmax_portable(x)
+}
+
+#[inline(always)]
+fn softmax_portable(x: &mut [f32]) {
+    let mx = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
+    x.iter_mut().for_each(|v| *v = fast_exp(*v - mx));
+    // 8 partial sums: the additions vectorise and the rounding stays that of a short tree
+    let mut acc = [0f32; 8];
+    let chunks = x.chunks_exact(8);
+    let tail: f32 = chunks.remainder().iter().sum();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] += c[i];
+        }
+    }
+    let inv = 1.0 / (acc.iter().sum::<f32>() + tail);
+    x.iter_mut().for_each(|v| *v *= inv);
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_avx2(x: &mut [f32]) {
+    softmax_portable(x)
 }
 
 /// `x · w` where `w` holds `x.len()` weights of one dtype as little-endian bytes, any alignment.
@@ -289,16 +371,15 @@ impl Backend for CpuBackend {
     }
 
     fn activation(&self, x: &mut Vec<f32>, act: Activation) {
-        let f: fn(f32) -> f32 = match act {
-            Activation::QuickGelu => |v| v / (1.0 + (-1.702 * v).exp()),
-            Activation::Gelu => |v| 0.5 * v * (1.0 + erf(v / std::f32::consts::SQRT_2)),
-            Activation::GeluTanh => |v| {
+        match act {
+            Activation::QuickGelu => map_in_place(x, |v| v / (1.0 + fast_exp(-1.702 * v))),
+            Activation::Gelu => map_in_place(x, |v| 0.5 * v * (1.0 + erf(v / std::f32::consts::SQRT_2))),
+            Activation::GeluTanh => map_in_place(x, |v| {
                 let c = (2.0 / std::f32::consts::PI).sqrt();
                 0.5 * v * (1.0 + (c * (v + 0.044715 * v * v * v)).tanh())
-            },
-            Activation::Silu => |v| v / (1.0 + (-v).exp()),
-        };
-        x.par_iter_mut().with_min_len(4096).for_each(|v| *v = f(*v));
+            }),
+            Activation::Silu => map_in_place(x, |v| v / (1.0 + fast_exp(-v))),
+        }
     }
 
     fn add(&self, x: &mut Vec<f32>, y: &Vec<f32>) {
@@ -380,26 +461,38 @@ impl Backend for CpuBackend {
                 let rows = i1 - i0;
                 let tk = if s.causal { (s.q_pos0 + i1).min(s.tk) } else { s.tk };
                 let mut p = vec![0f32; rows * tk]; // (rows, tk) scores, then probabilities
-                                                   // SAFETY: q rows i0..i1 at column h·d (row stride qs); k (tk, kv_heads·d) read transposed
-                                                   // at column kvh·d; p is (rows, tk) contiguous.
-                unsafe {
-                    matrixmultiply::sgemm(
-                        rows,
-                        d,
-                        tk,
-                        scale,
-                        q.as_ptr().add(i0 * qs + h * d),
-                        qs as isize,
-                        1,
-                        k.as_ptr().add(kvh * d),
-                        1,
-                        ks as isize,
-                        0.0,
-                        p.as_mut_ptr(),
-                        tk as isize,
-                        1,
-                    )
-                };
+                if rows <= DECODE_ROWS {
+                    // decode: a dot product per key row, no packing of the whole cache for sgemm
+                    let dot = dot_fn(DType::F32);
+                    for (r, pr) in p.chunks_exact_mut(tk).enumerate() {
+                        let qr = &q[(i0 + r) * qs + h * d..][..d];
+                        for (j, pj) in pr.iter_mut().enumerate() {
+                            let kj: &[f32] = &k[j * ks + kvh * d..][..d];
+                            *pj = scale * dot(qr, bytemuck::cast_slice(kj));
+                        }
+                    }
+                } else {
+                    // SAFETY: q rows i0..i1 at column h·d (row stride qs); k (tk, kv_heads·d) read
+                    // transposed at column kvh·d; p is (rows, tk) contiguous.
+                    unsafe {
+                        matrixmultiply::sgemm(
+                            rows,
+                            d,
+                            tk,
+                            scale,
+                            q.as_ptr().add(i0 * qs + h * d),
+                            qs as isize,
+                            1,
+                            k.as_ptr().add(kvh * d),
+                            1,
+                            ks as isize,
+                            0.0,
+                            p.as_mut_ptr(),
+                            tk as isize,
+                            1,
+                        )
+                    };
+                }
                 let mut mass = vec![0f32; rows * n_spans];
                 for (r, row) in p.chunks_exact_mut(tk).enumerate() {
                     let visible = if s.causal {
@@ -408,14 +501,7 @@ impl Backend for CpuBackend {
                         tk
                     };
                     let (vis, masked) = row.split_at_mut(visible);
-                    let mx = vis.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b));
-                    let mut sum = 0f32;
-                    for x in vis.iter_mut() {
-                        *x = (*x - mx).exp();
-                        sum += *x;
-                    }
-                    let inv = 1.0 / sum;
-                    vis.iter_mut().for_each(|x| *x *= inv);
+                    softmax_in_place(vis);
                     masked.fill(0.0);
                     if let Some(sp) = spans {
                         for (g, &(a, b)) in sp.iter().enumerate() {
@@ -423,26 +509,40 @@ impl Backend for CpuBackend {
                         }
                     }
                 }
-                // SAFETY: p (rows, tk) · v[:, kvh·d..] (tk, d, row stride ks) -> out rows i0..i1, columns
-                // h·d..(h+1)·d (row stride qs): no other task writes that block.
-                unsafe {
-                    matrixmultiply::sgemm(
-                        rows,
-                        tk,
-                        d,
-                        1.0,
-                        p.as_ptr(),
-                        tk as isize,
-                        1,
-                        v.as_ptr().add(kvh * d),
-                        ks as isize,
-                        1,
-                        0.0,
-                        out_ptr.at(i0 * qs + h * d),
-                        qs as isize,
-                        1,
-                    )
-                };
+                if rows <= DECODE_ROWS {
+                    for (r, pr) in p.chunks_exact(tk).enumerate() {
+                        let mut o = vec![0f32; d];
+                        for (j, &pj) in pr.iter().enumerate() {
+                            let vj = &v[j * ks + kvh * d..][..d];
+                            o.iter_mut().zip(vj).for_each(|(a, b)| *a += pj * b);
+                        }
+                        // SAFETY: row i0+r, columns h·d..(h+1)·d of out belong to this task alone.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(o.as_ptr(), out_ptr.at((i0 + r) * qs + h * d), d)
+                        };
+                    }
+                } else {
+                    // SAFETY: p (rows, tk) · v[:, kvh·d..] (tk, d, row stride ks) -> out rows i0..i1,
+                    // columns h·d..(h+1)·d (row stride qs): no other task writes that block.
+                    unsafe {
+                        matrixmultiply::sgemm(
+                            rows,
+                            tk,
+                            d,
+                            1.0,
+                            p.as_ptr(),
+                            tk as isize,
+                            1,
+                            v.as_ptr().add(kvh * d),
+                            ks as isize,
+                            1,
+                            0.0,
+                            out_ptr.at(i0 * qs + h * d),
+                            qs as isize,
+                            1,
+                        )
+                    };
+                }
                 (i0, mass)
             })
             .collect();
@@ -615,7 +715,8 @@ mod tests {
         let mut rng = crate::model::random::Rng::new(3);
         // GQA (6 query heads on 2 KV heads), 150 query rows (3 blocks) after a 20-row cache, and the
         // non-causal vision case
-        for (causal, q_pos0, tq) in [(true, 20, 150), (false, 0, 70)] {
+        // and decode-sized blocks (1 and 3 rows after a long cache), which take the dot-product path
+        for (causal, q_pos0, tq) in [(true, 20, 150), (false, 0, 70), (true, 90, 1), (true, 57, 3)] {
             let s = AttnShape {
                 tq,
                 tk: q_pos0 + tq,
@@ -643,5 +744,18 @@ mod tests {
                 .fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
             assert!(e < 1e-5, "causal={causal}: mass error {e:e}");
         }
+    }
+
+    #[test]
+    fn fast_exp_is_within_a_few_ulp_of_exp() {
+        let mut worst = 0f64;
+        for i in -8700..=8830 {
+            let x = i as f32 * 0.01;
+            let (got, want) = (fast_exp(x) as f64, (x as f64).exp());
+            worst = worst.max((got - want).abs() / want);
+        }
+        // f32 epsilon is 1.19e-7: 3 ulp
+        assert!(worst < 3.6e-7, "max relative error {worst:e}");
+        assert_eq!(fast_exp(0.0), 1.0);
     }
 }

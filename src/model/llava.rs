@@ -168,13 +168,10 @@ impl<B: Backend> Llava<B> {
     /// images, each (3, S, S) -> projected features (n·image_seq_length, text hidden)
     pub fn image_features(&self, pixels: &[Vec<f32>]) -> B::Buf {
         let be = &self.be;
-        let n_tok = self.vision.tokens_per_image();
-        let mut all = Vec::with_capacity(pixels.len() * n_tok * self.cfg.vision.hidden_size);
-        for px in pixels {
-            all.extend(be.download(&self.vision.forward(be, px))); // (n_tok, vision hidden)
-        }
-        let rows = pixels.len() * n_tok;
-        let mut h = be.linear(&be.upload(&all), rows, &self.proj1.0, self.proj1.1.as_ref());
+        let rows = pixels.len() * self.vision.tokens_per_image();
+        let images: Vec<&[f32]> = pixels.iter().map(Vec::as_slice).collect();
+        let v = self.vision.forward(be, &images); // (rows, vision hidden)
+        let mut h = be.linear(&v, rows, &self.proj1.0, self.proj1.1.as_ref());
         be.activation(&mut h, self.cfg.projector_act);
         be.linear(&h, rows, &self.proj2.0, self.proj2.1.as_ref())
     }
