@@ -67,21 +67,32 @@ fn in_file(path: &Path, e: Error) -> Error {
     }
 }
 
+/// A JSON file holding a list: its elements, or an error naming the file (`what`: what the list holds).
+pub fn read_json_list(path: &Path, what: &str) -> Result<Vec<Value>> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    match serde_json::from_str(&text).map_err(|e| Error::file(path, format!("invalid JSON: {e}")))? {
+        Value::Array(list) => Ok(list),
+        _ => Err(Error::file(path, format!("expected a JSON list of {what}"))),
+    }
+}
+
+/// A sample's `"id"` as text (numbers allowed): None when absent, Err for another type.
+pub fn sample_id(r: &Value) -> std::result::Result<Option<String>, String> {
+    match r.get("id") {
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(Value::Number(n)) => Ok(Some(n.to_string())),
+        None => Ok(None),
+        Some(v) => Err(format!("`id` must be a string or number, found {}", kind(v))),
+    }
+}
+
 fn parse_pair(r: &Value, pos: &str) -> Result<PreferencePair> {
     let obj = r
         .as_object()
         .ok_or_else(|| Error::sample(pos, format!("expected an object, found {}", kind(r))))?;
-    let id = match obj.get("id") {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Number(n)) => n.to_string(),
-        None => pos.to_string(),
-        Some(v) => {
-            return Err(Error::sample(
-                pos,
-                format!("`id` must be a string or number, found {}", kind(v)),
-            ))
-        }
-    };
+    let id = sample_id(r)
+        .map_err(|e| Error::sample(pos, e))?
+        .unwrap_or_else(|| pos.to_string());
     let text = |key: &str| -> Result<String> {
         match obj.get(key) {
             Some(Value::String(s)) => Ok(s.clone()),

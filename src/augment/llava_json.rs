@@ -4,6 +4,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::data::{read_json_list, sample_id};
 use crate::{Error, Result};
 
 /// One conversation turn (`"from": "human" | "gpt"`).
@@ -36,32 +37,19 @@ pub struct Skipped {
 /// Reads the input list. Samples without an image (or with several) are returned as skipped; anything
 /// that is not LLaVA conversation data is an error naming the file and the sample.
 pub fn load_llava_json(path: &Path) -> Result<(Vec<SourceSample>, Vec<Skipped>)> {
-    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-    let v: Value =
-        serde_json::from_str(&text).map_err(|e| Error::file(path, format!("invalid JSON: {e}")))?;
-    let list = v.as_array().ok_or_else(|| {
-        Error::file(
-            path,
-            "expected a JSON list of LLaVA samples (`[{\"id\", \"image\", \"conversations\"}, ...]`)",
-        )
-    })?;
+    let list = read_json_list(
+        path,
+        "LLaVA samples (`[{\"id\", \"image\", \"conversations\"}, ...]`)",
+    )?;
     let (mut samples, mut skipped) = (Vec::new(), Vec::new());
     for (index, r) in list.iter().enumerate() {
         let bad = |id: &str, msg: String| Error::file(path, format!("sample `{id}`: {msg}"));
         let obj = r
             .as_object()
             .ok_or_else(|| bad(&format!("#{index}"), "expected an object".into()))?;
-        let id = match obj.get("id") {
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Number(n)) => n.to_string(),
-            None => format!("#{index}"),
-            Some(other) => {
-                return Err(bad(
-                    &format!("#{index}"),
-                    format!("`id` must be a string or number, found {other}"),
-                ))
-            }
-        };
+        let id = sample_id(r)
+            .map_err(|e| bad(&format!("#{index}"), e))?
+            .unwrap_or_else(|| format!("#{index}"));
         let conversations: Vec<Turn> = match obj.get("conversations") {
             Some(c) => serde_json::from_value(c.clone()).map_err(|e| {
                 bad(

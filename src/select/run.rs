@@ -14,7 +14,7 @@ use super::filters::{decide, PostSelect};
 use super::ratio::{default_threshold, RatioSpec};
 use crate::augment::llava_json::{Mia, Record};
 use crate::backend::Backend;
-use crate::data::resolve_image;
+use crate::data::{read_json_list, resolve_image, sample_id};
 use crate::model::config::FeatureSelect;
 use crate::model::llava::{GenerateItem, GenerateOptions, Llava};
 use crate::text::Template;
@@ -373,24 +373,12 @@ fn n_images(m: &Mia) -> usize {
 
 /// The records of one data file: (id, parsed record or why it is malformed).
 fn read_records(file: &Path) -> Result<Vec<(String, std::result::Result<Record, String>)>> {
-    let text = std::fs::read_to_string(file).map_err(|e| Error::io(file, e))?;
-    let v: Value =
-        serde_json::from_str(&text).map_err(|e| Error::file(file, format!("invalid JSON: {e}")))?;
-    let list = v.as_array().ok_or_else(|| {
-        Error::file(
-            file,
-            "expected a JSON list of records (the output of `miadpo augment`)",
-        )
-    })?;
+    let list = read_json_list(file, "records (the output of `miadpo augment`)")?;
     Ok(list
         .iter()
         .enumerate()
         .map(|(i, r)| {
-            let id = match r.get("id") {
-                Some(Value::String(s)) => s.clone(),
-                Some(Value::Number(n)) => n.to_string(),
-                _ => format!("#{i}"),
-            };
+            let id = sample_id(r).ok().flatten().unwrap_or_else(|| format!("#{i}"));
             let rec = if r.get("mia").is_none() {
                 Err("has no `mia` metadata (is it the output of `miadpo augment`?)".to_string())
             } else {
