@@ -11,3 +11,4 @@ pub mod bench;
 pub mod data;
 pub mod select;
 pub mod text;
+pub mod train;

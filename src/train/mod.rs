@@ -1,0 +1,2 @@
+//! MIA-DPO's third stage: DPO with LoRA (issue 5). So far: the losses and their gradients.
+pub mod dpo;

@@ -1,0 +1,129 @@
+//! DPO losses and rewards against the fixture (HF + PEFT float64, TRL's formulas).
+mod common;
+
+use common::*;
+use miadpo::backend::cpu::CpuBackend;
+use miadpo::model::llava::Llava;
+use miadpo::text::Template;
+use miadpo::train::dpo::{dpo_loss, DpoConfig, LossType, PairLogps, RunningMean};
+use miadpo::vision::preprocess::AspectMode;
+
+fn f(v: &serde_json::Value) -> f64 {
+    v.as_f64().unwrap()
+}
+
+fn fixture_pairs() -> Vec<PairLogps> {
+    cases()["score"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| PairLogps {
+            policy_chosen: f(&c["policy_chosen_logp"]),
+            policy_rejected: f(&c["policy_rejected_logp"]),
+            ref_chosen: f(&c["reference_chosen_logp"]),
+            ref_rejected: f(&c["reference_rejected_logp"]),
+            chosen_tokens: c["chosen_ids"].as_array().unwrap().len(),
+            rejected_tokens: c["rejected_ids"].as_array().unwrap().len(),
+        })
+        .collect()
+}
+
+fn check(pairs: &[PairLogps], rel: f64, what: &str) {
+    let all = cases();
+    let dpo = &all["dpo"];
+    for loss in [LossType::Sigmoid, LossType::Hinge, LossType::Ipo] {
+        let cfg = DpoConfig {
+            loss,
+            beta: f(&dpo["beta"]),
+            ..Default::default()
+        };
+        let out = dpo_loss(&cfg, pairs, &mut RunningMean::default());
+        let want: Vec<f64> = dpo["losses"][loss.name()]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(f)
+            .collect();
+        for (g, w) in out.losses.iter().zip(&want) {
+            assert!((g - w).abs() <= rel * w.abs(), "{what}: {loss} loss {g} vs {w}");
+        }
+        let m = f(&dpo["mean_loss"][loss.name()]);
+        assert!(
+            (out.loss - m).abs() <= rel * m.abs(),
+            "{what}: {loss} mean {} vs {m}",
+            out.loss
+        );
+        for (g, w) in out
+            .rewards_chosen
+            .iter()
+            .zip(dpo["rewards_chosen"].as_array().unwrap())
+        {
+            assert!(
+                (g - f(w)).abs() <= rel * f(w).abs().max(1.0),
+                "{what}: reward chosen {g} vs {w}"
+            );
+        }
+        for (g, w) in out
+            .rewards_rejected
+            .iter()
+            .zip(dpo["rewards_rejected"].as_array().unwrap())
+        {
+            assert!(
+                (g - f(w)).abs() <= rel * f(w).abs().max(1.0),
+                "{what}: reward rejected {g} vs {w}"
+            );
+        }
+    }
+}
+
+#[test]
+fn losses_and_rewards_from_oracle_logps_match_exactly() {
+    // the same float64 arithmetic on the same inputs: only rounding differs
+    check(&fixture_pairs(), 1e-12, "oracle log-probs");
+}
+
+#[test]
+fn losses_and_rewards_from_our_logps_match() {
+    let dir = fixture_dir();
+    let mut m = Llava::load(&dir.join("model"), CpuBackend::new()).unwrap();
+    m.load_adapter(&dir.join("adapter")).unwrap();
+    let mut pairs = Vec::new();
+    for c in cases()["score"].as_array().unwrap() {
+        let paths: Vec<_> = c["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| dir.join("images").join(n.as_str().unwrap()))
+            .collect();
+        let prompt = m
+            .prompt(
+                Template::VicunaV1,
+                c["prompt"].as_str().unwrap(),
+                paths.len(),
+                "dpo",
+            )
+            .unwrap();
+        let px: Vec<Vec<f32>> = paths
+            .iter()
+            .map(|p| m.pixels(p, AspectMode::Pad).unwrap())
+            .collect();
+        let feats = m.image_features(&px);
+        let resp = [
+            m.tokenizer.response(c["chosen"].as_str().unwrap()).unwrap(),
+            m.tokenizer.response(c["rejected"].as_str().unwrap()).unwrap(),
+        ];
+        let pol = m.sequence_logps(&prompt, &feats, &resp, true).unwrap();
+        let refs = m.sequence_logps(&prompt, &feats, &resp, false).unwrap();
+        pairs.push(PairLogps {
+            policy_chosen: pol[0],
+            policy_rejected: pol[1],
+            ref_chosen: refs[0],
+            ref_rejected: refs[1],
+            chosen_tokens: resp[0].len(),
+            rejected_tokens: resp[1].len(),
+        });
+    }
+    // log-probs of ~-100 agree to 1e-4 relative (~1e-2 absolute); the losses are differences of them
+    // scaled by beta, so 1e-3 relative on losses and rewards
+    check(&pairs, 1e-3, "miadpo log-probs");
+}
