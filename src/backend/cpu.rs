@@ -18,6 +18,16 @@ pub struct CpuMat {
     cols: usize,
 }
 
+impl CpuMat {
+    /// The whole matrix in f32, row-major (rows, cols).
+    pub fn to_f32(&self) -> Vec<f32> {
+        self.t.to_f32()
+    }
+    pub fn shape(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+}
+
 /// A raw pointer handed to rayon tasks that write disjoint parts of one buffer.
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);

@@ -198,7 +198,8 @@ impl<B: Backend> Llava<B> {
         Ok(x)
     }
 
-    /// Input embeddings of a prompt with the image features in place (for the benchmark's own loop).
+    /// Input embeddings of a prompt with the image features in place (the benchmark's own loop and the
+    /// trainer's backward pass start from them).
     pub fn embed_for_bench(&self, ids: &[u32], features: &B::Buf) -> Result<B::Buf> {
         self.embed_prompt(ids, features)
     }

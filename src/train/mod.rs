@@ -1,2 +1,3 @@
 //! MIA-DPO's third stage: DPO with LoRA (issue 5). So far: the losses and their gradients.
+pub mod backward;
 pub mod dpo;
