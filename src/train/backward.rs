@@ -10,30 +10,47 @@ use crate::model::llava::Llava;
 use crate::model::lora::Proj;
 use crate::Result;
 
-/// Gradients of every LoRA module: (layer, proj) -> (dA (r, in), dB (out, r)).
+/// The gradients of one LoRA module.
+#[derive(Clone, Debug)]
+pub struct ModuleGrad {
+    pub layer: usize,
+    pub proj: Proj,
+    /// (r, in)
+    pub da: Vec<f32>,
+    /// (out, r)
+    pub db: Vec<f32>,
+}
+
+/// Gradients of every LoRA module.
 #[derive(Clone, Debug, Default)]
 pub struct LoraGrads {
-    pub modules: Vec<((usize, Proj), Vec<f32>, Vec<f32>)>,
+    pub modules: Vec<ModuleGrad>,
 }
 
 impl LoraGrads {
     fn slot(&mut self, key: (usize, Proj), a_len: usize, b_len: usize) -> (&mut Vec<f32>, &mut Vec<f32>) {
-        let i = match self.modules.iter().position(|m| m.0 == key) {
+        let i = match self.modules.iter().position(|m| (m.layer, m.proj) == key) {
             Some(i) => i,
             None => {
-                self.modules.push((key, vec![0.0; a_len], vec![0.0; b_len]));
+                let (layer, proj) = key;
+                self.modules.push(ModuleGrad {
+                    layer,
+                    proj,
+                    da: vec![0.0; a_len],
+                    db: vec![0.0; b_len],
+                });
                 self.modules.len() - 1
             }
         };
         let m = &mut self.modules[i];
-        (&mut m.1, &mut m.2)
+        (&mut m.da, &mut m.db)
     }
 
     pub fn get(&self, layer: usize, proj: Proj) -> Option<(&[f32], &[f32])> {
         self.modules
             .iter()
-            .find(|m| m.0 == (layer, proj))
-            .map(|m| (m.1.as_slice(), m.2.as_slice()))
+            .find(|m| (m.layer, m.proj) == (layer, proj))
+            .map(|m| (m.da.as_slice(), m.db.as_slice()))
     }
 }
 
@@ -153,7 +170,7 @@ impl Lin {
         }
         (y, xa)
     }
-    /// dy (t, out) -> dx (t, in); adds dA, dB into `g` (scaled by `alpha`)
+    /// dy (t, out) -> dx (t, in); adds dA, dB into `g`
     fn bwd(
         &self,
         x: &[f32],
@@ -162,18 +179,17 @@ impl Lin {
         t: usize,
         key: (usize, Proj),
         g: &mut LoraGrads,
-        alpha: f32,
     ) -> Vec<f32> {
         let mut dx = mm(dy, &self.w, t, self.out, self.inp);
         if let Some((a, b, s)) = &self.lora {
             let r = self.rank();
             let (da, db) = g.slot(key, r * self.inp, self.out * r);
             // dB (out, r) += s · dyᵀ (x Aᵀ)
-            mm_tn_acc(db, alpha * s, dy, xa, t, self.out, r);
+            mm_tn_acc(db, *s, dy, xa, t, self.out, r);
             // d(xAᵀ) (t, r) = s · dy B
             let dxa: Vec<f32> = mm(dy, b, t, self.out, r).iter().map(|v| v * s).collect();
             // dA (r, in) += d(xAᵀ)ᵀ x
-            mm_tn_acc(da, alpha, &dxa, x, t, r, self.inp);
+            mm_tn_acc(da, 1.0, &dxa, x, t, r, self.inp);
             add_to(&mut dx, &mm(&dxa, a, t, r, self.inp));
         }
         dx
@@ -372,7 +388,7 @@ pub fn sequence_logp_backward(
 
     for (li, ((lin, (n1, n2)), s)) in layers.iter().zip(&norms).zip(&saved).enumerate().rev() {
         // MLP: x3 = x2 + down(silu(gate(a2)) · up(a2))
-        let dmid = lin[6].bwd(&s.mid, &s.xa[6], &dx, t, (li, Proj::Down), grads, 1.0);
+        let dmid = lin[6].bwd(&s.mid, &s.xa[6], &dx, t, (li, Proj::Down), grads);
         let mut dg = vec![0f32; dmid.len()];
         let mut du = vec![0f32; dmid.len()];
         for i in 0..dmid.len() {
@@ -381,15 +397,15 @@ pub fn sequence_logp_backward(
             du[i] = dmid[i] * silu;
             dg[i] = dmid[i] * s.u[i] * (sg * (1.0 + s.g[i] * (1.0 - sg)));
         }
-        let mut da2 = lin[4].bwd(&s.a2, &s.xa[4], &dg, t, (li, Proj::Gate), grads, 1.0);
+        let mut da2 = lin[4].bwd(&s.a2, &s.xa[4], &dg, t, (li, Proj::Gate), grads);
         add_to(
             &mut da2,
-            &lin[5].bwd(&s.a2, &s.xa[5], &du, t, (li, Proj::Up), grads, 1.0),
+            &lin[5].bwd(&s.a2, &s.xa[5], &du, t, (li, Proj::Up), grads),
         );
         let mut dx2 = dx; // residual
         add_to(&mut dx2, &rms_bwd(&s.x2, &s.inv2, n2, &da2, h));
         // attention: x2 = x + o_proj(attn)
-        let do_ = lin[3].bwd(&s.o, &s.xa[3], &dx2, t, (li, Proj::O), grads, 1.0);
+        let do_ = lin[3].bwd(&s.o, &s.xa[3], &dx2, t, (li, Proj::O), grads);
         let mut dq = vec![0f32; t * qd];
         let mut dk = vec![0f32; t * kvd];
         let mut dv = vec![0f32; t * kvd];
@@ -420,14 +436,14 @@ pub fn sequence_logp_backward(
         }
         rope(&mut dq, nh, hd, c.rope_theta, -1.0);
         rope(&mut dk, nkv, hd, c.rope_theta, -1.0);
-        let mut da1 = lin[0].bwd(&s.a1, &s.xa[0], &dq, t, (li, Proj::Q), grads, 1.0);
+        let mut da1 = lin[0].bwd(&s.a1, &s.xa[0], &dq, t, (li, Proj::Q), grads);
         add_to(
             &mut da1,
-            &lin[1].bwd(&s.a1, &s.xa[1], &dk, t, (li, Proj::K), grads, 1.0),
+            &lin[1].bwd(&s.a1, &s.xa[1], &dk, t, (li, Proj::K), grads),
         );
         add_to(
             &mut da1,
-            &lin[2].bwd(&s.a1, &s.xa[2], &dv, t, (li, Proj::V), grads, 1.0),
+            &lin[2].bwd(&s.a1, &s.xa[2], &dv, t, (li, Proj::V), grads),
         );
         let mut dxl = dx2; // residual
         add_to(&mut dxl, &rms_bwd(&s.x, &s.inv1, n1, &da1, h));
