@@ -76,149 +76,14 @@ fn check(pairs: &[PairLogps], rel: f64, what: &str) {
     }
 }
 
-#[test]
-fn losses_and_rewards_from_oracle_logps_match_exactly() {
-    // the same float64 arithmetic on the same inputs: only rounding differs
-    check(&fixture_pairs(), 1e-12, "oracle log-probs");
+/// One fixture pair prepared for the model: prompt ids, image features, chosen and rejected ids.
+struct Prepared {
+    prompt: Vec<u32>,
+    feats: Vec<f32>,
+    responses: [Vec<u32>; 2],
 }
 
-#[test]
-fn losses_and_rewards_from_our_logps_match() {
-    let dir = fixture_dir();
-    let mut m = Llava::load(&dir.join("model"), CpuBackend::new()).unwrap();
-    m.load_adapter(&dir.join("adapter")).unwrap();
-    let mut pairs = Vec::new();
-    for c in cases()["score"].as_array().unwrap() {
-        let paths: Vec<_> = c["images"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|n| dir.join("images").join(n.as_str().unwrap()))
-            .collect();
-        let prompt = m
-            .prompt(
-                Template::VicunaV1,
-                c["prompt"].as_str().unwrap(),
-                paths.len(),
-                "dpo",
-            )
-            .unwrap();
-        let px: Vec<Vec<f32>> = paths
-            .iter()
-            .map(|p| m.pixels(p, AspectMode::Pad).unwrap())
-            .collect();
-        let feats = m.image_features(&px);
-        let resp = [
-            m.tokenizer.response(c["chosen"].as_str().unwrap()).unwrap(),
-            m.tokenizer.response(c["rejected"].as_str().unwrap()).unwrap(),
-        ];
-        let pol = m.sequence_logps(&prompt, &feats, &resp, true).unwrap();
-        let refs = m.sequence_logps(&prompt, &feats, &resp, false).unwrap();
-        pairs.push(PairLogps {
-            policy_chosen: pol[0],
-            policy_rejected: pol[1],
-            ref_chosen: refs[0],
-            ref_rejected: refs[1],
-            chosen_tokens: resp[0].len(),
-            rejected_tokens: resp[1].len(),
-        });
-    }
-    // log-probs of ~-100 agree to 1e-4 relative (~1e-2 absolute); the losses are differences of them
-    // scaled by beta, so 1e-3 relative on losses and rewards
-    check(&pairs, 1e-3, "miadpo log-probs");
-}
-
-/// The hand-written backward pass: gradients of the mean sigmoid DPO loss over the three fixture pairs
-/// with respect to every LoRA A and B, against PEFT + autograd in float64.
-#[test]
-fn lora_gradients_match_the_oracle() {
-    use miadpo::model::lora::Proj;
-    use miadpo::train::backward::{sequence_logp_backward, LoraGrads};
-    let dir = fixture_dir();
-    let refs = reference(&dir);
-    let mut m = Llava::load(&dir.join("model"), CpuBackend::new()).unwrap();
-    m.load_adapter(&dir.join("adapter")).unwrap();
-    let mut seqs = Vec::new(); // (ids, response_start, features)
-    let mut pairs = Vec::new();
-    for c in cases()["score"].as_array().unwrap() {
-        let paths: Vec<_> = c["images"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|n| dir.join("images").join(n.as_str().unwrap()))
-            .collect();
-        let prompt = m
-            .prompt(
-                Template::VicunaV1,
-                c["prompt"].as_str().unwrap(),
-                paths.len(),
-                "dpo",
-            )
-            .unwrap();
-        let px: Vec<Vec<f32>> = paths
-            .iter()
-            .map(|p| m.pixels(p, AspectMode::Pad).unwrap())
-            .collect();
-        let feats = m.image_features(&px);
-        let resp = [
-            m.tokenizer.response(c["chosen"].as_str().unwrap()).unwrap(),
-            m.tokenizer.response(c["rejected"].as_str().unwrap()).unwrap(),
-        ];
-        let pol = m.sequence_logps(&prompt, &feats, &resp, true).unwrap();
-        let rf = m.sequence_logps(&prompt, &feats, &resp, false).unwrap();
-        pairs.push(PairLogps {
-            policy_chosen: pol[0],
-            policy_rejected: pol[1],
-            ref_chosen: rf[0],
-            ref_rejected: rf[1],
-            chosen_tokens: resp[0].len(),
-            rejected_tokens: resp[1].len(),
-        });
-        for (r, lp) in resp.iter().zip(pol) {
-            seqs.push((
-                [prompt.ids.clone(), r.clone()].concat(),
-                prompt.ids.len(),
-                feats.clone(),
-                lp,
-            ));
-        }
-    }
-    let out = dpo_loss(&DpoConfig::default(), &pairs, &mut RunningMean::default());
-    let mut grads = LoraGrads::default();
-    for (k, (ids, start, feats, lp)) in seqs.iter().enumerate() {
-        let scale = if k % 2 == 0 {
-            out.grad_chosen[k / 2]
-        } else {
-            out.grad_rejected[k / 2]
-        };
-        let got = sequence_logp_backward(&m, ids, feats, *start, scale, &mut grads).unwrap();
-        assert!(
-            (got - lp).abs() <= 1e-4 * lp.abs(),
-            "forward of the backward pass: {got} vs {lp}"
-        );
-    }
-    let mut checked = 0;
-    for layer in 0..m.cfg.text.num_layers {
-        for proj in Proj::ALL {
-            let (da, db) = grads.get(layer, proj).expect("every module has gradients");
-            for (which, got) in [("A", da), ("B", db)] {
-                let name = format!(
-                    "grad_sigmoid/model.language_model.layers.{layer}.{}.lora_{which}.weight",
-                    proj.path()
-                );
-                let (_, want) = &refs[&name];
-                let e = rel_err_inf(got, want);
-                // DESIGN.md: 1e-3 relative on gradients (f32 forward/backward vs the float64 oracle)
-                assert!(e <= 1e-3, "{name}: relative error {e:.2e} {REGEN}");
-                checked += 1;
-            }
-        }
-    }
-    assert_eq!(checked, 2 * 7 * m.cfg.text.num_layers);
-}
-
-/// Policy/reference log-probs of the fixture pairs under the model's current adapter.
-fn pair_logps(m: &Llava<CpuBackend>) -> Vec<PairLogps> {
+fn prepare(m: &Llava<CpuBackend>) -> Vec<Prepared> {
     let dir = fixture_dir();
     cases()["score"]
         .as_array()
@@ -243,23 +108,112 @@ fn pair_logps(m: &Llava<CpuBackend>) -> Vec<PairLogps> {
                 .iter()
                 .map(|p| m.pixels(p, AspectMode::Pad).unwrap())
                 .collect();
-            let feats = m.image_features(&px);
-            let resp = [
-                m.tokenizer.response(c["chosen"].as_str().unwrap()).unwrap(),
-                m.tokenizer.response(c["rejected"].as_str().unwrap()).unwrap(),
-            ];
-            let pol = m.sequence_logps(&prompt, &feats, &resp, true).unwrap();
-            let rf = m.sequence_logps(&prompt, &feats, &resp, false).unwrap();
+            let responses =
+                ["chosen", "rejected"].map(|k| m.tokenizer.response(c[k].as_str().unwrap()).unwrap());
+            Prepared {
+                prompt: prompt.ids,
+                feats: m.image_features(&px),
+                responses,
+            }
+        })
+        .collect()
+}
+
+/// Policy (adapter on) and reference (adapter off) log-probs of the fixture pairs.
+fn pair_logps(m: &Llava<CpuBackend>, prepared: &[Prepared]) -> Vec<PairLogps> {
+    prepared
+        .iter()
+        .map(|p| {
+            let prompt = miadpo::text::tokenizer::PromptIds {
+                ids: p.prompt.clone(),
+                image_spans: Vec::new(),
+            };
+            let pol = m.sequence_logps(&prompt, &p.feats, &p.responses, true).unwrap();
+            let rf = m.sequence_logps(&prompt, &p.feats, &p.responses, false).unwrap();
             PairLogps {
                 policy_chosen: pol[0],
                 policy_rejected: pol[1],
                 ref_chosen: rf[0],
                 ref_rejected: rf[1],
-                chosen_tokens: resp[0].len(),
-                rejected_tokens: resp[1].len(),
+                chosen_tokens: p.responses[0].len(),
+                rejected_tokens: p.responses[1].len(),
             }
         })
         .collect()
+}
+
+/// `scale`-weighted LoRA gradients of every sequence's log-prob, scales from the DPO loss.
+fn lora_grads(
+    m: &Llava<CpuBackend>,
+    prepared: &[Prepared],
+    out: &miadpo::train::dpo::DpoOutput,
+) -> miadpo::train::backward::LoraGrads {
+    let mut grads = miadpo::train::backward::LoraGrads::default();
+    for (i, p) in prepared.iter().enumerate() {
+        for (r, scale) in p.responses.iter().zip([out.grad_chosen[i], out.grad_rejected[i]]) {
+            let ids = [p.prompt.clone(), r.clone()].concat();
+            miadpo::train::backward::sequence_logp_backward(
+                m,
+                &ids,
+                &p.feats,
+                p.prompt.len(),
+                scale,
+                &mut grads,
+            )
+            .unwrap();
+        }
+    }
+    grads
+}
+
+#[test]
+fn losses_and_rewards_from_oracle_logps_match_exactly() {
+    // the same float64 arithmetic on the same inputs: only rounding differs
+    check(&fixture_pairs(), 1e-12, "oracle log-probs");
+}
+
+#[test]
+fn losses_and_rewards_from_our_logps_match() {
+    let dir = fixture_dir();
+    let mut m = Llava::load(&dir.join("model"), CpuBackend::new()).unwrap();
+    m.load_adapter(&dir.join("adapter")).unwrap();
+    let pairs = pair_logps(&m, &prepare(&m));
+    // log-probs of ~-100 agree to 1e-4 relative (~1e-2 absolute); the losses are differences of them
+    // scaled by beta, so 1e-3 relative on losses and rewards
+    check(&pairs, 1e-3, "miadpo log-probs");
+}
+
+/// The hand-written backward pass: gradients of the mean sigmoid DPO loss over the three fixture pairs
+/// with respect to every LoRA A and B, against PEFT + autograd in float64.
+#[test]
+fn lora_gradients_match_the_oracle() {
+    use miadpo::model::lora::Proj;
+    let dir = fixture_dir();
+    let refs = reference(&dir);
+    let mut m = Llava::load(&dir.join("model"), CpuBackend::new()).unwrap();
+    m.load_adapter(&dir.join("adapter")).unwrap();
+    let prepared = prepare(&m);
+    let pairs = pair_logps(&m, &prepared);
+    let out = dpo_loss(&DpoConfig::default(), &pairs, &mut RunningMean::default());
+    let grads = lora_grads(&m, &prepared, &out);
+    let mut checked = 0;
+    for layer in 0..m.cfg.text.num_layers {
+        for proj in Proj::ALL {
+            let (da, db) = grads.get(layer, proj).expect("every module has gradients");
+            for (which, got) in [("A", da), ("B", db)] {
+                let name = format!(
+                    "grad_sigmoid/model.language_model.layers.{layer}.{}.lora_{which}.weight",
+                    proj.path()
+                );
+                let (_, want) = &refs[&name];
+                let e = rel_err_inf(got, want);
+                // DESIGN.md: 1e-3 relative on gradients (f32 forward/backward vs the float64 oracle)
+                assert!(e <= 1e-3, "{name}: relative error {e:.2e} {REGEN}");
+                checked += 1;
+            }
+        }
+    }
+    assert_eq!(checked, 2 * 7 * m.cfg.text.num_layers);
 }
 
 #[test]
@@ -285,7 +239,7 @@ fn a_fresh_adapter_starts_at_ln2_and_saves_as_peft() {
     m.load_adapter(tmp.path()).unwrap();
     let out = dpo_loss(
         &DpoConfig::default(),
-        &pair_logps(&m),
+        &pair_logps(&m, &prepare(&m)),
         &mut RunningMean::default(),
     );
     assert_eq!(
@@ -306,44 +260,18 @@ fn a_fresh_adapter_starts_at_ln2_and_saves_as_peft() {
 #[test]
 fn one_sgd_step_moves_every_tensor_by_minus_lr_times_the_oracle_gradient() {
     use miadpo::train::adapter::LoraWeights;
-    use miadpo::train::backward::{sequence_logp_backward, LoraGrads};
     use miadpo::train::optim::{update, OptimConfig, OptimizerKind, ParamState};
     let dir = fixture_dir();
     let refs = reference(&dir);
     let mut m = Llava::load(&dir.join("model"), CpuBackend::new()).unwrap();
     m.load_adapter(&dir.join("adapter")).unwrap();
-    let pairs = pair_logps(&m);
-    let out = dpo_loss(&DpoConfig::default(), &pairs, &mut RunningMean::default());
-    let mut grads = LoraGrads::default();
-    for (i, c) in cases()["score"].as_array().unwrap().iter().enumerate() {
-        let paths: Vec<_> = c["images"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|n| dir.join("images").join(n.as_str().unwrap()))
-            .collect();
-        let prompt = m
-            .prompt(
-                Template::VicunaV1,
-                c["prompt"].as_str().unwrap(),
-                paths.len(),
-                "dpo",
-            )
-            .unwrap();
-        let px: Vec<Vec<f32>> = paths
-            .iter()
-            .map(|p| m.pixels(p, AspectMode::Pad).unwrap())
-            .collect();
-        let feats = m.image_features(&px);
-        for (key, scale) in [("chosen", out.grad_chosen[i]), ("rejected", out.grad_rejected[i])] {
-            let ids = [
-                prompt.ids.clone(),
-                m.tokenizer.response(c[key].as_str().unwrap()).unwrap(),
-            ]
-            .concat();
-            sequence_logp_backward(&m, &ids, &feats, prompt.ids.len(), scale, &mut grads).unwrap();
-        }
-    }
+    let prepared = prepare(&m);
+    let out = dpo_loss(
+        &DpoConfig::default(),
+        &pair_logps(&m, &prepared),
+        &mut RunningMean::default(),
+    );
+    let grads = lora_grads(&m, &prepared, &out);
     let mut w = LoraWeights::from_adapter(m.adapter.as_ref().unwrap()).unwrap();
     let before = w.clone();
     let lr = 0.5;
