@@ -44,6 +44,18 @@ pub struct LlamaLayer<B: Backend> {
 }
 
 impl<B: Backend> LlamaLayer<B> {
+    pub fn proj(&self, p: ProjKind) -> &Linear<B> {
+        match p {
+            ProjKind::Q => &self.q,
+            ProjKind::K => &self.k,
+            ProjKind::V => &self.v,
+            ProjKind::O => &self.o,
+            ProjKind::Gate => &self.gate,
+            ProjKind::Up => &self.up,
+            ProjKind::Down => &self.down,
+        }
+    }
+
     pub fn proj_mut(&mut self, p: ProjKind) -> &mut Linear<B> {
         match p {
             ProjKind::Q => &mut self.q,
@@ -182,6 +194,13 @@ impl<B: Backend> Decoder<B> {
             });
         }
         Ok(())
+    }
+
+    /// Whether any linear carries a LoRA update.
+    pub fn has_lora(&self) -> bool {
+        self.layers
+            .iter()
+            .any(|l| ProjKind::ALL.iter().any(|&p| l.proj(p).lora.is_some()))
     }
 
     /// Removes every LoRA update.

@@ -280,7 +280,7 @@ impl<B: Backend> Llava<B> {
                 self.cfg.text.num_layers
             )));
         }
-        let use_lora = opts.use_adapter && self.adapter.is_some();
+        let use_lora = opts.use_adapter && self.decoder.has_lora();
         let captures: Vec<MassCapture> = items
             .iter()
             .map(|it| MassCapture {
@@ -396,7 +396,7 @@ impl<B: Backend> Llava<B> {
     ) -> Result<Vec<f64>> {
         let be = &self.be;
         let (h, vocab) = (self.cfg.text.hidden_size, self.cfg.text.vocab_size);
-        let use_lora = use_adapter && self.adapter.is_some();
+        let use_lora = use_adapter && self.decoder.has_lora();
         let t = prompt.ids.len();
         let x = self.embed_prompt(&prompt.ids, features)?;
         let mut cache = self.decoder.new_cache(be);

@@ -111,6 +111,32 @@ impl fmt::Debug for Tensor {
 }
 
 impl Tensor {
+    /// An f32 tensor held in memory (weights being trained): an anonymous map, frozen read-only, so it
+    /// is used exactly like a tensor of a checkpoint. `origin` names where it comes from in errors.
+    pub fn from_f32(name: &str, shape: Vec<usize>, data: &[f32], origin: &Path) -> Result<Self> {
+        let n: usize = shape.iter().product();
+        if n != data.len() {
+            return Err(Error::tensor(
+                origin,
+                name,
+                format!("shape {shape:?} holds {n} values, got {}", data.len()),
+            ));
+        }
+        let bytes: &[u8] = bytemuck::cast_slice(data);
+        let mut map = memmap2::MmapMut::map_anon(bytes.len().max(1)).map_err(|e| Error::io(origin, e))?;
+        map[..bytes.len()].copy_from_slice(bytes);
+        let mmap = map.make_read_only().map_err(|e| Error::io(origin, e))?;
+        Ok(Tensor {
+            name: name.to_string(),
+            dtype: DType::F32,
+            shape,
+            mmap: Arc::new(mmap),
+            start: 0,
+            end: bytes.len(),
+            file: Arc::new(origin.to_path_buf()),
+        })
+    }
+
     /// The tensor's name in the checkpoint (e.g. `language_model.model.embed_tokens.weight`).
     pub fn name(&self) -> &str {
         &self.name

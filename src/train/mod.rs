@@ -3,3 +3,4 @@ pub mod adapter;
 pub mod backward;
 pub mod dpo;
 pub mod optim;
+pub mod trainer;

@@ -1,0 +1,217 @@
+//! The DPO training loop on the CPU reference backend: policy forward, DPO loss, hand-written
+//! backward into the LoRA weights, gradient accumulation and clipping, optimizer and schedule.
+//! (Checkpoints, resume, the reference-log-prob cache and the `train` command come next.)
+use std::path::Path;
+use std::time::Instant;
+
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::Serialize;
+
+use super::adapter::LoraWeights;
+use super::backward::{sequence_logp_backward, LoraGrads};
+use super::dpo::{dpo_loss, DpoConfig, PairLogps, RunningMean};
+use super::optim::{clip_grad_norm, update, OptimConfig, ParamState, Schedule};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
+use crate::model::llama::LoraPair;
+use crate::model::llava::Llava;
+use crate::model::weights::Tensor;
+use crate::text::tokenizer::PromptIds;
+use crate::{Error, Result};
+
+/// Puts in-memory LoRA weights on the model's decoder (replacing any adapter), unmerged.
+pub fn set_lora<B: Backend>(m: &mut Llava<B>, w: &LoraWeights) -> Result<()> {
+    m.decoder.detach_lora();
+    let scale = (w.alpha / w.r as f64) as f32;
+    let origin = Path::new("<training LoRA>");
+    for mw in &w.modules {
+        let name_a = LoraWeights::tensor_name(mw.layer, mw.proj, 'A');
+        let name_b = LoraWeights::tensor_name(mw.layer, mw.proj, 'B');
+        let a = Tensor::from_f32(&name_a, vec![w.r, mw.in_features], &mw.a, origin)?;
+        let b = Tensor::from_f32(&name_b, vec![mw.out_features, w.r], &mw.b, origin)?;
+        let layer = m
+            .decoder
+            .layers
+            .get_mut(mw.layer)
+            .ok_or_else(|| Error::tensor(origin, &name_a, "layer out of range"))?;
+        let be = &m.be;
+        layer.proj_mut(mw.proj).lora = Some(LoraPair {
+            a: be.matrix(&a)?,
+            b: be.matrix(&b)?,
+            scale,
+        });
+    }
+    Ok(())
+}
+
+/// One preference pair ready for training: the prompt, its image features, both responses (EOS
+/// included) and their reference log-probs (adapter off), computed once.
+#[derive(Clone, Debug)]
+pub struct TrainPair {
+    pub id: String,
+    pub prompt: Vec<u32>,
+    pub features: Vec<f32>,
+    pub chosen: Vec<u32>,
+    pub rejected: Vec<u32>,
+    pub ref_chosen: f64,
+    pub ref_rejected: f64,
+}
+
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    pub dpo: DpoConfig,
+    pub optim: OptimConfig,
+    pub lr: f64,
+    pub schedule: Schedule,
+    pub warmup_ratio: f64,
+    /// 0 = no clipping
+    pub max_grad_norm: f64,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    /// optimizer steps
+    pub steps: usize,
+    /// data order
+    pub seed: u64,
+}
+
+/// TRL's metric names, per optimizer step.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct StepMetrics {
+    pub step: usize,
+    pub loss: f64,
+    #[serde(rename = "rewards/chosen")]
+    pub rewards_chosen: f64,
+    #[serde(rename = "rewards/rejected")]
+    pub rewards_rejected: f64,
+    #[serde(rename = "rewards/accuracies")]
+    pub accuracies: f64,
+    #[serde(rename = "rewards/margins")]
+    pub margins: f64,
+    #[serde(rename = "logps/chosen")]
+    pub logps_chosen: f64,
+    #[serde(rename = "logps/rejected")]
+    pub logps_rejected: f64,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens_per_s: f64,
+    pub step_time_s: f64,
+}
+
+/// Runs `cfg.steps` optimizer steps over `pairs` (reshuffled each epoch with `cfg.seed`), updating `w`
+/// and the model's LoRA in place; `on_step` sees each step's metrics.
+pub fn train(
+    m: &mut Llava<CpuBackend>,
+    w: &mut LoraWeights,
+    pairs: &[TrainPair],
+    cfg: &TrainConfig,
+    on_step: &mut dyn FnMut(&StepMetrics),
+) -> Result<Vec<StepMetrics>> {
+    if pairs.is_empty() || cfg.batch_size == 0 || cfg.grad_accum == 0 {
+        return Err(Error::Invalid(
+            "training needs pairs, --batch-size >= 1 and --grad-accum >= 1".into(),
+        ));
+    }
+    set_lora(m, w)?;
+    let warmup = Schedule::warmup_steps(cfg.steps, cfg.warmup_ratio);
+    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
+    let mut order: Vec<usize> = Vec::new();
+    let mut cursor = 0;
+    let mut states: Vec<(ParamState, ParamState)> = vec![Default::default(); w.modules.len()];
+    let mut running = RunningMean::default();
+    let mut history = Vec::with_capacity(cfg.steps);
+    for step in 0..cfg.steps {
+        let t0 = Instant::now();
+        let mut grads = LoraGrads::default();
+        let (mut loss, mut rc, mut rr, mut acc, mut lpc, mut lpr, mut tokens) =
+            (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0usize);
+        for _ in 0..cfg.grad_accum {
+            let mut batch = Vec::with_capacity(cfg.batch_size);
+            while batch.len() < cfg.batch_size {
+                if cursor == order.len() {
+                    order = (0..pairs.len()).collect();
+                    order.shuffle(&mut rng);
+                    cursor = 0;
+                }
+                batch.push(&pairs[order[cursor]]);
+                cursor += 1;
+            }
+            // policy log-probs (forward with the KV cache shared by both answers)
+            let mut logps = Vec::with_capacity(batch.len());
+            for p in &batch {
+                let prompt = PromptIds {
+                    ids: p.prompt.clone(),
+                    image_spans: Vec::new(),
+                };
+                let lp = m.sequence_logps(
+                    &prompt,
+                    &p.features,
+                    &[p.chosen.clone(), p.rejected.clone()],
+                    true,
+                )?;
+                logps.push(PairLogps {
+                    policy_chosen: lp[0],
+                    policy_rejected: lp[1],
+                    ref_chosen: p.ref_chosen,
+                    ref_rejected: p.ref_rejected,
+                    chosen_tokens: p.chosen.len(),
+                    rejected_tokens: p.rejected.len(),
+                });
+            }
+            let out = dpo_loss(&cfg.dpo, &logps, &mut running);
+            // backward of the mean loss of this micro-batch, averaged over the accumulation steps
+            let k = cfg.grad_accum as f64;
+            for (i, p) in batch.iter().enumerate() {
+                for (resp, g) in [
+                    (&p.chosen, out.grad_chosen[i]),
+                    (&p.rejected, out.grad_rejected[i]),
+                ] {
+                    let ids = [p.prompt.clone(), resp.clone()].concat();
+                    sequence_logp_backward(m, &ids, &p.features, p.prompt.len(), g / k, &mut grads)?;
+                    tokens += ids.len();
+                }
+            }
+            loss += out.loss / k;
+            rc += out.rewards_chosen_mean() / k;
+            rr += out.rewards_rejected_mean() / k;
+            acc += out.accuracy() / k;
+            lpc += logps.iter().map(|l| l.policy_chosen).sum::<f64>() / logps.len() as f64 / k;
+            lpr += logps.iter().map(|l| l.policy_rejected).sum::<f64>() / logps.len() as f64 / k;
+        }
+        // clip over every tensor, then one optimizer update per tensor
+        let mut refs: Vec<&mut [f32]> = grads
+            .modules
+            .iter_mut()
+            .flat_map(|g| [g.da.as_mut_slice(), g.db.as_mut_slice()])
+            .collect();
+        let grad_norm = clip_grad_norm(&mut refs, cfg.max_grad_norm);
+        let lr = cfg.lr * cfg.schedule.factor(step, cfg.steps, warmup);
+        for (mw, (sa, sb)) in w.modules.iter_mut().zip(states.iter_mut()) {
+            let (da, db) = grads
+                .get(mw.layer, mw.proj)
+                .ok_or_else(|| Error::Invalid(format!("no gradient for layer {} {:?}", mw.layer, mw.proj)))?;
+            update(&cfg.optim, &mut mw.a, da, sa, lr as f32);
+            update(&cfg.optim, &mut mw.b, db, sb, lr as f32);
+        }
+        set_lora(m, w)?;
+        let step_time_s = t0.elapsed().as_secs_f64();
+        let metrics = StepMetrics {
+            step: step + 1,
+            loss,
+            rewards_chosen: rc,
+            rewards_rejected: rr,
+            accuracies: acc,
+            margins: rc - rr,
+            logps_chosen: lpc,
+            logps_rejected: lpr,
+            lr,
+            grad_norm,
+            tokens_per_s: tokens as f64 / step_time_s,
+            step_time_s,
+        };
+        on_step(&metrics);
+        history.push(metrics);
+    }
+    Ok(history)
+}
