@@ -16,6 +16,8 @@ use miadpo::model::llava::{GenerateOptions, Llava};
 use miadpo::model::random::{write_random_checkpoint, RandomSpec};
 use miadpo::select::{PostSelect, SelectOptions, Shard};
 use miadpo::text::Template;
+use miadpo::train::dpo::{DpoConfig, LossType};
+use miadpo::train::optim::{OptimConfig, OptimizerKind, Schedule};
 use miadpo::vision::preprocess::AspectMode;
 
 #[derive(Parser)]
@@ -38,6 +40,8 @@ enum Cmd {
     Augment(AugmentArgs),
     /// Answer augmented prompts greedily and keep low-attention wrong answers as DPO rejected answers.
     Select(SelectArgs),
+    /// DPO with LoRA on preference pairs (the output of `select`); writes a PEFT adapter.
+    Train(TrainArgs),
     /// Greedy answer to a question about one or more images, with MIA-DPO's attention statistics.
     Generate(GenerateArgs),
     /// Sequence log-probs of the chosen and rejected answers of DPO preference pairs.
@@ -128,6 +132,74 @@ struct SelectArgs {
     /// Skip (and count) malformed records and records whose images are missing instead of failing
     #[arg(long)]
     skip_bad: bool,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// Preference pairs: JSON list or JSONL of {"id", "image", "prompt", "chosen", "rejected"}
+    #[arg(long)]
+    data: PathBuf,
+    /// Folder that image paths are resolved against; repeat to try several in order
+    #[arg(long = "image-root")]
+    image_roots: Vec<PathBuf>,
+    /// Output folder: metrics.jsonl and adapter/ (a PEFT adapter)
+    #[arg(long)]
+    out: PathBuf,
+    /// Start from this PEFT adapter instead of a fresh LoRA
+    #[arg(long)]
+    adapter_init: Option<PathBuf>,
+    #[arg(long, default_value_t = 128)]
+    lora_r: usize,
+    #[arg(long, default_value_t = 256.0)]
+    lora_alpha: f64,
+    /// Decoder linears that get LoRA, comma-separated
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    )]
+    lora_targets: Vec<String>,
+    /// sigmoid, hinge, ipo, robust, bco_pair, sppo_hard or nca_pair
+    #[arg(long, default_value = "sigmoid")]
+    loss: LossType,
+    #[arg(long, default_value_t = 0.1)]
+    beta: f64,
+    #[arg(long, default_value_t = 0.0)]
+    label_smoothing: f64,
+    /// Weight of the NLL of the chosen answers (MIA-DPO's gamma)
+    #[arg(long, default_value_t = 0.0)]
+    sft_weight: f64,
+    #[arg(long, default_value = "adamw")]
+    optimizer: OptimizerKind,
+    #[arg(long, default_value_t = 5e-5)]
+    lr: f64,
+    /// Optimizer steps [default: --epochs over the data]
+    #[arg(long, conflicts_with = "epochs")]
+    steps: Option<usize>,
+    #[arg(long, default_value_t = 1)]
+    epochs: usize,
+    #[arg(long, default_value_t = 1)]
+    batch_size: usize,
+    #[arg(long, default_value_t = 1)]
+    grad_accum: usize,
+    /// linear, cosine or constant (after warmup)
+    #[arg(long, default_value = "linear")]
+    schedule: Schedule,
+    #[arg(long, default_value_t = 0.1)]
+    warmup_ratio: f64,
+    /// Clip the global gradient norm (0 = off)
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
+    /// Prompt + answer tokens; longer pairs are skipped
+    #[arg(long, default_value_t = 4096)]
+    max_length: usize,
+    /// LoRA init and data order
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 #[derive(Args)]
@@ -236,6 +308,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Augment(a) => augment(a),
         Cmd::Select(a) => select(a),
+        Cmd::Train(a) => train_cmd(a),
         Cmd::Generate(a) => generate(a),
         Cmd::Score(a) => score(a),
         Cmd::Bench(a) => bench_cmd(a),
@@ -391,6 +464,130 @@ fn select(a: SelectArgs) -> Result<()> {
             s.tokens as f64 / s.seconds
         );
     }
+    Ok(())
+}
+
+fn train_cmd(a: TrainArgs) -> Result<()> {
+    use miadpo::model::lora::Proj;
+    use miadpo::train::adapter::LoraWeights;
+    let metrics_path = a.out.join("metrics.jsonl");
+    if metrics_path.exists() {
+        bail!(
+            "{} already holds a run (resuming is not supported yet): choose another --out",
+            a.out.display()
+        );
+    }
+    let targets = a
+        .lora_targets
+        .iter()
+        .map(|t| {
+            Proj::ALL
+                .into_iter()
+                .find(|p| p.path().ends_with(&format!(".{t}")))
+                .with_context(|| format!("--lora-targets: unknown module `{t}`"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut model = Llava::load(&a.m.model, a.m.device.cpu_backend()?)?;
+    let pb = bar(0, "reference log-probs");
+    let prepared = miadpo::train::data::prepare_pairs(
+        &model,
+        &a.data,
+        &a.image_roots,
+        a.m.template,
+        a.m.aspect,
+        a.max_length,
+        &mut |i, n| {
+            pb.set_length(n as u64);
+            pb.set_position(i as u64);
+        },
+    )?;
+    pb.finish_and_clear();
+    for (id, why) in &prepared.skipped {
+        eprintln!("skipped `{id}`: {why}");
+    }
+    if prepared.pairs.is_empty() {
+        bail!("{}: no usable pair", a.data.display());
+    }
+    let mut w = match &a.adapter_init {
+        Some(dir) => {
+            model.load_adapter(dir)?;
+            LoraWeights::from_adapter(model.adapter.as_ref().expect("just loaded"))?
+        }
+        None => {
+            let t = model.cfg.text.clone();
+            LoraWeights::init(
+                t.num_layers,
+                &targets,
+                a.lora_r,
+                a.lora_alpha,
+                a.seed,
+                |_, p| match p {
+                    Proj::Gate | Proj::Up => (t.intermediate_size, t.hidden_size),
+                    Proj::Down => (t.hidden_size, t.intermediate_size),
+                    Proj::K | Proj::V => (t.num_kv_heads * t.head_dim, t.hidden_size),
+                    Proj::Q => (t.num_heads * t.head_dim, t.hidden_size),
+                    Proj::O => (t.hidden_size, t.num_heads * t.head_dim),
+                },
+            )
+        }
+    };
+    let per_step = a.batch_size * a.grad_accum;
+    let steps = a
+        .steps
+        .unwrap_or(a.epochs * prepared.pairs.len().div_ceil(per_step.max(1)));
+    let cfg = miadpo::train::trainer::TrainConfig {
+        dpo: DpoConfig {
+            loss: a.loss,
+            beta: a.beta,
+            label_smoothing: a.label_smoothing,
+            sft_weight: a.sft_weight,
+        },
+        optim: OptimConfig {
+            kind: a.optimizer,
+            weight_decay: a.weight_decay,
+            ..Default::default()
+        },
+        lr: a.lr,
+        schedule: a.schedule,
+        warmup_ratio: a.warmup_ratio,
+        max_grad_norm: a.max_grad_norm,
+        batch_size: a.batch_size,
+        grad_accum: a.grad_accum,
+        steps,
+        seed: a.seed,
+    };
+    std::fs::create_dir_all(&a.out).with_context(|| a.out.display().to_string())?;
+    let mut metrics =
+        std::fs::File::create(&metrics_path).with_context(|| metrics_path.display().to_string())?;
+    eprintln!(
+        "train: {} pairs ({} skipped), {steps} steps of {per_step} pairs, {} loss, beta {}, LoRA r={} alpha={}",
+        prepared.pairs.len(),
+        prepared.skipped.len(),
+        a.loss,
+        a.beta,
+        w.r,
+        w.alpha
+    );
+    let mut io_err = None;
+    miadpo::train::trainer::train(&mut model, &mut w, &prepared.pairs, &cfg, &mut |s| {
+        let line = serde_json::to_string(s).expect("metrics serialize");
+        if let Err(e) = writeln!(metrics, "{line}") {
+            io_err.get_or_insert(e);
+        }
+        println!(
+            "step {:>5}/{steps}  loss {:.4}  acc {:.2}  margin {:+.4}  chosen {:+.4}  rejected {:+.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s",
+            s.step, s.loss, s.accuracies, s.margins, s.rewards_chosen, s.rewards_rejected, s.lr, s.grad_norm, s.tokens_per_s
+        );
+    })?;
+    if let Some(e) = io_err {
+        return Err(e).with_context(|| metrics_path.display().to_string());
+    }
+    let adapter_dir = a.out.join("adapter");
+    w.save_peft(&adapter_dir, &a.m.model.display().to_string())?;
+    eprintln!(
+        "adapter written to {} (load it with --adapter)",
+        adapter_dir.display()
+    );
     Ok(())
 }
 

@@ -233,3 +233,82 @@ fn augment_writes_three_files_and_a_summary() {
     args2.push("--overwrite");
     assert!(miadpo(&args2).status.success());
 }
+
+#[test]
+fn train_writes_metrics_and_a_peft_adapter_that_loads() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_pairs(tmp.path(), true);
+    let out = tmp.path().join("run");
+    let (model, imgs) = (model_dir(), fixture_dir().join("images"));
+    let args = [
+        "train",
+        "--model",
+        s(&model),
+        "--data",
+        s(&data),
+        "--image-root",
+        s(&imgs),
+        "--out",
+        s(&out),
+        "--lora-r",
+        "4",
+        "--lora-alpha",
+        "8",
+        "--lr",
+        "5e-3",
+        "--steps",
+        "3",
+        "--batch-size",
+        "3",
+    ];
+    let o = miadpo(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("step ")).count(),
+        3,
+        "{stdout}"
+    );
+    let metrics: Vec<Value> = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(metrics.len(), 3);
+    for key in [
+        "loss",
+        "rewards/chosen",
+        "rewards/rejected",
+        "rewards/accuracies",
+        "rewards/margins",
+        "logps/chosen",
+        "logps/rejected",
+        "lr",
+        "grad_norm",
+        "tokens_per_s",
+        "step_time_s",
+    ] {
+        assert!(metrics[2].get(key).is_some(), "metric {key} missing");
+    }
+    // the adapter is a PEFT folder that generate/score load
+    let adapter = out.join("adapter");
+    let scored = miadpo(&[
+        "score",
+        "--model",
+        s(&model),
+        "--adapter",
+        s(&adapter),
+        "--data",
+        s(&data),
+        "--image-root",
+        s(&imgs),
+        "--json",
+    ]);
+    assert!(
+        scored.status.success(),
+        "{}",
+        String::from_utf8_lossy(&scored.stderr)
+    );
+    // a second run into the same folder is refused
+    assert!(!miadpo(&args).status.success());
+}
