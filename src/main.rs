@@ -138,12 +138,8 @@ struct SelectArgs {
 struct TrainArgs {
     #[command(flatten)]
     m: ModelArgs,
-    /// Preference pairs: JSON list or JSONL of {"id", "image", "prompt", "chosen", "rejected"}
-    #[arg(long)]
-    data: PathBuf,
-    /// Folder that image paths are resolved against; repeat to try several in order
-    #[arg(long = "image-root")]
-    image_roots: Vec<PathBuf>,
+    #[command(flatten)]
+    pairs: PairData,
     /// Output folder: metrics.jsonl and adapter/ (a PEFT adapter)
     #[arg(long)]
     out: PathBuf,
@@ -242,16 +238,23 @@ struct GenerateArgs {
     json: bool,
 }
 
+/// Where preference pairs come from (score, train).
 #[derive(Args)]
-struct ScoreArgs {
-    #[command(flatten)]
-    m: ModelArgs,
+struct PairData {
     /// Preference pairs: a JSON list or JSONL of {"id", "image", "prompt", "chosen", "rejected"}
     #[arg(long)]
     data: PathBuf,
     /// Folder that relative image paths are resolved against; repeat to try several in order
     #[arg(long = "image-root")]
     image_roots: Vec<PathBuf>,
+}
+
+#[derive(Args)]
+struct ScoreArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    #[command(flatten)]
+    pairs: PairData,
     /// Print one JSON line per pair instead of a table
     #[arg(long)]
     json: bool,
@@ -491,8 +494,8 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
     let pb = bar(0, "reference log-probs");
     let prepared = miadpo::train::data::prepare_pairs(
         &model,
-        &a.data,
-        &a.image_roots,
+        &a.pairs.data,
+        &a.pairs.image_roots,
         a.m.template,
         a.m.aspect,
         a.max_length,
@@ -506,7 +509,7 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         eprintln!("skipped `{id}`: {why}");
     }
     if prepared.pairs.is_empty() {
-        bail!("{}: no usable pair", a.data.display());
+        bail!("{}: no usable pair", a.pairs.data.display());
     }
     let mut w = match &a.adapter_init {
         Some(dir) => {
@@ -680,7 +683,7 @@ struct ScoreJson<'a> {
 
 fn score(a: ScoreArgs) -> Result<()> {
     let model = load_model(&a.m)?;
-    let pairs = load_pairs(&a.data)?;
+    let pairs = load_pairs(&a.pairs.data)?;
     let pb = bar(pairs.len() as u64, "scoring");
     let mut out = std::io::stdout().lock();
     if !a.json {
@@ -694,9 +697,9 @@ fn score(a: ScoreArgs) -> Result<()> {
         let paths = p
             .images
             .iter()
-            .map(|i| resolve_image(i, &a.image_roots, &p.id))
+            .map(|i| resolve_image(i, &a.pairs.image_roots, &p.id))
             .collect::<miadpo::Result<Vec<_>>>()
-            .with_context(|| format!("{}", a.data.display()))?;
+            .with_context(|| format!("{}", a.pairs.data.display()))?;
         let prompt = model.prompt(a.m.template, &p.prompt, paths.len(), &p.id)?;
         let pixels = paths
             .iter()
