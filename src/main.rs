@@ -196,6 +196,12 @@ struct TrainArgs {
     /// LoRA init and data order
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Write OUT/checkpoint-STEP every N steps (0 = only at the end)
+    #[arg(long, default_value_t = 0)]
+    save_every: usize,
+    /// Continue from the newest complete checkpoint in --out
+    #[arg(long)]
+    resume: bool,
 }
 
 #[derive(Args)]
@@ -473,10 +479,11 @@ fn select(a: SelectArgs) -> Result<()> {
 fn train_cmd(a: TrainArgs) -> Result<()> {
     use miadpo::model::lora::Proj;
     use miadpo::train::adapter::LoraWeights;
+    use miadpo::train::checkpoint;
     let metrics_path = a.out.join("metrics.jsonl");
-    if metrics_path.exists() {
+    if metrics_path.exists() && !a.resume {
         bail!(
-            "{} already holds a run (resuming is not supported yet): choose another --out",
+            "{} already holds a run: pass --resume to continue it, or choose another --out",
             a.out.display()
         );
     }
@@ -511,12 +518,25 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
     if prepared.pairs.is_empty() {
         bail!("{}: no usable pair", a.pairs.data.display());
     }
-    let mut w = match &a.adapter_init {
-        Some(dir) => {
+    let base = checkpoint::base_fingerprint(&a.m.model)?;
+    let resumed = if a.resume {
+        checkpoint::latest(&a.out)
+    } else {
+        None
+    };
+    let mut state = miadpo::train::trainer::TrainState::default();
+    let mut w = match (&resumed, &a.adapter_init) {
+        (Some(dir), _) => {
+            let (w, st) = checkpoint::load(dir, model.cfg.text.num_layers, &base)?;
+            eprintln!("resuming from {} (step {})", dir.display(), st.step);
+            state = st;
+            w
+        }
+        (None, Some(dir)) => {
             model.load_adapter(dir)?;
             LoraWeights::from_adapter(model.adapter.as_ref().expect("just loaded"))?
         }
-        None => {
+        (None, None) => {
             let t = model.cfg.text.clone();
             LoraWeights::init(
                 t.num_layers,
@@ -560,8 +580,23 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         seed: a.seed,
     };
     std::fs::create_dir_all(&a.out).with_context(|| a.out.display().to_string())?;
-    let mut metrics =
-        std::fs::File::create(&metrics_path).with_context(|| metrics_path.display().to_string())?;
+    // keep the metrics of the steps the checkpoint holds, drop those of later steps
+    let kept: String = std::fs::read_to_string(&metrics_path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= state.step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&metrics_path, kept).with_context(|| metrics_path.display().to_string())?;
+    let mut metrics = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&metrics_path)
+        .with_context(|| metrics_path.display().to_string())?;
     eprintln!(
         "train: {} pairs ({} skipped), {steps} steps of {per_step} pairs, {} loss, beta {}, LoRA r={} alpha={}",
         prepared.pairs.len(),
@@ -571,20 +606,29 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         w.r,
         w.alpha
     );
-    let mut io_err = None;
-    miadpo::train::trainer::train(&mut model, &mut w, &prepared.pairs, &cfg, &mut |s| {
-        let line = serde_json::to_string(s).expect("metrics serialize");
-        if let Err(e) = writeln!(metrics, "{line}") {
-            io_err.get_or_insert(e);
-        }
-        println!(
+    let save_every = a.save_every;
+    let out_dir = a.out.clone();
+    miadpo::train::trainer::train(
+        &mut model,
+        &mut w,
+        &mut state,
+        &prepared.pairs,
+        &cfg,
+        &mut |s, st, w| {
+            let line = serde_json::to_string(s).expect("metrics serialize");
+            writeln!(metrics, "{line}").map_err(|e| miadpo::Error::io(&metrics_path, e))?;
+            println!(
             "step {:>5}/{steps}  loss {:.4}  acc {:.2}  margin {:+.4}  chosen {:+.4}  rejected {:+.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s",
             s.step, s.loss, s.accuracies, s.margins, s.rewards_chosen, s.rewards_rejected, s.lr, s.grad_norm, s.tokens_per_s
         );
-    })?;
-    if let Some(e) = io_err {
-        return Err(e).with_context(|| metrics_path.display().to_string());
-    }
+            if save_every > 0 && st.step % save_every == 0 && st.step < steps {
+                let dir = checkpoint::save(&out_dir, w, st, &base)?;
+                eprintln!("checkpoint {}", dir.display());
+            }
+            Ok(())
+        },
+    )?;
+    checkpoint::save(&a.out, &w, &state, &base)?;
     let adapter_dir = a.out.join("adapter");
     w.save_peft(&adapter_dir, &a.m.model.display().to_string())?;
     eprintln!(

@@ -321,7 +321,7 @@ fn a_short_training_run_learns_the_preferences() {
     use miadpo::model::lora::Proj;
     use miadpo::train::adapter::LoraWeights;
     use miadpo::train::optim::{OptimConfig, Schedule};
-    use miadpo::train::trainer::{train, TrainConfig, TrainPair};
+    use miadpo::train::trainer::{train, TrainConfig, TrainPair, TrainState};
     let dir = fixture_dir();
     let mut m = Llava::load(&dir.join("model"), CpuBackend::new()).unwrap();
     let prepared = prepare(&m);
@@ -360,7 +360,13 @@ fn a_short_training_run_learns_the_preferences() {
         seed: 0,
     };
     let mut seen = 0;
-    let h = train(&mut m, &mut w, &pairs, &cfg, &mut |_| seen += 1).unwrap();
+    let mut state = TrainState::default();
+    let h = train(&mut m, &mut w, &mut state, &pairs, &cfg, &mut |_, _, _| {
+        seen += 1;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(state.step, 8);
     assert_eq!(seen, 8);
     assert!(
         (h[0].loss - std::f64::consts::LN_2).abs() < 1e-9,

@@ -58,6 +58,8 @@ impl LoraWeights {
                 });
             }
         }
+        // the order adapters are read back in (checkpoints index optimizer state by it)
+        modules.sort_by_key(|m| (m.layer, m.proj as usize));
         LoraWeights { r, alpha, modules }
     }
 

@@ -99,14 +99,39 @@ pub struct StepMetrics {
     pub step_time_s: f64,
 }
 
-/// Runs `cfg.steps` optimizer steps over `pairs` (reshuffled each epoch with `cfg.seed`), updating `w`
-/// and the model's LoRA in place; `on_step` sees each step's metrics.
+/// Everything besides the LoRA weights that the next step depends on: with it (and the weights) a run
+/// continues bit for bit. The data order of epoch e is a shuffle seeded by (seed, e), so only the
+/// position in it is state.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TrainState {
+    /// optimizer steps done
+    pub step: usize,
+    pub epoch: usize,
+    /// pairs of the current epoch already used
+    pub cursor: usize,
+    pub running: RunningMean,
+    /// per LoRA module (in `LoraWeights::modules` order): A's and B's optimizer state
+    pub optim: Vec<(ParamState, ParamState)>,
+}
+
+/// The order of the pairs in epoch `epoch`.
+pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    order.shuffle(&mut ChaCha8Rng::seed_from_u64(
+        seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    ));
+    order
+}
+
+/// Runs optimizer steps from `state.step` to `cfg.steps` over `pairs`, updating `w`, `state` and the
+/// model's LoRA in place. After each step `on_step` sees its metrics and the state (to checkpoint it).
 pub fn train(
     m: &mut Llava<CpuBackend>,
     w: &mut LoraWeights,
+    state: &mut TrainState,
     pairs: &[TrainPair],
     cfg: &TrainConfig,
-    on_step: &mut dyn FnMut(&StepMetrics),
+    on_step: &mut dyn FnMut(&StepMetrics, &TrainState, &LoraWeights) -> Result<()>,
 ) -> Result<Vec<StepMetrics>> {
     if pairs.is_empty() || cfg.batch_size == 0 || cfg.grad_accum == 0 {
         return Err(Error::Invalid(
@@ -115,13 +140,13 @@ pub fn train(
     }
     set_lora(m, w)?;
     let warmup = Schedule::warmup_steps(cfg.steps, cfg.warmup_ratio);
-    let mut rng = ChaCha8Rng::seed_from_u64(cfg.seed);
-    let mut order: Vec<usize> = Vec::new();
-    let mut cursor = 0;
-    let mut states: Vec<(ParamState, ParamState)> = vec![Default::default(); w.modules.len()];
-    let mut running = RunningMean::default();
-    let mut history = Vec::with_capacity(cfg.steps);
-    for step in 0..cfg.steps {
+    if state.optim.len() != w.modules.len() {
+        state.optim = vec![Default::default(); w.modules.len()];
+    }
+    let mut order = epoch_order(pairs.len(), cfg.seed, state.epoch);
+    let mut history = Vec::with_capacity(cfg.steps.saturating_sub(state.step));
+    while state.step < cfg.steps {
+        let step = state.step;
         let t0 = Instant::now();
         let mut grads = LoraGrads::default();
         let (mut loss, mut rc, mut rr, mut acc, mut lpc, mut lpr, mut tokens) =
@@ -129,13 +154,13 @@ pub fn train(
         for _ in 0..cfg.grad_accum {
             let mut batch = Vec::with_capacity(cfg.batch_size);
             while batch.len() < cfg.batch_size {
-                if cursor == order.len() {
-                    order = (0..pairs.len()).collect();
-                    order.shuffle(&mut rng);
-                    cursor = 0;
+                if state.cursor == order.len() {
+                    state.epoch += 1;
+                    state.cursor = 0;
+                    order = epoch_order(pairs.len(), cfg.seed, state.epoch);
                 }
-                batch.push(&pairs[order[cursor]]);
-                cursor += 1;
+                batch.push(&pairs[order[state.cursor]]);
+                state.cursor += 1;
             }
             // policy log-probs (forward with the KV cache shared by both answers)
             let mut logps = Vec::with_capacity(batch.len());
@@ -159,7 +184,7 @@ pub fn train(
                     rejected_tokens: p.rejected.len(),
                 });
             }
-            let out = dpo_loss(&cfg.dpo, &logps, &mut running);
+            let out = dpo_loss(&cfg.dpo, &logps, &mut state.running);
             // backward of the mean loss of this micro-batch, averaged over the accumulation steps
             let k = cfg.grad_accum as f64;
             for (i, p) in batch.iter().enumerate() {
@@ -187,7 +212,7 @@ pub fn train(
             .collect();
         let grad_norm = clip_grad_norm(&mut refs, cfg.max_grad_norm);
         let lr = cfg.lr * cfg.schedule.factor(step, cfg.steps, warmup);
-        for (mw, (sa, sb)) in w.modules.iter_mut().zip(states.iter_mut()) {
+        for (mw, (sa, sb)) in w.modules.iter_mut().zip(state.optim.iter_mut()) {
             let (da, db) = grads
                 .get(mw.layer, mw.proj)
                 .ok_or_else(|| Error::Invalid(format!("no gradient for layer {} {:?}", mw.layer, mw.proj)))?;
@@ -210,7 +235,8 @@ pub fn train(
             tokens_per_s: tokens as f64 / step_time_s,
             step_time_s,
         };
-        on_step(&metrics);
+        state.step += 1;
+        on_step(&metrics, state, w)?;
         history.push(metrics);
     }
     Ok(history)
