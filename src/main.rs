@@ -616,6 +616,9 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         &cfg,
         &mut |s, st, w| {
             let line = serde_json::to_string(s).expect("metrics serialize");
+            if s.skipped {
+                eprintln!("step {}: loss or gradient not finite, update skipped", s.step);
+            }
             writeln!(metrics, "{line}").map_err(|e| miadpo::Error::io(&metrics_path, e))?;
             println!(
             "step {:>5}/{steps}  loss {:.4}  acc {:.2}  margin {:+.4}  chosen {:+.4}  rejected {:+.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s",

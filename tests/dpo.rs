@@ -388,3 +388,65 @@ fn a_short_training_run_learns_the_preferences() {
     );
     assert!(last.margins > 0.0 && h.iter().all(|s| s.grad_norm.is_finite() && s.lr == 5e-3));
 }
+
+/// A non-finite loss skips the update (weights unchanged) and three in a row stop the run.
+#[test]
+fn non_finite_steps_are_skipped_then_stop_the_run() {
+    use miadpo::model::lora::Proj;
+    use miadpo::train::adapter::LoraWeights;
+    use miadpo::train::optim::{OptimConfig, Schedule};
+    use miadpo::train::trainer::{train, TrainConfig, TrainPair, TrainState};
+    let dir = fixture_dir();
+    let mut m = Llava::load(&dir.join("model"), CpuBackend::new()).unwrap();
+    let prepared = prepare(&m);
+    let pairs: Vec<TrainPair> = prepared
+        .iter()
+        .map(|p| TrainPair {
+            id: "nan".into(),
+            prompt: p.prompt.clone(),
+            features: p.feats.clone(),
+            chosen: p.responses[0].clone(),
+            rejected: p.responses[1].clone(),
+            ref_chosen: f64::NAN, // poisons the loss
+            ref_rejected: -1.0,
+        })
+        .collect();
+    let t = m.cfg.text.clone();
+    let mut w = LoraWeights::init(t.num_layers, &[Proj::Q], 2, 4.0, 3, |_, _| {
+        (t.hidden_size, t.hidden_size)
+    });
+    let before = w.clone();
+    let cfg = TrainConfig {
+        dpo: DpoConfig::default(),
+        optim: OptimConfig::default(),
+        lr: 1e-2,
+        schedule: Schedule::Constant,
+        warmup_ratio: 0.0,
+        max_grad_norm: 1.0,
+        batch_size: 1,
+        grad_accum: 1,
+        steps: 10,
+        seed: 0,
+    };
+    let mut logged = Vec::new();
+    let err = train(
+        &mut m,
+        &mut w,
+        &mut TrainState::default(),
+        &pairs,
+        &cfg,
+        &mut |s, _, _| {
+            logged.push(s.skipped);
+            Ok(())
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert_eq!(
+        logged,
+        [true, true],
+        "two skipped steps are logged before the third stops the run"
+    );
+    assert!(err.contains("3 steps in a row"), "{err}");
+    assert_eq!(w, before, "skipped steps leave the weights alone");
+}

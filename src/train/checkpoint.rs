@@ -26,6 +26,8 @@ struct StateFile {
     optim_steps: Vec<(u64, u64)>,
     /// identifies the base model the adapter belongs to
     base: String,
+    #[serde(default)]
+    bad_steps: usize,
 }
 
 /// A fingerprint of a base checkpoint folder: FNV-1a over config.json and, for every safetensors file,
@@ -98,6 +100,7 @@ pub fn save(out: &Path, w: &LoraWeights, st: &TrainState, base: &str) -> Result<
         running_count: st.running.count,
         optim_steps: st.optim.iter().map(|(a, b)| (a.step, b.step)).collect(),
         base: base.to_string(),
+        bad_steps: st.bad_steps,
     };
     write_atomic(
         &tmp.join("state.json"),
@@ -176,6 +179,7 @@ pub fn load(dir: &Path, num_layers: usize, base: &str) -> Result<(LoraWeights, T
             count: s.running_count,
         },
         optim,
+        bad_steps: s.bad_steps,
     };
     Ok((w, st))
 }

@@ -97,6 +97,9 @@ pub struct StepMetrics {
     pub grad_norm: f64,
     pub tokens_per_s: f64,
     pub step_time_s: f64,
+    /// the update was skipped: the loss or the gradient was not finite
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
 }
 
 /// Everything besides the LoRA weights that the next step depends on: with it (and the weights) a run
@@ -112,7 +115,12 @@ pub struct TrainState {
     pub running: RunningMean,
     /// per LoRA module (in `LoraWeights::modules` order): A's and B's optimizer state
     pub optim: Vec<(ParamState, ParamState)>,
+    /// consecutive steps skipped for a non-finite loss or gradient
+    pub bad_steps: usize,
 }
+
+/// Consecutive non-finite steps that stop a run.
+pub const MAX_BAD_STEPS: usize = 3;
 
 /// The order of the pairs in epoch `epoch`.
 pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
@@ -212,14 +220,27 @@ pub fn train(
             .collect();
         let grad_norm = clip_grad_norm(&mut refs, cfg.max_grad_norm);
         let lr = cfg.lr * cfg.schedule.factor(step, cfg.steps, warmup);
-        for (mw, (sa, sb)) in w.modules.iter_mut().zip(state.optim.iter_mut()) {
-            let (da, db) = grads
-                .get(mw.layer, mw.proj)
-                .ok_or_else(|| Error::Invalid(format!("no gradient for layer {} {:?}", mw.layer, mw.proj)))?;
-            update(&cfg.optim, &mut mw.a, da, sa, lr as f32);
-            update(&cfg.optim, &mut mw.b, db, sb, lr as f32);
+        // a NaN/Inf loss or gradient skips the update; three in a row stop the run
+        let skipped = !loss.is_finite() || !grad_norm.is_finite();
+        if skipped {
+            state.bad_steps += 1;
+            if state.bad_steps >= MAX_BAD_STEPS {
+                return Err(Error::Invalid(format!(
+                    "step {}: loss or gradient not finite for {MAX_BAD_STEPS} steps in a row (loss {loss}, gradient norm {grad_norm}); stopping",
+                    step + 1
+                )));
+            }
+        } else {
+            state.bad_steps = 0;
+            for (mw, (sa, sb)) in w.modules.iter_mut().zip(state.optim.iter_mut()) {
+                let (da, db) = grads.get(mw.layer, mw.proj).ok_or_else(|| {
+                    Error::Invalid(format!("no gradient for layer {} {:?}", mw.layer, mw.proj))
+                })?;
+                update(&cfg.optim, &mut mw.a, da, sa, lr as f32);
+                update(&cfg.optim, &mut mw.b, db, sb, lr as f32);
+            }
+            set_lora(m, w)?;
         }
-        set_lora(m, w)?;
         let step_time_s = t0.elapsed().as_secs_f64();
         let metrics = StepMetrics {
             step: step + 1,
@@ -234,6 +255,7 @@ pub fn train(
             grad_norm,
             tokens_per_s: tokens as f64 / step_time_s,
             step_time_s,
+            skipped,
         };
         state.step += 1;
         on_step(&metrics, state, w)?;
