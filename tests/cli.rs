@@ -234,33 +234,39 @@ fn augment_writes_three_files_and_a_summary() {
     assert!(miadpo(&args2).status.success());
 }
 
+/// `miadpo train` on the fixture model and images with a rank-4 LoRA, plus `extra` flags.
+fn train_args(data: &std::path::Path, out: &std::path::Path, extra: &[&str]) -> Vec<String> {
+    let (model, imgs) = (model_dir(), fixture_dir().join("images"));
+    let mut v: Vec<String> = [
+        "train",
+        "--model",
+        s(&model),
+        "--data",
+        s(data),
+        "--image-root",
+        s(&imgs),
+        "--out",
+        s(out),
+    ]
+    .map(String::from)
+    .to_vec();
+    v.extend(["--lora-r", "4", "--lora-alpha", "8"].map(String::from));
+    v.extend(extra.iter().map(|x| x.to_string()));
+    v
+}
+
 #[test]
 fn train_writes_metrics_and_a_peft_adapter_that_loads() {
     let tmp = tempfile::tempdir().unwrap();
     let data = write_pairs(tmp.path(), true);
     let out = tmp.path().join("run");
     let (model, imgs) = (model_dir(), fixture_dir().join("images"));
-    let args = [
-        "train",
-        "--model",
-        s(&model),
-        "--data",
-        s(&data),
-        "--image-root",
-        s(&imgs),
-        "--out",
-        s(&out),
-        "--lora-r",
-        "4",
-        "--lora-alpha",
-        "8",
-        "--lr",
-        "5e-3",
-        "--steps",
-        "3",
-        "--batch-size",
-        "3",
-    ];
+    let owned = train_args(
+        &data,
+        &out,
+        &["--lr", "5e-3", "--steps", "3", "--batch-size", "3"],
+    );
+    let args: Vec<&str> = owned.iter().map(String::as_str).collect();
     let o = miadpo(&args);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let stdout = String::from_utf8_lossy(&o.stdout);
@@ -320,20 +326,7 @@ fn train_resume_is_bit_exact() {
     let data = write_pairs(tmp.path(), true);
     let (model, imgs) = (model_dir(), fixture_dir().join("images"));
     let run = |out: &std::path::Path, steps: &str, extra: &[&str]| {
-        let mut args = vec![
-            "train",
-            "--model",
-            s(&model),
-            "--data",
-            s(&data),
-            "--image-root",
-            s(&imgs),
-            "--out",
-            s(out),
-            "--lora-r",
-            "4",
-            "--lora-alpha",
-            "8",
+        let mut fixed = vec![
             "--lr",
             "5e-3",
             "--steps",
@@ -342,10 +335,11 @@ fn train_resume_is_bit_exact() {
             "2",
             "--schedule",
             "constant",
-            "--loss",
-            "bco_pair",
         ];
-        args.extend_from_slice(extra);
+        fixed.extend_from_slice(&["--loss", "bco_pair"]);
+        fixed.extend_from_slice(extra);
+        let owned = train_args(&data, out, &fixed);
+        let args: Vec<&str> = owned.iter().map(String::as_str).collect();
         let o = miadpo(&args);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         String::from_utf8_lossy(&o.stderr).to_string()
