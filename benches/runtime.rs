@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use miadpo::backend::cpu::CpuBackend;
 use miadpo::backend::Backend;
-use miadpo::bench::bench_prompt;
-use miadpo::model::llava::{greedy, Llava};
+use miadpo::bench::{bench_prompt, greedy_steps};
+use miadpo::model::llava::Llava;
 use miadpo::model::random::{write_random_checkpoint, RandomSpec};
 
 const PROMPT_TOKENS: usize = 320;
@@ -19,22 +19,17 @@ fn runtime(c: &mut Criterion) {
     let tok = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-llava/model/tokenizer.json");
     write_random_checkpoint(dir.path(), &RandomSpec::small(), 0, &tok).expect("write random model");
     let m = Llava::load(dir.path(), CpuBackend::new()).expect("load random model");
-    let be = &m.be;
     let prompt = bench_prompt(&m, PROMPT_TOKENS).unwrap();
     let s = m.cfg.vision.image_size;
     let pixels: Vec<f32> = (0..3 * s * s)
         .map(|i| ((i * 7919) % 255) as f32 / 127.0 - 1.0)
         .collect();
-    let h = m.cfg.text.hidden_size;
     let t = prompt.ids.len();
     // prefill: vision tower + projector + decoder over the prompt + last-row logits
     let prefill = || {
         let feats = m.image_features(std::slice::from_ref(&pixels));
-        let x = m.embed_for_bench(&prompt.ids, &feats).unwrap();
-        let mut cache = m.decoder.new_cache(be);
-        let (hid, _) = m.decoder.forward(be, x, t, &mut cache, false, None);
-        let logits = be.download(&m.decoder.logits(be, &be.slice_rows(&hid, h, t - 1, t), 1));
-        (cache, logits)
+        let (cache, logits) = m.prefill(&prompt.ids, &feats, false).unwrap();
+        (cache, m.be.download(&logits))
     };
 
     let mut g = c.benchmark_group("small-llava");
@@ -48,13 +43,9 @@ fn runtime(c: &mut Criterion) {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
-                let (mut cache, mut logits) = prefill(); // untimed
+                let (mut cache, logits) = prefill(); // untimed
                 let t0 = Instant::now();
-                for _ in 0..DECODE_STEPS {
-                    let x = be.embed(&[greedy(&logits).0], &m.decoder.embed);
-                    let (hid, _) = m.decoder.forward(be, x, 1, &mut cache, false, None);
-                    logits = be.download(&m.decoder.logits(be, &hid, 1));
-                }
+                greedy_steps(&m, &mut cache, logits, DECODE_STEPS);
                 total += t0.elapsed();
             }
             total

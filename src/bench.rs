@@ -5,6 +5,7 @@
 use std::time::Instant;
 
 use crate::backend::Backend;
+use crate::model::llama::KvCache;
 use crate::model::llava::{greedy, Llava};
 use crate::model::random::Rng;
 use crate::text::tokenizer::image_spans;
@@ -77,30 +78,21 @@ pub fn run<B: Backend>(
     if o.repeats == 0 {
         return Err(Error::Invalid("--repeats must be at least 1".into()));
     }
-    let be = &m.be;
     let prompt = bench_prompt(m, o.prompt_tokens)?;
     let s = m.cfg.vision.image_size;
     let mut rng = Rng::new(0);
     let pixels: Vec<f32> = (0..3 * s * s).map(|_| rng.normal() as f32).collect();
-    let (h, t) = (m.cfg.text.hidden_size, prompt.ids.len());
+    let t = prompt.ids.len();
     let (mut pre, mut dec) = (Vec::new(), Vec::new());
     let total = o.warmup + o.repeats;
     for rep in 0..total {
         progress(rep, total);
         let t0 = Instant::now();
         let feats = m.image_features(std::slice::from_ref(&pixels));
-        let x = m.embed_for_bench(&prompt.ids, &feats)?;
-        let mut cache = m.decoder.new_cache(be);
-        let (hid, _) = m.decoder.forward(be, x, t, &mut cache, false, None);
-        let last = be.slice_rows(&hid, h, t - 1, t);
-        let mut logits = be.download(&m.decoder.logits(be, &last, 1));
+        let (mut cache, logits) = m.prefill(&prompt.ids, &feats, false)?;
+        let logits = m.be.download(&logits);
         let t1 = Instant::now();
-        for _ in 0..o.new_tokens {
-            let (tok, _) = greedy(&logits);
-            let x = be.embed(&[tok], &m.decoder.embed);
-            let (hid, _) = m.decoder.forward(be, x, 1, &mut cache, false, None);
-            logits = be.download(&m.decoder.logits(be, &hid, 1));
-        }
+        greedy_steps(m, &mut cache, logits, o.new_tokens);
         let t2 = Instant::now();
         if rep >= o.warmup {
             pre.push(t as f64 / (t1 - t0).as_secs_f64());
@@ -116,6 +108,17 @@ pub fn run<B: Backend>(
         repeats: o.repeats,
         threads: rayon::current_num_threads(),
     })
+}
+
+/// `n` greedy decode steps after `logits` (vocab) with the KV cache, no statistics: the decode work
+/// that the benchmarks time.
+pub fn greedy_steps<B: Backend>(m: &Llava<B>, cache: &mut KvCache<B>, mut logits: Vec<f32>, n: usize) {
+    let be = &m.be;
+    for _ in 0..n {
+        let x = be.embed(&[greedy(&logits).0], &m.decoder.embed);
+        let (hid, _) = m.decoder.forward(be, x, 1, cache, false, None);
+        logits = be.download(&m.decoder.logits(be, &hid, 1));
+    }
 }
 
 /// The CPU model name from /proc/cpuinfo (for labelling numbers), or "unknown CPU".

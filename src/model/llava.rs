@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use super::clip::VisionTower;
 use super::config::LlavaConfig;
-use super::llama::{Decoder, MassCapture, Segment};
+use super::llama::{Decoder, KvCache, MassCapture, Segment};
 use super::lora::LoraAdapter;
 use super::weights::WeightStore;
 use super::Prefixes;
@@ -198,10 +198,21 @@ impl<B: Backend> Llava<B> {
         Ok(x)
     }
 
-    /// Input embeddings of a prompt with the image features in place (the benchmark's own loop and the
-    /// trainer's backward pass start from them).
-    pub fn embed_for_bench(&self, ids: &[u32], features: &B::Buf) -> Result<B::Buf> {
+    /// Input embeddings of a prompt with the image features in place (the trainer's backward pass
+    /// starts from them).
+    pub fn input_embeddings(&self, ids: &[u32], features: &B::Buf) -> Result<B::Buf> {
         self.embed_prompt(ids, features)
+    }
+
+    /// Runs the whole prompt: its KV cache and the logits (1, vocab) of the token after it.
+    pub fn prefill(&self, ids: &[u32], features: &B::Buf, use_lora: bool) -> Result<(KvCache<B>, B::Buf)> {
+        let be = &self.be;
+        let (h, t) = (self.cfg.text.hidden_size, ids.len());
+        let x = self.embed_prompt(ids, features)?;
+        let mut cache = self.decoder.new_cache(be);
+        let (hid, _) = self.decoder.forward(be, x, t, &mut cache, use_lora, None);
+        let last = be.slice_rows(&hid, h, t - 1, t);
+        Ok((cache, self.decoder.logits(be, &last, 1)))
     }
 
     /// One forward pass over the whole prompt: logits of every row, and the per-layer attention
@@ -272,7 +283,7 @@ impl<B: Backend> Llava<B> {
         on_step: &mut dyn FnMut(usize),
     ) -> Result<Vec<Generation>> {
         let be = &self.be;
-        let (h, vocab) = (self.cfg.text.hidden_size, self.cfg.text.vocab_size);
+        let vocab = self.cfg.text.vocab_size;
         let layer = opts.attn_layer.unwrap_or(self.default_attn_layer());
         if layer >= self.cfg.text.num_layers {
             return Err(Error::Invalid(format!(
@@ -297,12 +308,8 @@ impl<B: Backend> Llava<B> {
         let mut states = Vec::with_capacity(items.len());
         let mut caches = Vec::with_capacity(items.len());
         for it in items {
-            let t = it.prompt.ids.len();
-            let x = self.embed_prompt(&it.prompt.ids, it.features)?;
-            let mut cache = self.decoder.new_cache(be);
-            let (hid, _) = self.decoder.forward(be, x, t, &mut cache, use_lora, None);
-            let last = be.slice_rows(&hid, h, t - 1, t);
-            let logits = be.download(&self.decoder.logits(be, &last, 1));
+            let (cache, logits) = self.prefill(&it.prompt.ids, it.features, use_lora)?;
+            let logits = be.download(&logits);
             states.push(State {
                 gen: Vec::new(),
                 rows: Vec::new(),
@@ -395,14 +402,9 @@ impl<B: Backend> Llava<B> {
         use_adapter: bool,
     ) -> Result<Vec<f64>> {
         let be = &self.be;
-        let (h, vocab) = (self.cfg.text.hidden_size, self.cfg.text.vocab_size);
+        let vocab = self.cfg.text.vocab_size;
         let use_lora = use_adapter && self.decoder.has_lora();
-        let t = prompt.ids.len();
-        let x = self.embed_prompt(&prompt.ids, features)?;
-        let mut cache = self.decoder.new_cache(be);
-        let (hid, _) = self.decoder.forward(be, x, t, &mut cache, use_lora, None);
-        let last = be.slice_rows(&hid, h, t - 1, t);
-        let first_logits = self.decoder.logits(be, &last, 1);
+        let (cache, first_logits) = self.prefill(&prompt.ids, features, use_lora)?;
         let mut out = Vec::with_capacity(responses.len());
         for r in responses {
             if r.is_empty() {

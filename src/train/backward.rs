@@ -257,7 +257,7 @@ pub fn sequence_logp_backward(
     let (t, h, hd, nh, nkv) = (ids.len(), c.hidden_size, c.head_dim, c.num_heads, c.num_kv_heads);
     let (qd, kvd, group) = (nh * hd, nkv * hd, nh / nkv);
     let att_scale = 1.0 / (hd as f32).sqrt();
-    let mut x = m.embed_for_bench(ids, features)?; // (t, h)
+    let mut x = m.input_embeddings(ids, features)?; // (t, h)
 
     struct Saved {
         x: Vec<f32>,
