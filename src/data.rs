@@ -166,6 +166,44 @@ pub fn resolve_image(path: &str, roots: &[PathBuf], id: &str) -> Result<PathBuf>
     })
 }
 
+/// A preference pair ready for a model: its prompt (image tokens expanded), both answers tokenized
+/// (EOS included) and the image features of the prompt.
+pub struct PairInputs<B: crate::backend::Backend> {
+    pub prompt: crate::text::tokenizer::PromptIds,
+    pub chosen: Vec<u32>,
+    pub rejected: Vec<u32>,
+    /// (images · image_seq_length, hidden)
+    pub features: B::Buf,
+}
+
+/// Resolves a pair's images against `roots`, tokenizes prompt and answers with `template`, and runs
+/// the vision tower and projector: what `score` and `train` both start from. Errors name the pair.
+pub fn pair_inputs<B: crate::backend::Backend>(
+    m: &crate::model::llava::Llava<B>,
+    p: &PreferencePair,
+    roots: &[PathBuf],
+    template: crate::text::Template,
+    aspect: crate::vision::preprocess::AspectMode,
+) -> Result<PairInputs<B>> {
+    let paths = p
+        .images
+        .iter()
+        .map(|im| resolve_image(im, roots, &p.id))
+        .collect::<Result<Vec<_>>>()?;
+    let prompt = m.prompt(template, &p.prompt, paths.len(), &p.id)?;
+    let pixels = paths
+        .iter()
+        .map(|path| m.pixels(path, aspect))
+        .collect::<Result<Vec<_>>>()
+        .map_err(|e| Error::sample(&p.id, e.to_string()))?;
+    Ok(PairInputs {
+        chosen: m.tokenizer.response(&p.chosen)?,
+        rejected: m.tokenizer.response(&p.rejected)?,
+        features: m.image_features(&pixels),
+        prompt,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

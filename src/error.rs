@@ -4,13 +4,10 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// An I/O failure on a named file.
-    #[error("{}: {source}", path.display())]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// An I/O failure on a named file. The OS error is part of the message and deliberately not a
+    /// `source`, so the CLI's `{:#}` chain does not print it twice.
+    #[error("{}: {err}", path.display())]
+    Io { path: PathBuf, err: std::io::Error },
     /// A file whose content is malformed or unsupported.
     #[error("{}: {msg}", path.display())]
     File { path: PathBuf, msg: String },
@@ -35,7 +32,7 @@ impl Error {
     pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
         Error::Io {
             path: path.as_ref().to_path_buf(),
-            source,
+            err: source,
         }
     }
     pub fn file(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {

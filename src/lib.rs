@@ -9,6 +9,7 @@ pub mod augment;
 pub mod backend;
 pub mod bench;
 pub mod data;
+pub mod plot;
 pub mod select;
 pub mod text;
 pub mod train;

@@ -1,6 +1,8 @@
 //! The `miadpo` command line: a thin layer over the library (see README.md for every subcommand).
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
@@ -11,11 +13,12 @@ use miadpo::augment::{AugmentOptions, Companions, Kind};
 use miadpo::backend::cpu::CpuBackend;
 use miadpo::backend::Device;
 use miadpo::bench::{self, BenchOptions};
-use miadpo::data::{load_pairs, resolve_image};
+use miadpo::data::{load_pairs, pair_inputs, PairInputs};
 use miadpo::model::llava::{GenerateOptions, Llava};
 use miadpo::model::random::{write_random_checkpoint, RandomSpec};
 use miadpo::select::{PostSelect, SelectOptions, Shard};
 use miadpo::text::Template;
+use miadpo::train::backward::PassOptions;
 use miadpo::train::dpo::{DpoConfig, LossType};
 use miadpo::train::optim::{OptimConfig, OptimizerKind, Schedule};
 use miadpo::vision::preprocess::AspectMode;
@@ -48,6 +51,8 @@ enum Cmd {
     Score(ScoreArgs),
     /// Prefill and decode throughput on a checkpoint (by default a random "small" LLaVA).
     Bench(BenchArgs),
+    /// Draw the curves of a training run (OUT/metrics.jsonl) to a PNG.
+    Plot(PlotArgs),
 }
 
 #[derive(Args)]
@@ -202,6 +207,13 @@ struct TrainArgs {
     /// Continue from the newest complete checkpoint in --out
     #[arg(long)]
     resume: bool,
+    /// Dropout on the input of every LoRA A while training (PEFT's lora_dropout)
+    #[arg(long, default_value_t = 0.0)]
+    lora_dropout: f32,
+    /// Keep only each layer's input in the forward and recompute the layer in the backward (less
+    /// memory, about a third more compute)
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "true|false")]
+    gradient_checkpointing: bool,
 }
 
 #[derive(Args)]
@@ -299,6 +311,15 @@ struct BenchArgs {
     json: bool,
 }
 
+#[derive(Args)]
+struct PlotArgs {
+    /// Run folder of `miadpo train` (holds metrics.jsonl)
+    out: PathBuf,
+    /// Output PNG [default: OUT/metrics.png]
+    #[arg(long)]
+    png: Option<PathBuf>,
+}
+
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
@@ -321,6 +342,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Generate(a) => generate(a),
         Cmd::Score(a) => score(a),
         Cmd::Bench(a) => bench_cmd(a),
+        Cmd::Plot(a) => plot_cmd(a),
     }
 }
 
@@ -498,6 +520,8 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         })
         .collect::<Result<Vec<_>>>()?;
     let mut model = Llava::load(&a.m.model, a.m.device.cpu_backend()?)?;
+    let base = checkpoint::base_fingerprint(&a.m.model)?;
+    std::fs::create_dir_all(&a.out).with_context(|| a.out.display().to_string())?;
     let pb = bar(0, "reference log-probs");
     let prepared = miadpo::train::data::prepare_pairs(
         &model,
@@ -506,6 +530,8 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         a.m.template,
         a.m.aspect,
         a.max_length,
+        &base,
+        Some(&miadpo::train::data::cache_path(&a.out)),
         &mut |i, n| {
             pb.set_length(n as u64);
             pb.set_position(i as u64);
@@ -518,7 +544,13 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
     if prepared.pairs.is_empty() {
         bail!("{}: no usable pair", a.pairs.data.display());
     }
-    let base = checkpoint::base_fingerprint(&a.m.model)?;
+    if prepared.cached > 0 {
+        eprintln!(
+            "reference log-probs of {} pairs read from {}",
+            prepared.cached,
+            miadpo::train::data::cache_path(&a.out).display()
+        );
+    }
     let resumed = if a.resume {
         checkpoint::latest(&a.out)
     } else {
@@ -578,8 +610,11 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         grad_accum: a.grad_accum,
         steps,
         seed: a.seed,
+        pass: PassOptions {
+            checkpointing: a.gradient_checkpointing,
+            lora_dropout: a.lora_dropout,
+        },
     };
-    std::fs::create_dir_all(&a.out).with_context(|| a.out.display().to_string())?;
     // keep the metrics of the steps the checkpoint holds, drop those of later steps
     let kept: String = std::fs::read_to_string(&metrics_path)
         .unwrap_or_default()
@@ -608,12 +643,25 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
     );
     let save_every = a.save_every;
     let out_dir = a.out.clone();
-    miadpo::train::trainer::train(
+    // SIGINT/SIGTERM: the first asks the loop to stop at the next sequence boundary (the step in
+    // progress is abandoned, then a checkpoint is written); a second one exits at once.
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("second interrupt: exiting without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("interrupt: stopping after the current sequence and writing a checkpoint (interrupt again to exit now)");
+    })
+    .context("installing the SIGINT/SIGTERM handler")?;
+    let outcome = miadpo::train::trainer::train(
         &mut model,
         &mut w,
         &mut state,
         &prepared.pairs,
         &cfg,
+        &stop,
         &mut |s, st, w| {
             let line = serde_json::to_string(s).expect("metrics serialize");
             if s.skipped {
@@ -631,7 +679,15 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
             Ok(())
         },
     )?;
-    checkpoint::save(&a.out, &w, &state, &base)?;
+    let dir = checkpoint::save(&a.out, &w, &state, &base)?;
+    if outcome.interrupted {
+        eprintln!(
+            "interrupted after step {}/{steps}: checkpoint {}; continue with the same command plus --resume",
+            state.step,
+            dir.display()
+        );
+        return Ok(());
+    }
     let adapter_dir = a.out.join("adapter");
     w.save_peft(&adapter_dir, &a.m.model.display().to_string())?;
     eprintln!(
@@ -741,21 +797,13 @@ fn score(a: ScoreArgs) -> Result<()> {
         )?;
     }
     for p in &pairs {
-        let paths = p
-            .images
-            .iter()
-            .map(|i| resolve_image(i, &a.pairs.image_roots, &p.id))
-            .collect::<miadpo::Result<Vec<_>>>()
+        let PairInputs {
+            prompt,
+            chosen,
+            rejected,
+            features,
+        } = pair_inputs(&model, p, &a.pairs.image_roots, a.m.template, a.m.aspect)
             .with_context(|| format!("{}", a.pairs.data.display()))?;
-        let prompt = model.prompt(a.m.template, &p.prompt, paths.len(), &p.id)?;
-        let pixels = paths
-            .iter()
-            .map(|path| model.pixels(path, a.m.aspect))
-            .collect::<miadpo::Result<Vec<_>>>()
-            .with_context(|| format!("sample `{}`", p.id))?;
-        let features = model.image_features(&pixels);
-        let chosen = model.tokenizer.response(&p.chosen)?;
-        let rejected = model.tokenizer.response(&p.rejected)?;
         let lps = model.sequence_logps(&prompt, &features, &[chosen.clone(), rejected.clone()], true)?;
         pb.suspend(|| -> Result<()> {
             if a.json {
@@ -862,5 +910,13 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
             r.decode_tok_s.median, r.decode_tok_s.min, r.decode_tok_s.max
         );
     }
+    Ok(())
+}
+
+fn plot_cmd(a: PlotArgs) -> Result<()> {
+    let png = a.png.unwrap_or_else(|| a.out.join("metrics.png"));
+    let title = a.out.display().to_string();
+    let s = miadpo::plot::plot_metrics(&a.out.join("metrics.jsonl"), &png, &title)?;
+    println!("wrote {} ({} steps)", png.display(), s.steps);
     Ok(())
 }

@@ -336,7 +336,8 @@ fn train_resume_is_bit_exact() {
             "--schedule",
             "constant",
         ];
-        fixed.extend_from_slice(&["--loss", "bco_pair"]);
+        // bco_pair carries a running mean and dropout draws masks: both must resume exactly
+        fixed.extend_from_slice(&["--loss", "bco_pair", "--lora-dropout", "0.1"]);
         fixed.extend_from_slice(extra);
         let owned = train_args(&data, out, &fixed);
         let args: Vec<&str> = owned.iter().map(String::as_str).collect();
@@ -365,6 +366,7 @@ fn train_resume_is_bit_exact() {
     );
     let err = run(&b, "4", &["--resume"]);
     assert!(err.contains("resuming from") && err.contains("step 2"), "{err}");
+    assert!(err.contains("reference log-probs of 3 pairs read from"), "{err}");
     for f in [
         "adapter/adapter_model.safetensors",
         "checkpoint-4/optimizer.safetensors",
@@ -392,4 +394,153 @@ fn train_resume_is_bit_exact() {
     let (ma, mb) = (strip(a.join("metrics.jsonl")), strip(b.join("metrics.jsonl")));
     assert_eq!(ma.len(), 4);
     assert_eq!(ma, mb);
+}
+
+/// The adapter bytes and the step metrics (timings dropped) of a finished run.
+fn run_result(out: &Path) -> (Vec<u8>, Vec<Value>) {
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut()
+                .unwrap()
+                .retain(|k, _| k != "tokens_per_s" && k != "step_time_s");
+            v
+        })
+        .collect();
+    (
+        std::fs::read(out.join("adapter/adapter_model.safetensors")).unwrap(),
+        metrics,
+    )
+}
+
+/// Starts `miadpo train` and waits until it has printed `lines` step lines.
+fn spawn_train_until(args: &[String], lines: usize) -> std::process::Child {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_miadpo"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut seen = 0;
+    let mut line = String::new();
+    while seen < lines {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "train ended before step {lines}"
+        );
+        seen += line.starts_with("step ") as usize;
+    }
+    // keep draining stdout so the child never blocks on a full pipe
+    std::thread::spawn(move || std::io::copy(&mut out, &mut std::io::sink()));
+    child
+}
+
+const LONG_RUN: [&str; 8] = [
+    "--lr",
+    "5e-3",
+    "--steps",
+    "24",
+    "--batch-size",
+    "1",
+    "--lora-dropout",
+    "0.1",
+];
+
+/// SIGTERM mid-run: the step in progress is abandoned, a checkpoint written, exit 0 with a line
+/// saying how to resume; resuming then ends exactly where an uninterrupted run ends.
+#[test]
+fn sigterm_checkpoints_and_resume_finishes_bit_exact() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_pairs(tmp.path(), true);
+    let (straight, stopped) = (tmp.path().join("straight"), tmp.path().join("stopped"));
+    let o = miadpo(
+        &train_args(&data, &straight, &LONG_RUN)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let args = train_args(&data, &stopped, &LONG_RUN);
+    let child = spawn_train_until(&args, 3);
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "exit 0 after SIGTERM: {:?} {err}", o.status);
+    assert!(
+        err.contains("interrupted after step") && err.contains("--resume"),
+        "{err}"
+    );
+    assert!(
+        !stopped.join("adapter").exists(),
+        "an interrupted run writes no final adapter"
+    );
+    let ckpt = miadpo::train::checkpoint::latest(&stopped).expect("a checkpoint after SIGTERM");
+    let step: usize = ckpt.file_name().unwrap().to_str().unwrap()["checkpoint-".len()..]
+        .parse()
+        .unwrap();
+    assert!((3..24).contains(&step), "stopped at step {step}");
+
+    let mut resume = args.clone();
+    resume.push("--resume".into());
+    let o = miadpo(&resume.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(run_result(&stopped), run_result(&straight));
+}
+
+/// SIGKILL (no chance to clean up) while checkpoints are being written every step, plus the
+/// half-written folder a kill inside `checkpoint::save` leaves: resume takes the newest complete
+/// checkpoint and still ends exactly where an uninterrupted run ends.
+#[test]
+fn a_kill_during_checkpointing_leaves_a_usable_checkpoint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = write_pairs(tmp.path(), true);
+    let (straight, killed) = (tmp.path().join("straight"), tmp.path().join("killed"));
+    let mut flags = LONG_RUN.to_vec();
+    flags.extend(["--save-every", "1"]);
+    let o = miadpo(
+        &train_args(&data, &straight, &flags)
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let args = train_args(&data, &killed, &flags);
+    let mut child = spawn_train_until(&args, 4);
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let newest = miadpo::train::checkpoint::latest(&killed).expect("checkpoints before the kill");
+    let step: usize = newest.file_name().unwrap().to_str().unwrap()["checkpoint-".len()..]
+        .parse()
+        .unwrap();
+    // what a kill between the first file and the rename leaves: a partial folder for the next step
+    let partial = killed.join(format!(".checkpoint-{}.partial", step + 1));
+    std::fs::create_dir_all(partial.join("adapter")).unwrap();
+    std::fs::write(partial.join("adapter/adapter_config.json"), "{").unwrap();
+    assert_eq!(miadpo::train::checkpoint::latest(&killed), Some(newest));
+
+    let mut resume = args.clone();
+    resume.push("--resume".into());
+    let o = miadpo(&resume.iter().map(String::as_str).collect::<Vec<_>>());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("step {step})")),
+        "resumed from the newest complete checkpoint: {err}"
+    );
+    assert_eq!(run_result(&killed), run_result(&straight));
+    assert!(
+        !partial.exists(),
+        "the next save of that step replaces the partial folder"
+    );
 }

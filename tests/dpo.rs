@@ -1,10 +1,13 @@
 //! DPO losses and rewards against the fixture (HF + PEFT float64, TRL's formulas).
 mod common;
 
+use std::sync::atomic::AtomicBool;
+
 use common::*;
 use miadpo::backend::cpu::CpuBackend;
 use miadpo::model::llava::Llava;
 use miadpo::text::Template;
+use miadpo::train::backward::PassOptions;
 use miadpo::train::dpo::{dpo_loss, DpoConfig, LossType, PairLogps, RunningMean};
 use miadpo::vision::preprocess::AspectMode;
 
@@ -147,7 +150,16 @@ fn lora_grads(
     m: &Llava<CpuBackend>,
     prepared: &[Prepared],
     out: &miadpo::train::dpo::DpoOutput,
-) -> miadpo::train::backward::LoraGrads {
+) -> miadpo::train::backward::LoraGrads<CpuBackend> {
+    lora_grads_with(m, prepared, out, PassOptions::default())
+}
+
+fn lora_grads_with(
+    m: &Llava<CpuBackend>,
+    prepared: &[Prepared],
+    out: &miadpo::train::dpo::DpoOutput,
+    pass: PassOptions,
+) -> miadpo::train::backward::LoraGrads<CpuBackend> {
     let mut grads = miadpo::train::backward::LoraGrads::default();
     for (i, p) in prepared.iter().enumerate() {
         for (r, scale) in p.responses.iter().zip([out.grad_chosen[i], out.grad_rejected[i]]) {
@@ -158,6 +170,7 @@ fn lora_grads(
                 &p.feats,
                 p.prompt.len(),
                 scale,
+                pass,
                 &mut grads,
             )
             .unwrap();
@@ -199,8 +212,10 @@ fn lora_gradients_match_the_oracle() {
     let mut checked = 0;
     for layer in 0..m.cfg.text.num_layers {
         for proj in Proj::ALL {
-            let (da, db) = grads.get(layer, proj).expect("every module has gradients");
-            for (which, got) in [("A", da), ("B", db)] {
+            let (da, db) = grads
+                .host(&m.be, layer, proj)
+                .expect("every module has gradients");
+            for (which, got) in [("A", &da), ("B", &db)] {
                 let name = format!(
                     "grad_sigmoid/model.language_model.layers.{layer}.{}.lora_{which}.weight",
                     proj.path()
@@ -280,9 +295,9 @@ fn one_sgd_step_moves_every_tensor_by_minus_lr_times_the_oracle_gradient() {
         ..Default::default()
     };
     for mw in &mut w.modules {
-        let (da, db) = grads.get(mw.layer, mw.proj).unwrap();
-        update(&sgd, &mut mw.a, da, &mut ParamState::default(), lr);
-        update(&sgd, &mut mw.b, db, &mut ParamState::default(), lr);
+        let (da, db) = grads.host(&m.be, mw.layer, mw.proj).unwrap();
+        update(&sgd, &mut mw.a, &da, &mut ParamState::default(), lr);
+        update(&sgd, &mut mw.b, &db, &mut ParamState::default(), lr);
     }
     let tmp = tempfile::tempdir().unwrap();
     w.save_peft(tmp.path(), "tiny-llava").unwrap();
@@ -325,19 +340,25 @@ fn a_short_training_run_learns_the_preferences() {
     let dir = fixture_dir();
     let mut m = Llava::load(&dir.join("model"), CpuBackend::new()).unwrap();
     let prepared = prepare(&m);
-    let refs = pair_logps(&m, &prepared); // no adapter yet: policy = reference
+    // no adapter yet: the reference through the trainer's own forward, as `prepare_pairs` takes it
+    let reference = |p: &Prepared, r: usize| {
+        let ids = [p.prompt.clone(), p.responses[r].clone()].concat();
+        let o = PassOptions::default();
+        miadpo::train::backward::forward(&m, &ids, &p.feats, p.prompt.len(), o, 0)
+            .unwrap()
+            .logp
+    };
     let pairs: Vec<TrainPair> = prepared
         .iter()
-        .zip(&refs)
         .enumerate()
-        .map(|(i, (p, r))| TrainPair {
+        .map(|(i, p)| TrainPair {
             id: format!("pair{i}"),
             prompt: p.prompt.clone(),
             features: p.feats.clone(),
             chosen: p.responses[0].clone(),
             rejected: p.responses[1].clone(),
-            ref_chosen: r.ref_chosen,
-            ref_rejected: r.ref_rejected,
+            ref_chosen: reference(p, 0),
+            ref_rejected: reference(p, 1),
         })
         .collect();
     let t = m.cfg.text.clone();
@@ -358,18 +379,31 @@ fn a_short_training_run_learns_the_preferences() {
         grad_accum: 1,
         steps: 8,
         seed: 0,
+        pass: PassOptions::default(),
     };
     let mut seen = 0;
     let mut state = TrainState::default();
-    let h = train(&mut m, &mut w, &mut state, &pairs, &cfg, &mut |_, _, _| {
-        seen += 1;
-        Ok(())
-    })
-    .unwrap();
+    let never = AtomicBool::new(false);
+    let h = train(
+        &mut m,
+        &mut w,
+        &mut state,
+        &pairs,
+        &cfg,
+        &never,
+        &mut |_, _, _| {
+            seen += 1;
+            Ok(())
+        },
+    )
+    .unwrap()
+    .history;
     assert_eq!(state.step, 8);
     assert_eq!(seen, 8);
+    // B = 0 adds exact zeros: the policy's log-probs are the reference's bits, so the loss is
+    // -log σ(0) up to the rounding of ln 2 itself
     assert!(
-        (h[0].loss - std::f64::consts::LN_2).abs() < 1e-9,
+        (h[0].loss - std::f64::consts::LN_2).abs() < 1e-15 && h[0].margins == 0.0,
         "step 1 starts at ln 2: {}",
         h[0].loss
     );
@@ -427,6 +461,7 @@ fn non_finite_steps_are_skipped_then_stop_the_run() {
         grad_accum: 1,
         steps: 10,
         seed: 0,
+        pass: PassOptions::default(),
     };
     let mut logged = Vec::new();
     let err = train(
@@ -435,6 +470,7 @@ fn non_finite_steps_are_skipped_then_stop_the_run() {
         &mut TrainState::default(),
         &pairs,
         &cfg,
+        &AtomicBool::new(false),
         &mut |s, _, _| {
             logged.push(s.skipped);
             Ok(())
@@ -449,4 +485,120 @@ fn non_finite_steps_are_skipped_then_stop_the_run() {
     );
     assert!(err.contains("3 steps in a row"), "{err}");
     assert_eq!(w, before, "skipped steps leave the weights alone");
+}
+
+/// Gradient checkpointing recomputes each layer with the same ops in the same order: the gradients
+/// are the same bits as with every activation kept.
+#[test]
+fn gradient_checkpointing_gives_the_same_gradients() {
+    use miadpo::model::lora::Proj;
+    let dir = fixture_dir();
+    let mut m = Llava::load(&dir.join("model"), CpuBackend::new()).unwrap();
+    m.load_adapter(&dir.join("adapter")).unwrap();
+    let prepared = prepare(&m);
+    let out = dpo_loss(
+        &DpoConfig::default(),
+        &pair_logps(&m, &prepared),
+        &mut RunningMean::default(),
+    );
+    let on = lora_grads_with(
+        &m,
+        &prepared,
+        &out,
+        PassOptions {
+            checkpointing: true,
+            lora_dropout: 0.0,
+        },
+    );
+    let off = lora_grads_with(
+        &m,
+        &prepared,
+        &out,
+        PassOptions {
+            checkpointing: false,
+            lora_dropout: 0.0,
+        },
+    );
+    for layer in 0..m.cfg.text.num_layers {
+        for proj in Proj::ALL {
+            assert_eq!(
+                on.host(&m.be, layer, proj),
+                off.host(&m.be, layer, proj),
+                "layer {layer} {proj:?}"
+            );
+        }
+    }
+}
+
+/// With LoRA dropout the gradient is that of the dropped-out forward (same key, same mask): checked
+/// against a central finite difference of the log-prob along a random direction of one B and one A.
+#[test]
+fn lora_dropout_gradients_match_finite_differences() {
+    use miadpo::model::lora::Proj;
+    use miadpo::train::adapter::LoraWeights;
+    use miadpo::train::backward::{backward, forward, LoraGrads};
+    use miadpo::train::trainer::set_lora;
+    let dir = fixture_dir();
+    let mut m = Llava::load(&dir.join("model"), CpuBackend::new()).unwrap();
+    m.load_adapter(&dir.join("adapter")).unwrap();
+    let w = LoraWeights::from_adapter(m.adapter.as_ref().unwrap()).unwrap();
+    let p = &prepare(&m)[0];
+    let ids = [p.prompt.clone(), p.responses[0].clone()].concat();
+    let o = PassOptions {
+        checkpointing: true,
+        lora_dropout: 0.3,
+    };
+    let key = 12345;
+    let logp = |m: &Llava<CpuBackend>| forward(m, &ids, &p.feats, p.prompt.len(), o, key).unwrap().logp;
+    let f = forward(&m, &ids, &p.feats, p.prompt.len(), o, key).unwrap();
+    let plain = forward(&m, &ids, &p.feats, p.prompt.len(), PassOptions::default(), key).unwrap();
+    assert_ne!(f.logp, plain.logp, "dropout changes the forward");
+    assert_eq!(f.logp, logp(&m), "the same key draws the same mask");
+    let mut g = LoraGrads::default();
+    backward(&m, &f, 1.0, o, &mut g);
+    let mut rng = 0x1234_5678_u64;
+    for (layer, proj, which) in [(1, Proj::V, 'B'), (0, Proj::Up, 'A')] {
+        let (da, db) = g.host(&m.be, layer, proj).unwrap();
+        let grad = if which == 'A' { da } else { db };
+        let i = w
+            .modules
+            .iter()
+            .position(|mw| (mw.layer, mw.proj) == (layer, proj))
+            .unwrap();
+        let dir_v: Vec<f32> = (0..grad.len())
+            .map(|_| {
+                rng = rng
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((rng >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect();
+        let analytic: f64 = grad
+            .iter()
+            .zip(&dir_v)
+            .map(|(g, v)| (*g as f64) * (*v as f64))
+            .sum();
+        // ε: large enough that f32 rounding of a ~-100 log-prob (~1e-5) stays small against the
+        // difference, small enough that the O(ε²) curvature term stays small too (2e-2 already
+        // showed 3% from curvature along A)
+        let eps = 5e-3f32;
+        let mut at = |sign: f32| {
+            let mut w2 = w.clone();
+            let t = if which == 'A' {
+                &mut w2.modules[i].a
+            } else {
+                &mut w2.modules[i].b
+            };
+            t.iter_mut().zip(&dir_v).for_each(|(x, v)| *x += sign * eps * v);
+            set_lora(&mut m, &w2).unwrap();
+            logp(&m)
+        };
+        let numeric = (at(1.0) - at(-1.0)) / (2.0 * eps as f64);
+        let rel = (numeric - analytic).abs() / analytic.abs().max(1e-6);
+        // f32 forward: the difference quotient carries ~1e-5/ε ≈ 2e-3 absolute noise on values ~2
+        assert!(
+            rel < 1e-2,
+            "layer {layer} {proj:?} {which}: numeric {numeric} vs analytic {analytic} (rel {rel:.2e})"
+        );
+    }
 }

@@ -33,7 +33,7 @@ const LABEL_INDENT: u32 = 20;
 
 /// DejaVu Sans Bold (Bitstream Vera licence, `assets/fonts/DejaVu-LICENSE.txt`), embedded so that the
 /// labels do not depend on the fonts installed on the machine.
-static FONT_BYTES: &[u8] = include_bytes!(concat!(
+pub(crate) static FONT_BYTES: &[u8] = include_bytes!(concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/assets/fonts/DejaVuSans-Bold.ttf"
 ));

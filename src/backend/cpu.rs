@@ -51,6 +51,9 @@ pub const DOT_ROWS: usize = 16;
 /// instead of sgemm, which would first copy (pack) the whole cache of the head.
 const DECODE_ROWS: usize = 4;
 
+/// Rows of logits the fused log-prob ops hold at once: (64, vocab) f32 is 8 MB for a 32k vocabulary.
+const LOGIT_ROWS: usize = 64;
+
 /// Output features per rayon task: a few tasks per thread so the threads stay balanced, and enough
 /// columns that sgemm's packing of x is amortised.
 fn col_block(n: usize, m: usize) -> usize {
@@ -408,35 +411,7 @@ impl Backend for CpuBackend {
     }
 
     fn rope(&self, x: &mut Vec<f32>, heads: usize, head_dim: usize, positions: &[usize], theta: f64) {
-        assert_eq!(x.len(), positions.len() * heads * head_dim, "rope: x shape");
-        let half = head_dim / 2;
-        // inv_freq[i] = theta^(-2i/D), computed in f64 and rounded once, then angles in f64 so long
-        // positions keep their precision (HF computes the angle in f32 from f32 inv_freq; the f64
-        // oracle is what we match).
-        let inv: Vec<f64> = (0..half)
-            .map(|i| theta.powf(-((2 * i) as f64) / head_dim as f64))
-            .collect();
-        x.par_chunks_mut(heads * head_dim)
-            .enumerate()
-            .for_each(|(r, row)| {
-                let pos = positions[r] as f64;
-                let (cos, sin): (Vec<f32>, Vec<f32>) = inv
-                    .iter()
-                    .map(|f| {
-                        let a = pos * f;
-                        (a.cos() as f32, a.sin() as f32)
-                    })
-                    .unzip();
-                for h in row.chunks_exact_mut(head_dim) {
-                    let (lo, hi) = h.split_at_mut(half);
-                    for i in 0..half {
-                        let (a, b) = (lo[i], hi[i]);
-                        // rotate_half: (x1, x2) -> (-x2, x1)
-                        lo[i] = a * cos[i] - b * sin[i];
-                        hi[i] = b * cos[i] + a * sin[i];
-                    }
-                }
-            });
+        rotate(x, heads, head_dim, positions, theta, 1.0);
     }
 
     fn attention(
@@ -601,6 +576,404 @@ impl Backend for CpuBackend {
             .map(|(row, &t)| row[t as usize] - log_sum_exp(row))
             .collect()
     }
+
+    fn linear_backward(&self, dy: &Vec<f32>, m: usize, w: &CpuMat) -> Vec<f32> {
+        let (n, k) = (w.rows, w.cols);
+        assert_eq!(dy.len(), m * n, "linear_backward: dy is not ({m}, {n})");
+        let mut dx = vec![0f32; m * k]; // (m, k)
+                                        // tasks over column blocks of dx: each converts its (n, kb) block of w once
+        let kb = col_block(k, m.max(DOT_ROWS + 1));
+        let dx_ptr = SendPtr(dx.as_mut_ptr());
+        (0..k.div_ceil(kb))
+            .into_par_iter()
+            .for_each_init(Vec::new, |wf, bi| {
+                let (c0, c1) = (bi * kb, ((bi + 1) * kb).min(k));
+                wf.resize(n * (c1 - c0), 0.0);
+                w.t.block_f32(0, n, c0, c1, wf); // (n, c1-c0)
+                                                 // SAFETY: dy (m, n), wf (n, c1-c0), and columns [c0, c1) of dx (row stride k), which
+                                                 // task bi alone writes.
+                unsafe {
+                    matrixmultiply::sgemm(
+                        m,
+                        n,
+                        c1 - c0,
+                        1.0,
+                        dy.as_ptr(),
+                        n as isize,
+                        1,
+                        wf.as_ptr(),
+                        (c1 - c0) as isize,
+                        1,
+                        0.0,
+                        dx_ptr.at(c0),
+                        k as isize,
+                        1,
+                    )
+                };
+            });
+        dx
+    }
+
+    fn matmul_tn_acc(
+        &self,
+        g: &mut Vec<f32>,
+        alpha: f32,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        k: usize,
+        m: usize,
+        n: usize,
+    ) {
+        assert_eq!(a.len(), k * m, "matmul_tn_acc: a is not ({k}, {m})");
+        assert_eq!(b.len(), k * n, "matmul_tn_acc: b is not ({k}, {n})");
+        assert_eq!(g.len(), m * n, "matmul_tn_acc: g is not ({m}, {n})");
+        let nb = col_block(n, m.max(DOT_ROWS + 1));
+        let g_ptr = SendPtr(g.as_mut_ptr());
+        (0..n.div_ceil(nb)).into_par_iter().for_each(|bi| {
+            let (c0, c1) = (bi * nb, ((bi + 1) * nb).min(n));
+            // SAFETY: a read transposed (m, k); columns [c0, c1) of b (row stride n) and of g, which
+            // task bi alone writes.
+            unsafe {
+                matrixmultiply::sgemm(
+                    m,
+                    k,
+                    c1 - c0,
+                    alpha,
+                    a.as_ptr(),
+                    1,
+                    m as isize,
+                    b.as_ptr().add(c0),
+                    n as isize,
+                    1,
+                    1.0,
+                    g_ptr.at(c0),
+                    n as isize,
+                    1,
+                )
+            };
+        });
+    }
+
+    fn rms_norm_backward(&self, x: &Vec<f32>, d: usize, w: &Vec<f32>, dy: &Vec<f32>, eps: f32) -> Vec<f32> {
+        assert_eq!(x.len(), dy.len(), "rms_norm_backward: shapes");
+        let mut dx = vec![0f32; x.len()];
+        dx.par_chunks_mut(d)
+            .zip(x.par_chunks(d).zip(dy.par_chunks(d)))
+            .for_each(|(dxr, (xr, dyr))| {
+                // y = w ⊙ x · r with r = 1/√(mean x² + eps): dx = r · (w ⊙ dy) − x · r³ · Σ(w ⊙ dy ⊙ x) / d
+                let r = 1.0 / (xr.iter().map(|v| v * v).sum::<f32>() / d as f32 + eps).sqrt();
+                let dot: f32 = (0..d).map(|i| w[i] * dyr[i] * xr[i]).sum();
+                let c = r * r * r * dot / d as f32;
+                for i in 0..d {
+                    dxr[i] = r * w[i] * dyr[i] - xr[i] * c;
+                }
+            });
+        dx
+    }
+
+    fn rope_backward(
+        &self,
+        dx: &mut Vec<f32>,
+        heads: usize,
+        head_dim: usize,
+        positions: &[usize],
+        theta: f64,
+    ) {
+        rotate(dx, heads, head_dim, positions, theta, -1.0);
+    }
+
+    fn swiglu_backward(&self, gate: &Vec<f32>, up: &Vec<f32>, dmid: &Vec<f32>) -> (Vec<f32>, Vec<f32>) {
+        assert!(
+            gate.len() == up.len() && up.len() == dmid.len(),
+            "swiglu_backward: shapes"
+        );
+        let (mut dg, mut du) = (vec![0f32; gate.len()], vec![0f32; gate.len()]);
+        dg.par_chunks_mut(4096)
+            .zip(du.par_chunks_mut(4096))
+            .enumerate()
+            .for_each(|(c, (dg, du))| {
+                let o = c * 4096;
+                for i in 0..dg.len() {
+                    let (g, u, dm) = (gate[o + i], up[o + i], dmid[o + i]);
+                    // silu(g) = g·σ(g); silu'(g) = σ(g)·(1 + g·(1 − σ(g)))
+                    let sg = 1.0 / (1.0 + fast_exp(-g));
+                    du[i] = dm * g * sg;
+                    dg[i] = dm * u * sg * (1.0 + g * (1.0 - sg));
+                }
+            });
+        (dg, du)
+    }
+
+    fn attention_backward(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        out: &Vec<f32>,
+        dout: &Vec<f32>,
+        s: AttnShape,
+    ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let d = s.head_dim;
+        let (qs, ks) = (s.heads * d, s.kv_heads * d);
+        assert_eq!(q.len(), s.tq * qs, "attention_backward: q shape");
+        assert_eq!(k.len(), s.tk * ks, "attention_backward: k shape");
+        assert_eq!(out.len(), q.len(), "attention_backward: out shape");
+        assert_eq!(dout.len(), q.len(), "attention_backward: dout shape");
+        let group = s.heads / s.kv_heads;
+        let scale = 1.0 / (d as f32).sqrt();
+        const QB: usize = 64;
+        // one task per head: it owns its dq columns and its own dk, dv (tk, d), summed per kv head below
+        let per_head: Vec<(Vec<f32>, Vec<f32>, Vec<f32>)> = (0..s.heads)
+            .into_par_iter()
+            .map(|h| {
+                let kvh = h / group;
+                let (mut dq, mut dk, mut dv) =
+                    (vec![0f32; s.tq * d], vec![0f32; s.tk * d], vec![0f32; s.tk * d]);
+                for i0 in (0..s.tq).step_by(QB) {
+                    let i1 = (i0 + QB).min(s.tq);
+                    let rows = i1 - i0;
+                    let tk = if s.causal { (s.q_pos0 + i1).min(s.tk) } else { s.tk };
+                    let mut p = vec![0f32; rows * tk]; // (rows, tk): scores, then probabilities
+                    let mut dp = vec![0f32; rows * tk]; // dO · Vᵀ, then dS
+                                                        // SAFETY (all four products): q/dout rows i0..i1 at column h·d with row stride qs;
+                                                        // k, v (tk, d) at column kvh·d with row stride ks; p, dp (rows, tk); dq (tq, d);
+                                                        // dk, dv (tk, d) — every pointer and extent is inside its buffer.
+                    unsafe {
+                        matrixmultiply::sgemm(
+                            rows,
+                            d,
+                            tk,
+                            scale,
+                            q.as_ptr().add(i0 * qs + h * d),
+                            qs as isize,
+                            1,
+                            k.as_ptr().add(kvh * d),
+                            1,
+                            ks as isize,
+                            0.0,
+                            p.as_mut_ptr(),
+                            tk as isize,
+                            1,
+                        );
+                        matrixmultiply::sgemm(
+                            rows,
+                            d,
+                            tk,
+                            1.0,
+                            dout.as_ptr().add(i0 * qs + h * d),
+                            qs as isize,
+                            1,
+                            v.as_ptr().add(kvh * d),
+                            1,
+                            ks as isize,
+                            0.0,
+                            dp.as_mut_ptr(),
+                            tk as isize,
+                            1,
+                        );
+                    }
+                    for r in 0..rows {
+                        let visible = if s.causal {
+                            (s.q_pos0 + i0 + r + 1).min(tk)
+                        } else {
+                            tk
+                        };
+                        let (pr, dpr) = (&mut p[r * tk..(r + 1) * tk], &mut dp[r * tk..(r + 1) * tk]);
+                        softmax_in_place(&mut pr[..visible]);
+                        pr[visible..].fill(0.0);
+                        // dS = P ⊙ (dP − rowsum(dO ⊙ O)), then the 1/√D of the scores
+                        let (o_r, do_r) = (
+                            &out[(i0 + r) * qs + h * d..][..d],
+                            &dout[(i0 + r) * qs + h * d..][..d],
+                        );
+                        let di: f32 = o_r.iter().zip(do_r).map(|(a, b)| a * b).sum();
+                        for j in 0..tk {
+                            dpr[j] = pr[j] * (dpr[j] - di) * scale;
+                        }
+                    }
+                    unsafe {
+                        // dq rows = dS · K
+                        matrixmultiply::sgemm(
+                            rows,
+                            tk,
+                            d,
+                            1.0,
+                            dp.as_ptr(),
+                            tk as isize,
+                            1,
+                            k.as_ptr().add(kvh * d),
+                            ks as isize,
+                            1,
+                            0.0,
+                            dq.as_mut_ptr().add(i0 * d),
+                            d as isize,
+                            1,
+                        );
+                        // dk += dSᵀ · Q
+                        matrixmultiply::sgemm(
+                            tk,
+                            rows,
+                            d,
+                            1.0,
+                            dp.as_ptr(),
+                            1,
+                            tk as isize,
+                            q.as_ptr().add(i0 * qs + h * d),
+                            qs as isize,
+                            1,
+                            1.0,
+                            dk.as_mut_ptr(),
+                            d as isize,
+                            1,
+                        );
+                        // dv += Pᵀ · dO
+                        matrixmultiply::sgemm(
+                            tk,
+                            rows,
+                            d,
+                            1.0,
+                            p.as_ptr(),
+                            1,
+                            tk as isize,
+                            dout.as_ptr().add(i0 * qs + h * d),
+                            qs as isize,
+                            1,
+                            1.0,
+                            dv.as_mut_ptr(),
+                            d as isize,
+                            1,
+                        );
+                    }
+                }
+                (dq, dk, dv)
+            })
+            .collect();
+        let (mut dq, mut dk, mut dv) = (
+            vec![0f32; s.tq * qs],
+            vec![0f32; s.tk * ks],
+            vec![0f32; s.tk * ks],
+        );
+        for (h, (hq, hk, hv)) in per_head.iter().enumerate() {
+            let kvh = h / group;
+            for (r, src) in hq.chunks_exact(d).enumerate() {
+                dq[r * qs + h * d..][..d].copy_from_slice(src);
+            }
+            for (r, (sk, sv)) in hk.chunks_exact(d).zip(hv.chunks_exact(d)).enumerate() {
+                dk[r * ks + kvh * d..][..d]
+                    .iter_mut()
+                    .zip(sk)
+                    .for_each(|(a, b)| *a += b);
+                dv[r * ks + kvh * d..][..d]
+                    .iter_mut()
+                    .zip(sv)
+                    .for_each(|(a, b)| *a += b);
+            }
+        }
+        (dq, dk, dv)
+    }
+
+    fn fused_logprobs(
+        &self,
+        hidden: &Vec<f32>,
+        rows: usize,
+        w: &CpuMat,
+        targets: &[u32],
+    ) -> (Vec<f32>, Vec<f32>) {
+        assert_eq!(targets.len(), rows, "fused_logprobs: one target per row");
+        let h = w.cols;
+        let (mut logp, mut lse) = (Vec::with_capacity(rows), Vec::with_capacity(rows));
+        for r0 in (0..rows).step_by(LOGIT_ROWS) {
+            let r1 = (r0 + LOGIT_ROWS).min(rows);
+            let logits = self.linear(&hidden[r0 * h..r1 * h].to_vec(), r1 - r0, w, None); // (block, vocab)
+            let (lp, ls): (Vec<f32>, Vec<f32>) = logits
+                .par_chunks(w.rows)
+                .zip(targets[r0..r1].par_iter())
+                .map(|(row, &t)| {
+                    let z = log_sum_exp(row);
+                    (row[t as usize] - z, z)
+                })
+                .unzip();
+            logp.extend(lp);
+            lse.extend(ls);
+        }
+        (logp, lse)
+    }
+
+    fn fused_logprobs_backward(
+        &self,
+        hidden: &Vec<f32>,
+        rows: usize,
+        w: &CpuMat,
+        targets: &[u32],
+        lse: &[f32],
+        dlogp: &[f32],
+    ) -> Vec<f32> {
+        assert!(
+            targets.len() == rows && lse.len() == rows && dlogp.len() == rows,
+            "fused_logprobs_backward: one entry per row"
+        );
+        let (vocab, h) = (w.rows, w.cols);
+        let mut dh = Vec::with_capacity(rows * h);
+        for r0 in (0..rows).step_by(LOGIT_ROWS) {
+            let r1 = (r0 + LOGIT_ROWS).min(rows);
+            let mut dl = self.linear(&hidden[r0 * h..r1 * h].to_vec(), r1 - r0, w, None); // logits, then d logits
+            dl.par_chunks_mut(vocab).enumerate().for_each(|(i, row)| {
+                let (g, z, t) = (dlogp[r0 + i], lse[r0 + i], targets[r0 + i] as usize);
+                row.iter_mut().for_each(|l| *l = -g * fast_exp(*l - z));
+                row[t] += g;
+            });
+            dh.extend(self.linear_backward(&dl, r1 - r0, w));
+        }
+        dh
+    }
+
+    fn dropout(&self, x: &Vec<f32>, p: f32, key: u64) -> Vec<f32> {
+        let keep_scale = 1.0 / (1.0 - p);
+        x.par_iter()
+            .enumerate()
+            .map(|(i, &v)| {
+                if super::dropout_keep(key, i as u64, p) {
+                    v * keep_scale
+                } else {
+                    0.0
+                }
+            })
+            .collect()
+    }
+}
+
+/// RoPE's rotation of x (rows, heads·D) by `sign` × the angles of each row's position (−1: the inverse,
+/// which is the backward).
+fn rotate(x: &mut [f32], heads: usize, head_dim: usize, positions: &[usize], theta: f64, sign: f64) {
+    assert_eq!(x.len(), positions.len() * heads * head_dim, "rope: x shape");
+    let half = head_dim / 2;
+    // inv_freq[i] = theta^(-2i/D), computed in f64 and rounded once, then angles in f64 so long
+    // positions keep their precision (HF computes the angle in f32 from f32 inv_freq; the f64
+    // oracle is what we match).
+    let inv: Vec<f64> = (0..half)
+        .map(|i| theta.powf(-((2 * i) as f64) / head_dim as f64))
+        .collect();
+    x.par_chunks_mut(heads * head_dim)
+        .enumerate()
+        .for_each(|(r, row)| {
+            let pos = positions[r] as f64;
+            let (cos, sin): (Vec<f32>, Vec<f32>) = inv
+                .iter()
+                .map(|f| {
+                    let a = pos * f;
+                    (a.cos() as f32, (sign * a.sin()) as f32)
+                })
+                .unzip();
+            for h in row.chunks_exact_mut(head_dim) {
+                let (lo, hi) = h.split_at_mut(half);
+                for i in 0..half {
+                    let (a, b) = (lo[i], hi[i]);
+                    // rotate_half: (x1, x2) -> (-x2, x1)
+                    lo[i] = a * cos[i] - b * sin[i];
+                    hi[i] = b * cos[i] + a * sin[i];
+                }
+            }
+        });
 }
 
 /// log Σ exp(x), accumulated in f64 so a 32k-entry vocabulary adds no rounding of its own.

@@ -132,4 +132,91 @@ pub trait Backend: Send + Sync {
     fn scatter_rows(&self, x: &mut Self::Buf, d: usize, rows: &[usize], src: &Self::Buf);
     /// Per row of logits (rows, vocab): log-softmax at `targets[row]`.
     fn token_logprobs(&self, logits: &Self::Buf, vocab: usize, targets: &[u32]) -> Vec<f32>;
+
+    // ---- training: each op is the backward of a forward op above, or a fused pair
+
+    /// The input gradient of `linear`: dx (m, k) = dy (m, n) · w (n, k).
+    fn linear_backward(&self, dy: &Self::Buf, m: usize, w: &Self::Mat) -> Self::Buf;
+    /// Weight gradients: g (m, n) += alpha · aᵀ · b, with a (k, m) and b (k, n).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_tn_acc(
+        &self,
+        g: &mut Self::Buf,
+        alpha: f32,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        k: usize,
+        m: usize,
+        n: usize,
+    );
+    /// The input gradient of `rms_norm` (weights frozen): x, dy (rows, d) -> dx (rows, d).
+    fn rms_norm_backward(
+        &self,
+        x: &Self::Buf,
+        d: usize,
+        w: &Self::Buf,
+        dy: &Self::Buf,
+        eps: f32,
+    ) -> Self::Buf;
+    /// The backward of `rope`: rotates the gradient back by the same angles.
+    fn rope_backward(
+        &self,
+        dx: &mut Self::Buf,
+        heads: usize,
+        head_dim: usize,
+        positions: &[usize],
+        theta: f64,
+    );
+    /// The backward of SwiGLU `mid = silu(gate) ⊙ up`: (d gate, d up), gate taken before the activation.
+    fn swiglu_backward(&self, gate: &Self::Buf, up: &Self::Buf, dmid: &Self::Buf) -> (Self::Buf, Self::Buf);
+    /// The backward of `attention` (same shapes, no spans): recomputes the probabilities from q and k
+    /// block by block and returns (dq, dk, dv); `out` is the forward's output.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        out: &Self::Buf,
+        dout: &Self::Buf,
+        shape: AttnShape,
+    ) -> (Self::Buf, Self::Buf, Self::Buf);
+    /// Log-probabilities of `targets` from hidden states (rows, hidden) through the LM head w (vocab,
+    /// hidden), a block of rows at a time so the (rows, vocab) logits never exist whole. Returns
+    /// (log-prob, log-sum-exp) per row; the log-sum-exp is what the backward needs.
+    fn fused_logprobs(
+        &self,
+        hidden: &Self::Buf,
+        rows: usize,
+        w: &Self::Mat,
+        targets: &[u32],
+    ) -> (Vec<f32>, Vec<f32>);
+    /// d hidden (rows, hidden) of Σ_r `dlogp[r]` · logp_r, recomputing the logits block by block:
+    /// ∂logp/∂logits = onehot(target) − softmax.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_logprobs_backward(
+        &self,
+        hidden: &Self::Buf,
+        rows: usize,
+        w: &Self::Mat,
+        targets: &[u32],
+        lse: &[f32],
+        dlogp: &[f32],
+    ) -> Self::Buf;
+    /// Inverted dropout with the mask of [`dropout_keep`]: x / (1 − p) where kept, 0 elsewhere. The
+    /// same key gives the same mask (the backward reapplies it to the gradient).
+    fn dropout(&self, x: &Self::Buf, p: f32, key: u64) -> Self::Buf;
+}
+
+/// Whether element `index` survives dropout of rate `p` under `key`: a counter-based hash
+/// (splitmix64 of key and index), so every backend draws the same mask without carrying RNG state,
+/// and a resumed run draws what the uninterrupted one would have.
+#[inline]
+pub fn dropout_keep(key: u64, index: u64, p: f32) -> bool {
+    let mut z = key ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    // 24 random bits -> [0, 1)
+    ((z >> 40) as f32) * (1.0 / (1u64 << 24) as f32) >= p
 }

@@ -213,6 +213,33 @@ impl Tensor {
         convert_to_f32(self.dtype, bytes, out);
     }
 
+    /// Converts the column block `[c0, c1)` of rows `[r0, r1)` to f32 into `out` ((r1 - r0) · (c1 - c0)
+    /// elements, row-major): the transposed products of the backward pass read weights by columns.
+    pub fn block_f32(&self, r0: usize, r1: usize, c0: usize, c1: usize, out: &mut [f32]) {
+        let (rows, cols) = self.rows_cols();
+        assert!(
+            r0 <= r1 && r1 <= rows && c0 <= c1 && c1 <= cols,
+            "tensor `{}`: block rows {r0}..{r1}, columns {c0}..{c1} out of range for shape {:?}",
+            self.name,
+            self.shape
+        );
+        let (w, size) = (c1 - c0, self.dtype.size());
+        assert_eq!(
+            out.len(),
+            (r1 - r0) * w,
+            "tensor `{}`: block output length",
+            self.name
+        );
+        let bytes = self.bytes();
+        for (r, o) in (r0..r1).zip(out.chunks_exact_mut(w.max(1))) {
+            convert_to_f32(
+                self.dtype,
+                &bytes[(r * cols + c0) * size..(r * cols + c1) * size],
+                o,
+            );
+        }
+    }
+
     /// Checks the shape against what the model config implies, so a wrong checkpoint or config is
     /// reported at load time with both shapes, instead of as a wrong answer or an index panic later.
     pub fn expect_shape(&self, shape: &[usize]) -> Result<&Self> {

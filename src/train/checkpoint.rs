@@ -34,12 +34,8 @@ struct StateFile {
 /// its name, size and header (the tensor table), so another base is told apart without reading
 /// gigabytes of weights.
 pub fn base_fingerprint(model: &Path) -> Result<String> {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let mut eat = |bytes: &[u8]| {
-        for &b in bytes {
-            h = (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
-        }
-    };
+    let mut h = Fnv::default();
+    let mut eat = |bytes: &[u8]| h.eat(bytes);
     let cfg = model.join("config.json");
     eat(&std::fs::read(&cfg).map_err(|e| Error::io(&cfg, e))?);
     let mut files: Vec<PathBuf> = std::fs::read_dir(model)
@@ -57,7 +53,28 @@ pub fn base_fingerprint(model: &Path) -> Result<String> {
         eat(&file.metadata().map_err(|e| Error::io(&f, e))?.len().to_le_bytes());
         eat(&head[..n]);
     }
-    Ok(format!("{h:016x}"))
+    Ok(h.hex())
+}
+
+/// FNV-1a, 64 bits: fingerprints of files and token sequences (not a cryptographic hash: it tells
+/// apart inputs that differ by accident, which is all a cache key needs).
+pub(crate) struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    pub(crate) fn eat(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    pub(crate) fn hex(&self) -> String {
+        format!("{:016x}", self.0)
+    }
 }
 
 /// Writes OUT/checkpoint-STEP atomically; returns its path.

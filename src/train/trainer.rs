@@ -1,7 +1,8 @@
-//! The DPO training loop on the CPU reference backend: policy forward, DPO loss, hand-written
-//! backward into the LoRA weights, gradient accumulation and clipping, optimizer and schedule.
-//! (Checkpoints, resume, the reference-log-prob cache and the `train` command come next.)
+//! The DPO training loop, on any backend: policy forward, DPO loss, hand-written backward into the
+//! LoRA weights, gradient accumulation and clipping, optimizer and schedule, and a clean stop between
+//! (or inside) steps when asked to. Checkpoints are the caller's (`on_step`).
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use rand::seq::SliceRandom;
@@ -10,15 +11,13 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use super::adapter::LoraWeights;
-use super::backward::{sequence_logp_backward, LoraGrads};
+use super::backward::{backward, forward, LoraGrads, PassOptions};
 use super::dpo::{dpo_loss, DpoConfig, PairLogps, RunningMean};
 use super::optim::{clip_grad_norm, update, OptimConfig, ParamState, Schedule};
-use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
 use crate::model::llama::LoraPair;
 use crate::model::llava::Llava;
 use crate::model::weights::Tensor;
-use crate::text::tokenizer::PromptIds;
 use crate::{Error, Result};
 
 /// Puts in-memory LoRA weights on the model's decoder (replacing any adapter), unmerged.
@@ -72,8 +71,9 @@ pub struct TrainConfig {
     pub grad_accum: usize,
     /// optimizer steps
     pub steps: usize,
-    /// data order
+    /// data order and LoRA-dropout masks
     pub seed: u64,
+    pub pass: PassOptions,
 }
 
 /// TRL's metric names, per optimizer step.
@@ -131,16 +131,38 @@ pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     order
 }
 
+/// How a call to [`train`] ended.
+#[derive(Debug)]
+pub struct TrainOutcome {
+    /// metrics of the steps done by this call
+    pub history: Vec<StepMetrics>,
+    /// `stop` was raised: the state is that of the last finished step (a step in progress was
+    /// abandoned and will be redone, identically, on resume)
+    pub interrupted: bool,
+}
+
+/// The LoRA-dropout key of one sequence: a function of the seed and the sequence's place in the run,
+/// so a resumed run draws the masks the uninterrupted one would have.
+fn sequence_key(seed: u64, step: usize, micro: usize, pair: usize, response: usize) -> u64 {
+    let mut k = seed ^ 0x6D69_6164_706F_0001; // "miadpo"
+    for v in [step, micro, pair, response] {
+        k = (k ^ v as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
+    }
+    k
+}
+
 /// Runs optimizer steps from `state.step` to `cfg.steps` over `pairs`, updating `w`, `state` and the
 /// model's LoRA in place. After each step `on_step` sees its metrics and the state (to checkpoint it).
-pub fn train(
-    m: &mut Llava<CpuBackend>,
+/// When `stop` is raised, returns between sequences with the state of the last finished step.
+pub fn train<B: Backend>(
+    m: &mut Llava<B>,
     w: &mut LoraWeights,
     state: &mut TrainState,
     pairs: &[TrainPair],
     cfg: &TrainConfig,
+    stop: &AtomicBool,
     on_step: &mut dyn FnMut(&StepMetrics, &TrainState, &LoraWeights) -> Result<()>,
-) -> Result<Vec<StepMetrics>> {
+) -> Result<TrainOutcome> {
     if pairs.is_empty() || cfg.batch_size == 0 || cfg.grad_accum == 0 {
         return Err(Error::Invalid(
             "training needs pairs, --batch-size >= 1 and --grad-accum >= 1".into(),
@@ -153,13 +175,22 @@ pub fn train(
     }
     let mut order = epoch_order(pairs.len(), cfg.seed, state.epoch);
     let mut history = Vec::with_capacity(cfg.steps.saturating_sub(state.step));
+    let stopped = |history: Vec<StepMetrics>| TrainOutcome {
+        history,
+        interrupted: true,
+    };
     while state.step < cfg.steps {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(stopped(history));
+        }
         let step = state.step;
+        // restored if the step is abandoned (the optimizer state changes only at the update)
+        let before = (state.epoch, state.cursor, state.running);
         let t0 = Instant::now();
-        let mut grads = LoraGrads::default();
+        let mut grads = LoraGrads::<B>::default();
         let (mut loss, mut rc, mut rr, mut acc, mut lpc, mut lpr, mut tokens) =
             (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0usize);
-        for _ in 0..cfg.grad_accum {
+        for micro in 0..cfg.grad_accum {
             let mut batch = Vec::with_capacity(cfg.batch_size);
             while batch.len() < cfg.batch_size {
                 if state.cursor == order.len() {
@@ -170,39 +201,42 @@ pub fn train(
                 batch.push(&pairs[order[state.cursor]]);
                 state.cursor += 1;
             }
-            // policy log-probs (forward with the KV cache shared by both answers)
+            // policy forward of both answers of every pair (kept for the backward)
+            let mut fwds = Vec::with_capacity(batch.len());
             let mut logps = Vec::with_capacity(batch.len());
-            for p in &batch {
-                let prompt = PromptIds {
-                    ids: p.prompt.clone(),
-                    image_spans: Vec::new(),
-                };
-                let lp = m.sequence_logps(
-                    &prompt,
-                    &p.features,
-                    &[p.chosen.clone(), p.rejected.clone()],
-                    true,
-                )?;
+            for (i, p) in batch.iter().enumerate() {
+                let features = m.be.upload(&p.features);
+                let mut pair = Vec::with_capacity(2);
+                for (ri, resp) in [&p.chosen, &p.rejected].into_iter().enumerate() {
+                    if stop.load(Ordering::Relaxed) {
+                        (state.epoch, state.cursor, state.running) = before;
+                        return Ok(stopped(history));
+                    }
+                    let ids = [p.prompt.as_slice(), resp].concat();
+                    let key = sequence_key(cfg.seed, step, micro, i, ri);
+                    pair.push(forward(m, &ids, &features, p.prompt.len(), cfg.pass, key)?);
+                }
                 logps.push(PairLogps {
-                    policy_chosen: lp[0],
-                    policy_rejected: lp[1],
+                    policy_chosen: pair[0].logp,
+                    policy_rejected: pair[1].logp,
                     ref_chosen: p.ref_chosen,
                     ref_rejected: p.ref_rejected,
                     chosen_tokens: p.chosen.len(),
                     rejected_tokens: p.rejected.len(),
                 });
+                fwds.push(pair);
             }
             let out = dpo_loss(&cfg.dpo, &logps, &mut state.running);
             // backward of the mean loss of this micro-batch, averaged over the accumulation steps
             let k = cfg.grad_accum as f64;
-            for (i, p) in batch.iter().enumerate() {
-                for (resp, g) in [
-                    (&p.chosen, out.grad_chosen[i]),
-                    (&p.rejected, out.grad_rejected[i]),
-                ] {
-                    let ids = [p.prompt.clone(), resp.clone()].concat();
-                    sequence_logp_backward(m, &ids, &p.features, p.prompt.len(), g / k, &mut grads)?;
-                    tokens += ids.len();
+            for (i, pair) in fwds.iter().enumerate() {
+                for (f, g) in pair.iter().zip([out.grad_chosen[i], out.grad_rejected[i]]) {
+                    if stop.load(Ordering::Relaxed) {
+                        (state.epoch, state.cursor, state.running) = before;
+                        return Ok(stopped(history));
+                    }
+                    backward(m, f, g / k, cfg.pass, &mut grads);
+                    tokens += f.tokens();
                 }
             }
             loss += out.loss / k;
@@ -213,10 +247,14 @@ pub fn train(
             lpr += logps.iter().map(|l| l.policy_rejected).sum::<f64>() / logps.len() as f64 / k;
         }
         // clip over every tensor, then one optimizer update per tensor
-        let mut refs: Vec<&mut [f32]> = grads
+        let mut host: Vec<(usize, crate::model::lora::Proj, Vec<f32>, Vec<f32>)> = grads
             .modules
+            .iter()
+            .map(|g| (g.layer, g.proj, m.be.download(&g.da), m.be.download(&g.db)))
+            .collect();
+        let mut refs: Vec<&mut [f32]> = host
             .iter_mut()
-            .flat_map(|g| [g.da.as_mut_slice(), g.db.as_mut_slice()])
+            .flat_map(|(_, _, da, db)| [da.as_mut_slice(), db.as_mut_slice()])
             .collect();
         let grad_norm = clip_grad_norm(&mut refs, cfg.max_grad_norm);
         let lr = cfg.lr * cfg.schedule.factor(step, cfg.steps, warmup);
@@ -233,9 +271,12 @@ pub fn train(
         } else {
             state.bad_steps = 0;
             for (mw, (sa, sb)) in w.modules.iter_mut().zip(state.optim.iter_mut()) {
-                let (da, db) = grads.get(mw.layer, mw.proj).ok_or_else(|| {
-                    Error::Invalid(format!("no gradient for layer {} {:?}", mw.layer, mw.proj))
-                })?;
+                let (_, _, da, db) = host
+                    .iter()
+                    .find(|(l, p, _, _)| (*l, *p) == (mw.layer, mw.proj))
+                    .ok_or_else(|| {
+                        Error::Invalid(format!("no gradient for layer {} {:?}", mw.layer, mw.proj))
+                    })?;
                 update(&cfg.optim, &mut mw.a, da, sa, lr as f32);
                 update(&cfg.optim, &mut mw.b, db, sb, lr as f32);
             }
@@ -261,5 +302,8 @@ pub fn train(
         on_step(&metrics, state, w)?;
         history.push(metrics);
     }
-    Ok(history)
+    Ok(TrainOutcome {
+        history,
+        interrupted: false,
+    })
 }
