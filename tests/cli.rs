@@ -544,3 +544,80 @@ fn a_kill_during_checkpointing_leaves_a_usable_checkpoint() {
         "the next save of that step replaces the partial folder"
     );
 }
+
+/// Every kind of bad training pair is skipped and reported by id with its reason; the good pairs
+/// train; data with no usable pair is an error naming the file.
+#[test]
+fn train_reports_bad_pairs_by_id() {
+    let tmp = tempfile::tempdir().unwrap();
+    let good = cases()["score"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["images"].as_array().unwrap().len() == 1)
+        .expect("a one-image case")
+        .clone();
+    let pair = |id: &str, image: &str, chosen: &str, rejected: &str| {
+        serde_json::json!({"id": id, "image": image, "prompt": good["prompt"], "chosen": chosen,
+                           "rejected": rejected})
+    };
+    let img = good["images"][0].as_str().unwrap();
+    let (c, r) = (
+        good["chosen"].as_str().unwrap(),
+        good["rejected"].as_str().unwrap(),
+    );
+    let long = "word ".repeat(400);
+    let recs = [
+        pair("ok", img, c, r),
+        pair("empty-chosen", img, "  ", r),
+        pair("empty-rejected", img, c, ""),
+        pair("same", img, c, &format!(" {c} ")),
+        pair("no-image", "missing/nowhere.png", c, r),
+        pair("too-long", img, &long, r),
+    ];
+    let data = tmp.path().join("bad.jsonl");
+    std::fs::write(
+        &data,
+        recs.iter().map(|r| r.to_string()).collect::<Vec<_>>().join("\n"),
+    )
+    .unwrap();
+    let out = tmp.path().join("run");
+    let args = train_args(&data, &out, &["--steps", "1", "--max-length", "300"]);
+    let o = miadpo(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    for (id, why) in [
+        ("empty-chosen", "empty chosen or rejected answer"),
+        ("empty-rejected", "empty chosen or rejected answer"),
+        ("same", "chosen equals rejected"),
+        ("no-image", "missing/nowhere.png"),
+        ("too-long", "exceed --max-length 300"),
+    ] {
+        let line = err.lines().find(|l| l.starts_with(&format!("skipped `{id}`:")));
+        assert!(
+            line.is_some_and(|l| l.contains(why)),
+            "`{id}` reported with `{why}`: {err}"
+        );
+    }
+    assert!(err.contains("1 pairs (5 skipped)"), "{err}");
+
+    let only_bad = tmp.path().join("only_bad.jsonl");
+    std::fs::write(
+        &only_bad,
+        recs[1..]
+            .iter()
+            .map(|r| r.to_string())
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+    .unwrap();
+    let args = train_args(
+        &only_bad,
+        &tmp.path().join("run2"),
+        &["--steps", "1", "--max-length", "300"],
+    );
+    let o = miadpo(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("only_bad.jsonl: no usable pair"), "{err}");
+}
