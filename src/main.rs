@@ -214,6 +214,10 @@ struct TrainArgs {
     /// memory, about a third more compute)
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "true|false")]
     gradient_checkpointing: bool,
+    /// Encode each pair's prompt once for both answers ([prompt | chosen | rejected], rejected not
+    /// seeing chosen) instead of as two sequences
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "true|false")]
+    prefix_sharing: bool,
 }
 
 #[derive(Args)]
@@ -521,6 +525,11 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let mut model = Llava::load(&a.m.model, a.m.device.cpu_backend()?)?;
     let base = checkpoint::base_fingerprint(&a.m.model)?;
+    let pass = PassOptions {
+        checkpointing: a.gradient_checkpointing,
+        lora_dropout: a.lora_dropout,
+        prefix_sharing: a.prefix_sharing,
+    };
     std::fs::create_dir_all(&a.out).with_context(|| a.out.display().to_string())?;
     let pb = bar(0, "reference log-probs");
     let prepared = miadpo::train::data::prepare_pairs(
@@ -531,6 +540,7 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         a.m.aspect,
         a.max_length,
         &base,
+        pass,
         Some(&miadpo::train::data::cache_path(&a.out)),
         &mut |i, n| {
             pb.set_length(n as u64);
@@ -610,10 +620,7 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         grad_accum: a.grad_accum,
         steps,
         seed: a.seed,
-        pass: PassOptions {
-            checkpointing: a.gradient_checkpointing,
-            lora_dropout: a.lora_dropout,
-        },
+        pass,
     };
     // keep the metrics of the steps the checkpoint holds, drop those of later steps
     let kept: String = std::fs::read_to_string(&metrics_path)

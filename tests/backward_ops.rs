@@ -161,7 +161,13 @@ fn swiglu_backward() {
 fn attention_backward_causal_and_not_with_gqa() {
     let (be, mut rng) = (CpuBackend::new(), Rng(6));
     // 70 rows: two query blocks of the backward, the second partial; 4 heads over 2 or 4 kv heads
-    for (causal, kv_heads) in [(true, 2), (false, 2), (true, 4)] {
+    // and the prefix-shared DPO mask: rows from 45 on do not see keys 30..45
+    for (causal, kv_heads, hole) in [
+        (true, 2, None),
+        (false, 2, None),
+        (true, 4, None),
+        (true, 2, Some((45, 30, 45))),
+    ] {
         let (t, heads, d) = (70, 4, 8);
         let s = AttnShape {
             tq: t,
@@ -171,6 +177,7 @@ fn attention_backward_causal_and_not_with_gqa() {
             head_dim: d,
             causal,
             q_pos0: 0,
+            hole,
         };
         let q = rng.vec(t * heads * d, 1.0);
         let k = rng.vec(t * kv_heads * d, 1.0);
@@ -178,7 +185,26 @@ fn attention_backward_causal_and_not_with_gqa() {
         let up = rng.vec(t * heads * d, 1.0);
         let (out, _) = be.attention(&q, &k, &v, s, None);
         let (dq, dk, dv) = be.attention_backward(&q, &k, &v, &out, &up, s);
-        let name = format!("attention causal={causal} kv_heads={kv_heads}");
+        let name = format!("attention causal={causal} kv_heads={kv_heads} hole={hole:?}");
+        if let Some((first, a, b)) = hole {
+            // a row past the hole puts no probability on it: its output ignores v there
+            let mut v2 = v.clone();
+            v2[a * kv_heads * d..b * kv_heads * d]
+                .iter_mut()
+                .for_each(|x| *x += 1.0);
+            let (out2, _) = be.attention(&q, &k, &v2, s, None);
+            let row = |o: &[f32], i: usize| o[i * heads * d..(i + 1) * heads * d].to_vec();
+            assert_eq!(
+                row(&out, first + 3),
+                row(&out2, first + 3),
+                "{name}: the hole is not seen"
+            );
+            assert_ne!(
+                row(&out, first - 1),
+                row(&out2, first - 1),
+                "{name}: rows before it see it"
+            );
+        }
         let att =
             |q: &[f32], k: &[f32], v: &[f32]| be.attention(&q.to_vec(), &k.to_vec(), &v.to_vec(), s, None).0;
         check(&format!("{name} dq"), &q, &up, &dq, |x| att(x, &k, &v), &mut rng);

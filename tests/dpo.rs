@@ -160,21 +160,12 @@ fn lora_grads_with(
     out: &miadpo::train::dpo::DpoOutput,
     pass: PassOptions,
 ) -> miadpo::train::backward::LoraGrads<CpuBackend> {
+    use miadpo::train::backward::{pair_backward, pair_forward};
     let mut grads = miadpo::train::backward::LoraGrads::default();
     for (i, p) in prepared.iter().enumerate() {
-        for (r, scale) in p.responses.iter().zip([out.grad_chosen[i], out.grad_rejected[i]]) {
-            let ids = [p.prompt.clone(), r.clone()].concat();
-            miadpo::train::backward::sequence_logp_backward(
-                m,
-                &ids,
-                &p.feats,
-                p.prompt.len(),
-                scale,
-                pass,
-                &mut grads,
-            )
-            .unwrap();
-        }
+        let [c, r] = &p.responses;
+        let f = pair_forward(m, &p.prompt, c, r, &p.feats, pass, 0).unwrap();
+        pair_backward(m, &f, out.grad_chosen[i], out.grad_rejected[i], pass, &mut grads);
     }
     grads
 }
@@ -341,12 +332,12 @@ fn a_short_training_run_learns_the_preferences() {
     let mut m = Llava::load(&dir.join("model"), CpuBackend::new()).unwrap();
     let prepared = prepare(&m);
     // no adapter yet: the reference through the trainer's own forward, as `prepare_pairs` takes it
-    let reference = |p: &Prepared, r: usize| {
-        let ids = [p.prompt.clone(), p.responses[r].clone()].concat();
+    let reference = |p: &Prepared| {
+        let [c, r] = &p.responses;
         let o = PassOptions::default();
-        miadpo::train::backward::forward(&m, &ids, &p.feats, p.prompt.len(), o, 0)
+        miadpo::train::backward::pair_forward(&m, &p.prompt, c, r, &p.feats, o, 0)
             .unwrap()
-            .logp
+            .logps()
     };
     let pairs: Vec<TrainPair> = prepared
         .iter()
@@ -357,8 +348,8 @@ fn a_short_training_run_learns_the_preferences() {
             features: p.feats.clone(),
             chosen: p.responses[0].clone(),
             rejected: p.responses[1].clone(),
-            ref_chosen: reference(p, 0),
-            ref_rejected: reference(p, 1),
+            ref_chosen: reference(p).0,
+            ref_rejected: reference(p).1,
         })
         .collect();
     let t = m.cfg.text.clone();
@@ -507,7 +498,7 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         &out,
         PassOptions {
             checkpointing: true,
-            lora_dropout: 0.0,
+            ..Default::default()
         },
     );
     let off = lora_grads_with(
@@ -516,7 +507,7 @@ fn gradient_checkpointing_gives_the_same_gradients() {
         &out,
         PassOptions {
             checkpointing: false,
-            lora_dropout: 0.0,
+            ..Default::default()
         },
     );
     for layer in 0..m.cfg.text.num_layers {
@@ -543,19 +534,28 @@ fn lora_dropout_gradients_match_finite_differences() {
     m.load_adapter(&dir.join("adapter")).unwrap();
     let w = LoraWeights::from_adapter(m.adapter.as_ref().unwrap()).unwrap();
     let p = &prepare(&m)[0];
-    let ids = [p.prompt.clone(), p.responses[0].clone()].concat();
     let o = PassOptions {
-        checkpointing: true,
         lora_dropout: 0.3,
+        ..Default::default()
     };
     let key = 12345;
-    let logp = |m: &Llava<CpuBackend>| forward(m, &ids, &p.feats, p.prompt.len(), o, key).unwrap().logp;
-    let f = forward(&m, &ids, &p.feats, p.prompt.len(), o, key).unwrap();
-    let plain = forward(&m, &ids, &p.feats, p.prompt.len(), PassOptions::default(), key).unwrap();
-    assert_ne!(f.logp, plain.logp, "dropout changes the forward");
-    assert_eq!(f.logp, logp(&m), "the same key draws the same mask");
+    // the packed layout with both answers: the loss-like sum logp_c + 0.5 · logp_r
+    let [c, r] = &p.responses;
+    let run = |m: &Llava<CpuBackend>, o| forward(m, &p.prompt, &[c, r], &p.feats, o, key).unwrap();
+    let logp = |m: &Llava<CpuBackend>| {
+        let f = run(m, o);
+        f.logps[0] + 0.5 * f.logps[1]
+    };
+    let f = run(&m, o);
+    let plain = run(&m, PassOptions::default());
+    assert_ne!(f.logps, plain.logps, "dropout changes the forward");
+    assert_eq!(
+        f.logps[0] + 0.5 * f.logps[1],
+        logp(&m),
+        "the same key draws the same mask"
+    );
     let mut g = LoraGrads::default();
-    backward(&m, &f, 1.0, o, &mut g);
+    backward(&m, &f, &[1.0, 0.5], o, &mut g);
     let mut rng = 0x1234_5678_u64;
     for (layer, proj, which) in [(1, Proj::V, 'B'), (0, Proj::Up, 'A')] {
         let (da, db) = g.host(&m.be, layer, proj).unwrap();
@@ -600,5 +600,60 @@ fn lora_dropout_gradients_match_finite_differences() {
             rel < 1e-2,
             "layer {layer} {proj:?} {which}: numeric {numeric} vs analytic {analytic} (rel {rel:.2e})"
         );
+    }
+}
+
+/// The prefix-shared layout `[prompt | chosen | rejected]` gives the log-probs and gradients of the
+/// two-sequence layout.
+#[test]
+fn prefix_sharing_gives_the_two_sequence_logps_and_gradients() {
+    use miadpo::model::lora::Proj;
+    use miadpo::train::backward::pair_forward;
+    let dir = fixture_dir();
+    let mut m = Llava::load(&dir.join("model"), CpuBackend::new()).unwrap();
+    m.load_adapter(&dir.join("adapter")).unwrap();
+    let prepared = prepare(&m);
+    let (shared, separate) = (
+        PassOptions::default(),
+        PassOptions {
+            prefix_sharing: false,
+            ..Default::default()
+        },
+    );
+    for p in &prepared {
+        let [c, r] = &p.responses;
+        let a = pair_forward(&m, &p.prompt, c, r, &p.feats, shared, 0)
+            .unwrap()
+            .logps();
+        let b = pair_forward(&m, &p.prompt, c, r, &p.feats, separate, 0)
+            .unwrap()
+            .logps();
+        // the same f32 arithmetic but for sgemm blocking over a longer key range: ~1e-7 relative
+        for (x, y) in [(a.0, b.0), (a.1, b.1)] {
+            assert!((x - y).abs() <= 1e-6 * y.abs(), "log-prob {x} vs {y}");
+        }
+    }
+    let out = dpo_loss(
+        &DpoConfig::default(),
+        &pair_logps(&m, &prepared),
+        &mut RunningMean::default(),
+    );
+    let (ga, gb) = (
+        lora_grads_with(&m, &prepared, &out, shared),
+        lora_grads_with(&m, &prepared, &out, separate),
+    );
+    for layer in 0..m.cfg.text.num_layers {
+        for proj in Proj::ALL {
+            let (a, b) = (
+                ga.host(&m.be, layer, proj).unwrap(),
+                gb.host(&m.be, layer, proj).unwrap(),
+            );
+            for (x, y, which) in [(&a.0, &b.0, "A"), (&a.1, &b.1, "B")] {
+                let e = rel_err_inf(x, y);
+                // f32 sums in another order through a dozen layers: 1e-4, ten times under the oracle
+                // tolerance
+                assert!(e <= 1e-4, "layer {layer} {proj:?} {which}: {e:.2e}");
+            }
+        }
     }
 }

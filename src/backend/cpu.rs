@@ -106,6 +106,32 @@ unsafe fn map_avx2<F: Fn(f32) -> f32>(x: &mut [f32], f: F) {
     x.iter_mut().for_each(|v| *v = f(*v));
 }
 
+/// The keys `[start, end)` that query row `i` of an attention call must not see, if any.
+fn hole_of(s: &AttnShape, i: usize) -> Option<(usize, usize)> {
+    s.hole
+        .filter(|&(first, _, _)| s.q_pos0 + i >= first)
+        .map(|(_, a, b)| (a, b))
+}
+
+/// Softmax of the scores `row[..visible]` except the keys of `hole`, which get probability 0, as do
+/// `row[visible..]`. The visible keys are first packed together, so the probabilities are the same
+/// bits as the same keys laid out without the hole (the prefix-shared DPO layout then equals the
+/// two-sequence one).
+fn softmax_visible(row: &mut [f32], visible: usize, hole: Option<(usize, usize)>) {
+    match hole {
+        Some((a, b)) if a < visible => {
+            let b = b.min(visible);
+            let n = visible - (b - a);
+            row.copy_within(b..visible, a);
+            softmax_in_place(&mut row[..n]);
+            row.copy_within(a..n, b);
+            row[a..b].fill(0.0);
+        }
+        _ => softmax_in_place(&mut row[..visible]),
+    }
+    row[visible..].fill(0.0);
+}
+
 /// Numerically stable softmax of one row, in place.
 fn softmax_in_place(x: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
@@ -485,9 +511,7 @@ impl Backend for CpuBackend {
                     } else {
                         tk
                     };
-                    let (vis, masked) = row.split_at_mut(visible);
-                    softmax_in_place(vis);
-                    masked.fill(0.0);
+                    softmax_visible(row, visible, hole_of(&s, i0 + r));
                     if let Some(sp) = spans {
                         for (g, &(a, b)) in sp.iter().enumerate() {
                             mass[r * n_spans + g] = row[a.min(tk)..b.min(tk)].iter().sum();
@@ -779,8 +803,7 @@ impl Backend for CpuBackend {
                             tk
                         };
                         let (pr, dpr) = (&mut p[r * tk..(r + 1) * tk], &mut dp[r * tk..(r + 1) * tk]);
-                        softmax_in_place(&mut pr[..visible]);
-                        pr[visible..].fill(0.0);
+                        softmax_visible(pr, visible, hole_of(&s, i0 + r));
                         // dS = P ⊙ (dP − rowsum(dO ⊙ O)), then the 1/√D of the scores
                         let (o_r, do_r) = (
                             &out[(i0 + r) * qs + h * d..][..d],

@@ -75,6 +75,9 @@ pub struct AttnShape {
     /// causal masking with query i at absolute position `q_pos0 + i` (keys are at 0..tk)
     pub causal: bool,
     pub q_pos0: usize,
+    /// `(first, start, end)`: queries at positions ≥ `first` do not see keys `[start, end)` — the
+    /// prefix-shared DPO layout `[prompt | chosen | rejected]`, where rejected must not see chosen
+    pub hole: Option<(usize, usize, usize)>,
 }
 
 pub trait Backend: Send + Sync {

@@ -134,6 +134,7 @@ impl<B: Backend> VisionTower<B> {
             head_dim: c.head_dim(),
             causal: false,
             q_pos0: 0,
+            hole: None,
         };
         let rows = n * t;
         for l in &self.layers {

@@ -291,6 +291,7 @@ impl<B: Backend> Decoder<B> {
                     head_dim: hd,
                     causal: true,
                     q_pos0: kv.len,
+                    hole: None,
                 };
                 let qs = if one {
                     None

@@ -21,6 +21,9 @@ pub struct PassOptions {
     pub checkpointing: bool,
     /// PEFT's `lora_dropout`: dropout on the input of every LoRA A
     pub lora_dropout: f32,
+    /// encode a pair's prompt once for both answers (`[prompt | chosen | rejected]`, rejected not
+    /// seeing chosen) instead of two sequences
+    pub prefix_sharing: bool,
 }
 
 impl Default for PassOptions {
@@ -28,6 +31,7 @@ impl Default for PassOptions {
         PassOptions {
             checkpointing: true,
             lora_dropout: 0.0,
+            prefix_sharing: true,
         }
     }
 }
@@ -161,9 +165,10 @@ struct LayerActs<B: Backend> {
     mid: B::Buf,
 }
 
-/// One sequence after the forward: its log-prob and what the backward needs.
+/// One packed sequence after the forward: the log-prob of each response and what the backward needs.
 pub struct SeqForward<B: Backend> {
     ids: Vec<u32>,
+    layout: Layout,
     key: u64,
     /// each layer's input (t, h)
     inputs: Vec<B::Buf>,
@@ -171,30 +176,61 @@ pub struct SeqForward<B: Backend> {
     acts: Vec<LayerActs<B>>,
     /// the last layer's output, before the final norm
     x_last: B::Buf,
-    /// the final-normed hidden states of the rows that predict response tokens (n, h)
+    /// per response: the rows that predict its tokens, and the tokens
+    rows: Vec<(Vec<usize>, Vec<u32>)>,
+    /// the final-normed hidden states of those rows, all responses in order (n, h)
     rows_hidden: B::Buf,
-    first_row: usize,
     lse: Vec<f32>,
-    /// summed log-prob of the response tokens
-    pub logp: f64,
+    /// summed log-prob of each response's tokens
+    pub logps: Vec<f64>,
 }
 
 impl<B: Backend> SeqForward<B> {
+    /// rows of the packed sequence
     pub fn tokens(&self) -> usize {
         self.ids.len()
     }
 }
 
-fn shape(m: &Llava<impl Backend>, t: usize) -> AttnShape {
-    let c = &m.cfg.text;
-    AttnShape {
-        tq: t,
-        tk: t,
-        heads: c.num_heads,
-        kv_heads: c.num_kv_heads,
-        head_dim: c.head_dim,
-        causal: true,
-        q_pos0: 0,
+/// Where the rows of a packed sequence sit: `[prompt | response 1 | response 2 ...]`, every response
+/// continuing the prompt's positions, and the second response not seeing the first (the
+/// prefix-shared DPO layout: the prompt is encoded once for both answers).
+struct Layout {
+    t: usize,
+    positions: Vec<usize>,
+    hole: Option<(usize, usize, usize)>,
+}
+
+impl Layout {
+    fn new(prompt: usize, responses: &[usize]) -> Self {
+        assert!(responses.len() <= 2, "at most two responses share a prompt");
+        let mut positions: Vec<usize> = (0..prompt).collect();
+        for &n in responses {
+            positions.extend(prompt..prompt + n);
+        }
+        let hole = (responses.len() == 2).then(|| {
+            let first = prompt + responses[0];
+            (first, prompt, first)
+        });
+        Layout {
+            t: positions.len(),
+            positions,
+            hole,
+        }
+    }
+
+    fn attn(&self, m: &Llava<impl Backend>) -> AttnShape {
+        let c = &m.cfg.text;
+        AttnShape {
+            tq: self.t,
+            tk: self.t,
+            heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            causal: true,
+            q_pos0: 0,
+            hole: self.hole,
+        }
     }
 }
 
@@ -202,20 +238,20 @@ fn layer_fwd<B: Backend>(
     m: &Llava<B>,
     li: usize,
     x: &B::Buf,
-    t: usize,
+    lay: &Layout,
     o: PassOptions,
     key: u64,
 ) -> (B::Buf, LayerActs<B>) {
     let (be, c, l) = (&m.be, &m.cfg.text, &m.decoder.layers[li]);
-    let positions: Vec<usize> = (0..t).collect();
+    let (t, positions) = (lay.t, &lay.positions);
     let drop = |p: Proj| (o.lora_dropout, module_key(key, li, p));
     let a1 = be.rms_norm(x, c.hidden_size, &l.input_norm, c.rms_norm_eps);
     let (mut q, xa_q) = lin_fwd(be, &l.q, &a1, t, drop(Proj::Q));
     let (mut k, xa_k) = lin_fwd(be, &l.k, &a1, t, drop(Proj::K));
     let (v, xa_v) = lin_fwd(be, &l.v, &a1, t, drop(Proj::V));
-    be.rope(&mut q, c.num_heads, c.head_dim, &positions, c.rope_theta);
-    be.rope(&mut k, c.num_kv_heads, c.head_dim, &positions, c.rope_theta);
-    let (att, _) = be.attention(&q, &k, &v, shape(m, t), None);
+    be.rope(&mut q, c.num_heads, c.head_dim, positions, c.rope_theta);
+    be.rope(&mut k, c.num_kv_heads, c.head_dim, positions, c.rope_theta);
+    let (att, _) = be.attention(&q, &k, &v, lay.attn(m), None);
     let (y, xa_o) = lin_fwd(be, &l.o, &att, t, drop(Proj::O));
     let mut x2 = x.clone();
     be.add(&mut x2, &y);
@@ -252,14 +288,13 @@ fn layer_bwd<B: Backend>(
     x: &B::Buf,
     s: &LayerActs<B>,
     dx3: B::Buf,
-    t: usize,
+    lay: &Layout,
     o: PassOptions,
     key: u64,
     grads: &mut LoraGrads<B>,
 ) -> B::Buf {
     let (be, c, l) = (&m.be, &m.cfg.text, &m.decoder.layers[li]);
-    let h = c.hidden_size;
-    let positions: Vec<usize> = (0..t).collect();
+    let (h, t, positions) = (c.hidden_size, lay.t, &lay.positions);
     let drop = |p: Proj| (o.lora_dropout, module_key(key, li, p));
     let xa = |p: Proj| s.xa[p as usize].as_ref();
     // MLP: x3 = x2 + down(silu(gate(a2)) ⊙ up(a2))
@@ -317,9 +352,9 @@ fn layer_bwd<B: Backend>(
         (li, Proj::O),
         grads,
     );
-    let (mut dq, mut dk, dv) = be.attention_backward(&s.q, &s.k, &s.v, &s.o, &datt, shape(m, t));
-    be.rope_backward(&mut dq, c.num_heads, c.head_dim, &positions, c.rope_theta);
-    be.rope_backward(&mut dk, c.num_kv_heads, c.head_dim, &positions, c.rope_theta);
+    let (mut dq, mut dk, dv) = be.attention_backward(&s.q, &s.k, &s.v, &s.o, &datt, lay.attn(m));
+    be.rope_backward(&mut dq, c.num_heads, c.head_dim, positions, c.rope_theta);
+    be.rope_backward(&mut dk, c.num_kv_heads, c.head_dim, positions, c.rope_theta);
     let mut da1 = lin_bwd(
         be,
         &l.q,
@@ -367,103 +402,202 @@ fn layer_bwd<B: Backend>(
     dx
 }
 
-/// The forward of one sequence `ids` (prompt then response from `response_start`): summed log-prob of
-/// the response and what the backward needs. `features`: the prompt's image features; `key` draws the
-/// LoRA-dropout masks (the backward reuses them).
+/// The forward of `prompt` followed by one response, or by two sharing the prompt (packed as
+/// `[prompt | first | second]`, the second not seeing the first: the prompt is encoded once). Returns
+/// each response's summed log-prob and what the backward needs. `features`: the prompt's image
+/// features; `key` draws the LoRA-dropout masks (the backward reuses them).
 pub fn forward<B: Backend>(
     m: &Llava<B>,
-    ids: &[u32],
+    prompt: &[u32],
+    responses: &[&[u32]],
     features: &B::Buf,
-    response_start: usize,
     o: PassOptions,
     key: u64,
 ) -> Result<SeqForward<B>> {
     let (be, c) = (&m.be, &m.cfg.text);
-    let t = ids.len();
     assert!(
-        response_start >= 1 && response_start < t,
-        "the response needs a prompt before it and at least one token"
+        !prompt.is_empty() && responses.iter().all(|r| !r.is_empty()),
+        "a response needs a prompt before it and at least one token"
     );
-    let mut x = m.input_embeddings(ids, features)?; // (t, h)
+    let layout = Layout::new(
+        prompt.len(),
+        &responses.iter().map(|r| r.len()).collect::<Vec<_>>(),
+    );
+    let mut ids = prompt.to_vec();
+    // per response: row prompt-1 predicts its first token, its own rows the rest
+    let mut rows = Vec::with_capacity(responses.len());
+    for r in responses {
+        let start = ids.len();
+        let idx: Vec<usize> = std::iter::once(prompt.len() - 1)
+            .chain(start..start + r.len() - 1)
+            .collect();
+        rows.push((idx, r.to_vec()));
+        ids.extend_from_slice(r);
+    }
+    let mut x = m.input_embeddings(&ids, features)?; // (t, h)
     let mut inputs = Vec::with_capacity(c.num_layers);
     let mut acts = Vec::new();
     for li in 0..c.num_layers {
-        let (next, a) = layer_fwd(m, li, &x, t, o, key);
+        let (next, a) = layer_fwd(m, li, &x, &layout, o, key);
         if !o.checkpointing {
             acts.push(a);
         }
         inputs.push(std::mem::replace(&mut x, next));
     }
-    // rows response_start-1 .. t-1 predict the response tokens
-    let first_row = response_start - 1;
-    let hidden = be.rms_norm(&x, c.hidden_size, &m.decoder.norm, c.rms_norm_eps);
-    let rows_hidden = be.slice_rows(&hidden, c.hidden_size, first_row, t - 1); // (n, h)
-    let (lp, lse) = be.fused_logprobs(
-        &rows_hidden,
-        t - 1 - first_row,
-        &m.decoder.lm_head,
-        &ids[response_start..],
-    );
+    let h = c.hidden_size;
+    let hidden = be.rms_norm(&x, h, &m.decoder.norm, c.rms_norm_eps);
+    let parts: Vec<B::Buf> = rows
+        .iter()
+        .flat_map(|(idx, _)| {
+            // idx = [prompt-1, start..start+n-1]: contiguous unless the response is not the first
+            let (first, rest) = (idx[0], &idx[1..]);
+            let mut v = vec![be.slice_rows(&hidden, h, first, first + 1)];
+            if let (Some(&a), Some(&b)) = (rest.first(), rest.last()) {
+                v.push(be.slice_rows(&hidden, h, a, b + 1));
+            }
+            v
+        })
+        .collect();
+    let rows_hidden = be.concat_rows(&parts); // (n, h)
+    let targets: Vec<u32> = rows.iter().flat_map(|(_, t)| t.iter().copied()).collect();
+    let (lp, lse) = be.fused_logprobs(&rows_hidden, targets.len(), &m.decoder.lm_head, &targets);
+    let mut logps = Vec::with_capacity(rows.len());
+    let mut at = 0;
+    for (_, t) in &rows {
+        logps.push(lp[at..at + t.len()].iter().map(|&v| v as f64).sum());
+        at += t.len();
+    }
     Ok(SeqForward {
-        ids: ids.to_vec(),
+        ids,
+        layout,
         key,
         inputs,
         acts,
         x_last: x,
+        rows,
         rows_hidden,
-        first_row,
         lse,
-        logp: lp.iter().map(|&v| v as f64).sum(),
+        logps,
     })
 }
 
-/// Adds `scale · ∂logp/∂θ` of the sequence to `grads` (every LoRA A and B).
+/// Adds `Σ_r scales[r] · ∂logp_r/∂θ` of the responses to `grads` (every LoRA A and B).
 pub fn backward<B: Backend>(
     m: &Llava<B>,
     f: &SeqForward<B>,
-    scale: f64,
+    scales: &[f64],
     o: PassOptions,
     grads: &mut LoraGrads<B>,
 ) {
     let (be, c) = (&m.be, &m.cfg.text);
-    let (t, h) = (f.ids.len(), c.hidden_size);
-    let n = t - 1 - f.first_row;
-    let dlogp = vec![scale as f32; n];
+    let (t, h) = (f.layout.t, c.hidden_size);
+    assert_eq!(scales.len(), f.rows.len(), "one scale per response");
+    let dlogp: Vec<f32> = f
+        .rows
+        .iter()
+        .zip(scales)
+        .flat_map(|((_, tg), &s)| std::iter::repeat_n(s as f32, tg.len()))
+        .collect();
+    let targets: Vec<u32> = f.rows.iter().flat_map(|(_, t)| t.iter().copied()).collect();
     let drows = be.fused_logprobs_backward(
         &f.rows_hidden,
-        n,
+        targets.len(),
         &m.decoder.lm_head,
-        &f.ids[f.first_row + 1..],
+        &targets,
         &f.lse,
         &dlogp,
     ); // (n, h)
+       // back to the rows of the sequence; the prompt's last row serves every response, so add
     let mut dhidden = be.upload(&vec![0.0; t * h]);
-    let rows: Vec<usize> = (f.first_row..t - 1).collect();
-    be.scatter_rows(&mut dhidden, h, &rows, &drows);
+    let mut at = 0;
+    for (idx, _) in &f.rows {
+        let mut part = be.upload(&vec![0.0; t * h]);
+        be.scatter_rows(&mut part, h, idx, &be.slice_rows(&drows, h, at, at + idx.len()));
+        be.add(&mut dhidden, &part);
+        at += idx.len();
+    }
     let mut dx = be.rms_norm_backward(&f.x_last, h, &m.decoder.norm, &dhidden, c.rms_norm_eps);
     for li in (0..c.num_layers).rev() {
         let x = &f.inputs[li];
         dx = if o.checkpointing {
-            let (_, a) = layer_fwd(m, li, x, t, o, f.key);
-            layer_bwd(m, li, x, &a, dx, t, o, f.key, grads)
+            let (_, a) = layer_fwd(m, li, x, &f.layout, o, f.key);
+            layer_bwd(m, li, x, &a, dx, &f.layout, o, f.key, grads)
         } else {
-            layer_bwd(m, li, x, &f.acts[li], dx, t, o, f.key, grads)
+            layer_bwd(m, li, x, &f.acts[li], dx, &f.layout, o, f.key, grads)
         };
     }
 }
 
-/// Forward and backward of one sequence: its summed response log-prob, and `scale · ∂/∂θ` of it added
+/// Forward and backward of `prompt` + `response`: its summed log-prob, and `scale · ∂/∂θ` of it added
 /// to `grads`. `features`: the prompt's image features (n·image_seq_length, hidden).
+#[allow(clippy::too_many_arguments)]
 pub fn sequence_logp_backward<B: Backend>(
     m: &Llava<B>,
-    ids: &[u32],
+    prompt: &[u32],
+    response: &[u32],
     features: &B::Buf,
-    response_start: usize,
     scale: f64,
     o: PassOptions,
     grads: &mut LoraGrads<B>,
 ) -> Result<f64> {
-    let f = forward(m, ids, features, response_start, o, 0)?;
-    backward(m, &f, scale, o, grads);
-    Ok(f.logp)
+    let f = forward(m, prompt, &[response], features, o, 0)?;
+    backward(m, &f, &[scale], o, grads);
+    Ok(f.logps[0])
+}
+
+/// Both answers of a preference pair after the forward: one packed sequence (prefix sharing) or two.
+pub struct PairForward<B: Backend> {
+    seqs: Vec<SeqForward<B>>,
+}
+
+impl<B: Backend> PairForward<B> {
+    /// (chosen, rejected) summed log-probs
+    pub fn logps(&self) -> (f64, f64) {
+        let all: Vec<f64> = self.seqs.iter().flat_map(|s| s.logps.iter().copied()).collect();
+        (all[0], all[1])
+    }
+    /// rows the forward ran over
+    pub fn tokens(&self) -> usize {
+        self.seqs.iter().map(|s| s.tokens()).sum()
+    }
+}
+
+/// The policy forward of a pair's two answers, in the layout `o.prefix_sharing` asks for.
+pub fn pair_forward<B: Backend>(
+    m: &Llava<B>,
+    prompt: &[u32],
+    chosen: &[u32],
+    rejected: &[u32],
+    features: &B::Buf,
+    o: PassOptions,
+    key: u64,
+) -> Result<PairForward<B>> {
+    let seqs = if o.prefix_sharing {
+        vec![forward(m, prompt, &[chosen, rejected], features, o, key)?]
+    } else {
+        vec![
+            forward(m, prompt, &[chosen], features, o, key)?,
+            forward(m, prompt, &[rejected], features, o, key ^ 1)?,
+        ]
+    };
+    Ok(PairForward { seqs })
+}
+
+/// Adds `gc · ∂logp_chosen/∂θ + gr · ∂logp_rejected/∂θ` to `grads`.
+pub fn pair_backward<B: Backend>(
+    m: &Llava<B>,
+    f: &PairForward<B>,
+    gc: f64,
+    gr: f64,
+    o: PassOptions,
+    grads: &mut LoraGrads<B>,
+) {
+    match f.seqs.as_slice() {
+        [packed] => backward(m, packed, &[gc, gr], o, grads),
+        [c, r] => {
+            backward(m, c, &[gc], o, grads);
+            backward(m, r, &[gr], o, grads);
+        }
+        _ => unreachable!("a pair is one or two sequences"),
+    }
 }

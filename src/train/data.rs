@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::backward::{forward, PassOptions};
+use super::backward::{pair_forward, PassOptions};
 use super::checkpoint::Fnv;
 use super::trainer::TrainPair;
 use crate::backend::Backend;
@@ -41,7 +41,8 @@ struct RefCache {
 
 /// Reads, checks and prepares every pair. `max_length` caps prompt + longer answer (tokens): a pair
 /// that does not fit is skipped (image tokens are never cut). `base` is the base checkpoint's
-/// fingerprint; with `cache`, reference log-probs found there are reused and new ones added.
+/// fingerprint; with `cache`, reference log-probs found there are reused and new ones added. The
+/// reference pass takes `layout.prefix_sharing` from the training run (dropout is off).
 #[allow(clippy::too_many_arguments)]
 pub fn prepare_pairs<B: Backend>(
     m: &Llava<B>,
@@ -51,6 +52,7 @@ pub fn prepare_pairs<B: Backend>(
     aspect: AspectMode,
     max_length: usize,
     base: &str,
+    layout: PassOptions,
     cache: Option<&Path>,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<Prepared> {
@@ -61,7 +63,15 @@ pub fn prepare_pairs<B: Backend>(
     }
     let raw = load_pairs(data)?;
     // the runtime's version too: another version may round the reference differently
-    let model_key = format!("{base}/{aspect:?}/miadpo {}", env!("CARGO_PKG_VERSION"));
+    let layout = PassOptions {
+        lora_dropout: 0.0,
+        ..layout
+    };
+    let model_key = format!(
+        "{base}/{aspect:?}/prefix sharing {}/miadpo {}",
+        layout.prefix_sharing,
+        env!("CARGO_PKG_VERSION")
+    );
     let mut store: RefCache = cache
         .and_then(|p| std::fs::read(p).ok())
         .and_then(|b| serde_json::from_slice(&b).ok())
@@ -105,11 +115,10 @@ pub fn prepare_pairs<B: Backend>(
                 v
             }
             None => {
-                let logp = |resp: &[u32]| -> Result<f64> {
-                    let ids = [prompt.as_slice(), resp].concat();
-                    Ok(forward(m, &ids, &inputs.features, prompt.len(), PassOptions::default(), 0)?.logp)
-                };
-                let v = (logp(&chosen)?, logp(&rejected)?);
+                // the policy's own forward and layout, adapter off: a fresh adapter (B = 0) then
+                // starts from exactly the reference's bits
+                let f = pair_forward(m, &prompt, &chosen, &rejected, &inputs.features, layout, 0)?;
+                let v = f.logps();
                 store.pairs.insert(key, v);
                 v
             }

@@ -11,7 +11,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::Serialize;
 
 use super::adapter::LoraWeights;
-use super::backward::{backward, forward, LoraGrads, PassOptions};
+use super::backward::{pair_backward, pair_forward, LoraGrads, PassOptions};
 use super::dpo::{dpo_loss, DpoConfig, PairLogps, RunningMean};
 use super::optim::{clip_grad_norm, update, OptimConfig, ParamState, Schedule};
 use crate::backend::Backend;
@@ -141,11 +141,11 @@ pub struct TrainOutcome {
     pub interrupted: bool,
 }
 
-/// The LoRA-dropout key of one sequence: a function of the seed and the sequence's place in the run,
+/// The LoRA-dropout key of one pair: a function of the seed and the sequence's place in the run,
 /// so a resumed run draws the masks the uninterrupted one would have.
-fn sequence_key(seed: u64, step: usize, micro: usize, pair: usize, response: usize) -> u64 {
+fn sequence_key(seed: u64, step: usize, micro: usize, pair: usize) -> u64 {
     let mut k = seed ^ 0x6D69_6164_706F_0001; // "miadpo"
-    for v in [step, micro, pair, response] {
+    for v in [step, micro, pair] {
         k = (k ^ v as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
     }
     k
@@ -205,39 +205,35 @@ pub fn train<B: Backend>(
             let mut fwds = Vec::with_capacity(batch.len());
             let mut logps = Vec::with_capacity(batch.len());
             for (i, p) in batch.iter().enumerate() {
-                let features = m.be.upload(&p.features);
-                let mut pair = Vec::with_capacity(2);
-                for (ri, resp) in [&p.chosen, &p.rejected].into_iter().enumerate() {
-                    if stop.load(Ordering::Relaxed) {
-                        (state.epoch, state.cursor, state.running) = before;
-                        return Ok(stopped(history));
-                    }
-                    let ids = [p.prompt.as_slice(), resp].concat();
-                    let key = sequence_key(cfg.seed, step, micro, i, ri);
-                    pair.push(forward(m, &ids, &features, p.prompt.len(), cfg.pass, key)?);
+                if stop.load(Ordering::Relaxed) {
+                    (state.epoch, state.cursor, state.running) = before;
+                    return Ok(stopped(history));
                 }
+                let features = m.be.upload(&p.features);
+                let key = sequence_key(cfg.seed, step, micro, i);
+                let f = pair_forward(m, &p.prompt, &p.chosen, &p.rejected, &features, cfg.pass, key)?;
+                let (policy_chosen, policy_rejected) = f.logps();
                 logps.push(PairLogps {
-                    policy_chosen: pair[0].logp,
-                    policy_rejected: pair[1].logp,
+                    policy_chosen,
+                    policy_rejected,
                     ref_chosen: p.ref_chosen,
                     ref_rejected: p.ref_rejected,
                     chosen_tokens: p.chosen.len(),
                     rejected_tokens: p.rejected.len(),
                 });
-                fwds.push(pair);
+                fwds.push(f);
             }
             let out = dpo_loss(&cfg.dpo, &logps, &mut state.running);
             // backward of the mean loss of this micro-batch, averaged over the accumulation steps
             let k = cfg.grad_accum as f64;
-            for (i, pair) in fwds.iter().enumerate() {
-                for (f, g) in pair.iter().zip([out.grad_chosen[i], out.grad_rejected[i]]) {
-                    if stop.load(Ordering::Relaxed) {
-                        (state.epoch, state.cursor, state.running) = before;
-                        return Ok(stopped(history));
-                    }
-                    backward(m, f, g / k, cfg.pass, &mut grads);
-                    tokens += f.tokens();
+            for (i, f) in fwds.iter().enumerate() {
+                if stop.load(Ordering::Relaxed) {
+                    (state.epoch, state.cursor, state.running) = before;
+                    return Ok(stopped(history));
                 }
+                let (gc, gr) = (out.grad_chosen[i] / k, out.grad_rejected[i] / k);
+                pair_backward(m, f, gc, gr, cfg.pass, &mut grads);
+                tokens += f.tokens();
             }
             loss += out.loss / k;
             rc += out.rewards_chosen_mean() / k;
