@@ -1100,7 +1100,18 @@ mod tests {
                     })
                     .collect();
                 let mx = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-                let e: Vec<f64> = sc.iter().map(|x| (x - mx).exp()).collect();
+                let hole = hole_of(&s, i).unwrap_or((0, 0));
+                let e: Vec<f64> = sc
+                    .iter()
+                    .enumerate()
+                    .map(|(j, x)| {
+                        if (hole.0..hole.1).contains(&j) {
+                            0.0
+                        } else {
+                            (x - mx).exp()
+                        }
+                    })
+                    .collect();
                 let z: f64 = e.iter().sum();
                 for (j, ej) in e.iter().enumerate() {
                     for c in 0..d {
@@ -1122,7 +1133,16 @@ mod tests {
         // GQA (6 query heads on 2 KV heads), 150 query rows (3 blocks) after a 20-row cache, and the
         // non-causal vision case
         // and decode-sized blocks (1 and 3 rows after a long cache), which take the dot-product path
-        for (causal, q_pos0, tq) in [(true, 20, 150), (false, 0, 70), (true, 90, 1), (true, 57, 3)] {
+        // and the prefix-shared DPO hole (rows from position 120 on skip keys 60..120)
+        let hole = Some((120, 60, 120));
+        for (causal, q_pos0, tq, hole) in [
+            (true, 20, 150, None),
+            (false, 0, 70, None),
+            (true, 90, 1, None),
+            (true, 57, 3, None),
+            (true, 20, 150, hole),
+            (true, 130, 2, hole),
+        ] {
             let s = AttnShape {
                 tq,
                 tk: q_pos0 + tq,
@@ -1131,6 +1151,7 @@ mod tests {
                 head_dim: 8,
                 causal,
                 q_pos0,
+                hole,
             };
             let mut rand = |n: usize| (0..n).map(|_| rng.normal() as f32).collect::<Vec<f32>>();
             let (q, k, v) = (rand(s.tq * 48), rand(s.tk * 16), rand(s.tk * 16));
