@@ -133,3 +133,153 @@ pub fn cpu_model() -> String {
         })
         .unwrap_or_else(|| "unknown CPU".into())
 }
+
+/// What `bench --task train` times: DPO steps (policy forward of both answers, loss, backward into
+/// the LoRA, AdamW update) on one synthetic pair, batch 1.
+#[derive(Clone, Debug)]
+pub struct TrainBenchOptions {
+    pub prompt_tokens: usize,
+    pub answer_tokens: usize,
+    pub lora_r: usize,
+    pub pass: crate::train::backward::PassOptions,
+    pub repeats: usize,
+    pub warmup: usize,
+}
+
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct TrainBenchResult {
+    pub step_s: Stats,
+    pub pairs_per_s: f64,
+    /// rows the forward ran over per second (the packed sequence counts its prompt once)
+    pub tokens_per_s: f64,
+    /// the one-off reference pass (adapter off) of the pair, seconds
+    pub reference_s: f64,
+    pub prompt_tokens: usize,
+    pub answer_tokens: usize,
+    pub lora_r: usize,
+    pub gradient_checkpointing: bool,
+    pub prefix_sharing: bool,
+    /// the process's peak resident memory so far (VmHWM), MiB
+    pub peak_rss_mib: f64,
+    pub repeats: usize,
+    pub threads: usize,
+}
+
+/// Times `warmup + repeats` DPO steps on one synthetic pair of `prompt_tokens` (image included) and
+/// two different answers of `answer_tokens`, with a fresh LoRA of rank `lora_r` (alpha 2r) on every
+/// decoder linear. Medians over the timed steps.
+pub fn run_train<B: Backend>(
+    m: &mut Llava<B>,
+    o: &TrainBenchOptions,
+    mut progress: impl FnMut(usize, usize),
+) -> Result<TrainBenchResult> {
+    use crate::model::lora::Proj;
+    use crate::train::adapter::LoraWeights;
+    use crate::train::trainer::{train, TrainConfig, TrainPair, TrainState};
+    if o.repeats == 0 || o.answer_tokens == 0 {
+        return Err(Error::Invalid(
+            "--repeats and --answer-tokens must be at least 1".into(),
+        ));
+    }
+    let prompt = bench_prompt(m, o.prompt_tokens)?;
+    let s = m.cfg.vision.image_size;
+    let mut rng = Rng::new(0);
+    let pixels: Vec<f32> = (0..3 * s * s).map(|_| rng.normal() as f32).collect();
+    let answer = |salt: usize| -> Vec<u32> {
+        (0..o.answer_tokens)
+            .map(|i| 200 + ((i * 104_729 + salt * 7_919) % 30_000) as u32)
+            .collect()
+    };
+    let (chosen, rejected) = (answer(1), answer(2));
+    let features = m.image_features(std::slice::from_ref(&pixels));
+    let t0 = Instant::now();
+    let refs =
+        crate::train::backward::pair_forward(m, &prompt.ids, &chosen, &rejected, &features, o.pass, 0)?
+            .logps();
+    let reference_s = t0.elapsed().as_secs_f64();
+    let pair = TrainPair {
+        id: "bench".into(),
+        prompt: prompt.ids.clone(),
+        features: m.be.download(&features),
+        chosen,
+        rejected,
+        ref_chosen: refs.0,
+        ref_rejected: refs.1,
+    };
+    let t = m.cfg.text.clone();
+    let mut w = LoraWeights::init(
+        t.num_layers,
+        &Proj::ALL,
+        o.lora_r,
+        2.0 * o.lora_r as f64,
+        0,
+        |_, p| match p {
+            Proj::Gate | Proj::Up => (t.intermediate_size, t.hidden_size),
+            Proj::Down => (t.hidden_size, t.intermediate_size),
+            Proj::K | Proj::V => (t.num_kv_heads * t.head_dim, t.hidden_size),
+            Proj::Q => (t.num_heads * t.head_dim, t.hidden_size),
+            Proj::O => (t.hidden_size, t.num_heads * t.head_dim),
+        },
+    );
+    let total = o.warmup + o.repeats;
+    let cfg = TrainConfig {
+        dpo: Default::default(),
+        optim: Default::default(),
+        lr: 5e-5,
+        schedule: crate::train::optim::Schedule::Constant,
+        warmup_ratio: 0.0,
+        max_grad_norm: 1.0,
+        batch_size: 1,
+        grad_accum: 1,
+        steps: total,
+        seed: 0,
+        pass: o.pass,
+    };
+    let (mut times, mut tokens) = (Vec::new(), Vec::new());
+    let never = std::sync::atomic::AtomicBool::new(false);
+    progress(0, total);
+    train(
+        m,
+        &mut w,
+        &mut TrainState::default(),
+        &[pair],
+        &cfg,
+        &never,
+        &mut |s, _, _| {
+            progress(s.step, total);
+            if s.step > o.warmup {
+                times.push(s.step_time_s);
+                tokens.push(s.tokens_per_s);
+            }
+            Ok(())
+        },
+    )?;
+    let step_s = Stats::of(times);
+    Ok(TrainBenchResult {
+        pairs_per_s: 1.0 / step_s.median,
+        tokens_per_s: Stats::of(tokens).median,
+        step_s,
+        reference_s,
+        prompt_tokens: prompt.ids.len(),
+        answer_tokens: o.answer_tokens,
+        lora_r: o.lora_r,
+        gradient_checkpointing: o.pass.checkpointing,
+        prefix_sharing: o.pass.prefix_sharing,
+        peak_rss_mib: peak_rss_mib(),
+        repeats: o.repeats,
+        threads: rayon::current_num_threads(),
+    })
+}
+
+/// The process's peak resident set (VmHWM from /proc/self/status) in MiB, 0 where unknown.
+pub fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}

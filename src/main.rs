@@ -313,6 +313,22 @@ struct BenchArgs {
     /// Print one JSON line
     #[arg(long)]
     json: bool,
+    /// What to time: `generate` (prefill + greedy decode) or `train` (DPO steps: forward of both
+    /// answers, loss, backward into the LoRA, AdamW)
+    #[arg(long, default_value = "generate", value_parser = ["generate", "train"])]
+    task: String,
+    /// train: tokens of each answer
+    #[arg(long, default_value_t = 24)]
+    answer_tokens: usize,
+    /// train: LoRA rank (alpha = 2 r) on every decoder linear
+    #[arg(long, default_value_t = 128)]
+    lora_r: usize,
+    /// train: recompute each layer in the backward
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "true|false")]
+    gradient_checkpointing: bool,
+    /// train: one packed [prompt | chosen | rejected] sequence per pair
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "true|false")]
+    prefix_sharing: bool,
 }
 
 #[derive(Args)]
@@ -879,7 +895,52 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
             dir
         }
     };
-    let model = Llava::load(&dir, be)?;
+    let mut model = Llava::load(&dir, be)?;
+    if a.task == "train" {
+        let opts = bench::TrainBenchOptions {
+            prompt_tokens: a.prompt_tokens,
+            answer_tokens: a.answer_tokens,
+            lora_r: a.lora_r,
+            pass: PassOptions {
+                checkpointing: a.gradient_checkpointing,
+                prefix_sharing: a.prefix_sharing,
+                lora_dropout: 0.0,
+            },
+            repeats: a.repeats,
+            warmup: a.warmup,
+        };
+        let pb = bar((a.warmup + a.repeats) as u64, "DPO steps");
+        let r = bench::run_train(&mut model, &opts, |i, _| pb.set_position(i as u64))?;
+        pb.finish_and_clear();
+        if a.model.is_none() && a.save_model.is_none() {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        let cpu = bench::cpu_model();
+        if a.json {
+            let mut v = serde_json::to_value(&r)?;
+            v["runtime"] = "miadpo".into();
+            v["device"] = cpu.into();
+            v["model"] = dir.display().to_string().into();
+            println!("{}", serde_json::to_string(&v)?);
+        } else {
+            println!(
+                "miadpo {} on {cpu} ({} threads), DPO step, batch 1: prompt {} tokens, answers {} tokens, LoRA r={}, checkpointing {}, prefix sharing {}, {} repeats:",
+                model.be_name(),
+                r.threads,
+                r.prompt_tokens,
+                r.answer_tokens,
+                r.lora_r,
+                r.gradient_checkpointing,
+                r.prefix_sharing,
+                r.repeats
+            );
+            println!(
+                "  step {:.3} s (min {:.3}, max {:.3})  {:.3} pairs/s  {:.1} tok/s  peak RSS {:.0} MiB  (reference pass {:.3} s, once per pair)",
+                r.step_s.median, r.step_s.min, r.step_s.max, r.pairs_per_s, r.tokens_per_s, r.peak_rss_mib, r.reference_s
+            );
+        }
+        return Ok(());
+    }
     let opts = BenchOptions {
         prompt_tokens: a.prompt_tokens,
         new_tokens: a.new_tokens,

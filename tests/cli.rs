@@ -621,3 +621,28 @@ fn train_reports_bad_pairs_by_id() {
     assert!(!o.status.success());
     assert!(err.contains("only_bad.jsonl: no usable pair"), "{err}");
 }
+
+/// `bench --task train` times DPO steps on a random model and reports them as one JSON line.
+#[test]
+fn bench_train_reports_dpo_step_times() {
+    let o = miadpo(&[
+        "bench",
+        "--task",
+        "train",
+        "--preset",
+        "tiny",
+        "--repeats",
+        "2",
+        "--warmup",
+        "1",
+        "--lora-r",
+        "8",
+        "--json",
+    ]);
+    let v: Value = serde_json::from_str(ok_stdout(o).trim()).unwrap();
+    let step = v["step_s"]["median"].as_f64().unwrap();
+    assert!(step > 0.0 && (v["pairs_per_s"].as_f64().unwrap() - 1.0 / step).abs() < 1e-9 / step);
+    assert_eq!(v["lora_r"], 8);
+    assert_eq!(v["prefix_sharing"], true);
+    assert!(v["peak_rss_mib"].as_f64().unwrap() > 0.0);
+}
