@@ -195,6 +195,15 @@ struct TrainArgs {
     max_grad_norm: f64,
     #[arg(long, default_value_t = 0.0)]
     weight_decay: f32,
+    /// AdamW's first-moment decay
+    #[arg(long, default_value_t = 0.9)]
+    adam_beta1: f32,
+    /// AdamW's second-moment decay
+    #[arg(long, default_value_t = 0.999)]
+    adam_beta2: f32,
+    /// AdamW's epsilon
+    #[arg(long, default_value_t = 1e-8)]
+    adam_eps: f32,
     /// Prompt + answer tokens; longer pairs are skipped
     #[arg(long, default_value_t = 4096)]
     max_length: usize,
@@ -522,6 +531,38 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
     use miadpo::model::lora::Proj;
     use miadpo::train::adapter::LoraWeights;
     use miadpo::train::checkpoint;
+    for (ok, what) in [
+        (
+            (0.0..1.0).contains(&a.lora_dropout),
+            "--lora-dropout must be in [0, 1)",
+        ),
+        (
+            (0.0..1.0).contains(&a.adam_beta1),
+            "--adam-beta1 must be in [0, 1)",
+        ),
+        (
+            (0.0..1.0).contains(&a.adam_beta2),
+            "--adam-beta2 must be in [0, 1)",
+        ),
+        (a.adam_eps > 0.0, "--adam-eps must be positive"),
+        (
+            a.lr >= 0.0 && a.lr.is_finite(),
+            "--lr must be a finite number >= 0",
+        ),
+        (
+            (0.0..=1.0).contains(&a.warmup_ratio),
+            "--warmup-ratio must be in [0, 1]",
+        ),
+        (a.lora_r > 0, "--lora-r must be at least 1"),
+        (
+            a.batch_size > 0 && a.grad_accum > 0,
+            "--batch-size and --grad-accum must be at least 1",
+        ),
+    ] {
+        if !ok {
+            bail!("{what}");
+        }
+    }
     let metrics_path = a.out.join("metrics.jsonl");
     if metrics_path.exists() && !a.resume {
         bail!(
@@ -577,6 +618,37 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
             miadpo::train::data::cache_path(&a.out).display()
         );
     }
+    // what a resume must keep (--steps/--epochs may grow, the data file may move)
+    let run: checkpoint::RunSettings = [
+        ("--template", format!("{:?}", a.m.template)),
+        ("--aspect", format!("{:?}", a.m.aspect)),
+        ("--max-length", a.max_length.to_string()),
+        ("--adapter-init", format!("{:?}", a.adapter_init)),
+        ("--lora-r", a.lora_r.to_string()),
+        ("--lora-alpha", a.lora_alpha.to_string()),
+        ("--lora-targets", a.lora_targets.join(",")),
+        ("--lora-dropout", a.lora_dropout.to_string()),
+        ("--loss", a.loss.to_string()),
+        ("--beta", a.beta.to_string()),
+        ("--label-smoothing", a.label_smoothing.to_string()),
+        ("--sft-weight", a.sft_weight.to_string()),
+        ("--optimizer", format!("{:?}", a.optimizer)),
+        ("--lr", a.lr.to_string()),
+        ("--adam-beta1", a.adam_beta1.to_string()),
+        ("--adam-beta2", a.adam_beta2.to_string()),
+        ("--adam-eps", a.adam_eps.to_string()),
+        ("--weight-decay", a.weight_decay.to_string()),
+        ("--schedule", format!("{:?}", a.schedule)),
+        ("--warmup-ratio", a.warmup_ratio.to_string()),
+        ("--max-grad-norm", a.max_grad_norm.to_string()),
+        ("--batch-size", a.batch_size.to_string()),
+        ("--grad-accum", a.grad_accum.to_string()),
+        ("--seed", a.seed.to_string()),
+        ("--prefix-sharing", a.prefix_sharing.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
     let resumed = if a.resume {
         checkpoint::latest(&a.out)
     } else {
@@ -585,7 +657,7 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
     let mut state = miadpo::train::trainer::TrainState::default();
     let mut w = match (&resumed, &a.adapter_init) {
         (Some(dir), _) => {
-            let (w, st) = checkpoint::load(dir, model.cfg.text.num_layers, &base)?;
+            let (w, st) = checkpoint::load(dir, model.cfg.text.num_layers, &base, &run)?;
             eprintln!("resuming from {} (step {})", dir.display(), st.step);
             state = st;
             w
@@ -626,7 +698,9 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
         optim: OptimConfig {
             kind: a.optimizer,
             weight_decay: a.weight_decay,
-            ..Default::default()
+            beta1: a.adam_beta1,
+            beta2: a.adam_beta2,
+            eps: a.adam_eps,
         },
         lr: a.lr,
         schedule: a.schedule,
@@ -696,13 +770,13 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
             s.step, s.loss, s.accuracies, s.margins, s.rewards_chosen, s.rewards_rejected, s.lr, s.grad_norm, s.tokens_per_s
         );
             if save_every > 0 && st.step % save_every == 0 && st.step < steps {
-                let dir = checkpoint::save(&out_dir, w, st, &base)?;
+                let dir = checkpoint::save(&out_dir, w, st, &base, &run)?;
                 eprintln!("checkpoint {}", dir.display());
             }
             Ok(())
         },
     )?;
-    let dir = checkpoint::save(&a.out, &w, &state, &base)?;
+    let dir = checkpoint::save(&a.out, &w, &state, &base, &run)?;
     if outcome.interrupted {
         eprintln!(
             "interrupted after step {}/{steps}: checkpoint {}; continue with the same command plus --resume",

@@ -364,6 +364,30 @@ fn train_resume_is_bit_exact() {
         .success(),
         "refused without --resume"
     );
+    let owned = train_args(&data, &b, &["--steps", "4", "--loss", "bco_pair", "--resume"]);
+    let o = miadpo(&owned.iter().map(String::as_str).collect::<Vec<_>>());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "other settings are refused on resume");
+    assert!(
+        err.contains("--lr was 0.005, now 0.00005") && err.contains("--lora-dropout was 0.1, now 0"),
+        "{err}"
+    );
+    assert!(
+        !miadpo(&[
+            "train",
+            "--model",
+            "m",
+            "--data",
+            "d",
+            "--out",
+            "o",
+            "--lora-dropout",
+            "1"
+        ])
+        .status
+        .success(),
+        "--lora-dropout 1 is refused"
+    );
     let err = run(&b, "4", &["--resume"]);
     assert!(err.contains("resuming from") && err.contains("step 2"), "{err}");
     assert!(err.contains("reference log-probs of 3 pairs read from"), "{err}");

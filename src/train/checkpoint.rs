@@ -1,7 +1,7 @@
 //! Checkpoints that resume bit for bit: OUT/checkpoint-STEP/ holds the adapter (PEFT), the optimizer
 //! state (f32 safetensors) and the loop state (JSON). Written into a hidden temporary folder, synced,
 //! then renamed, so a kill mid-write leaves the previous checkpoint as the newest complete one.
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -28,7 +28,14 @@ struct StateFile {
     base: String,
     #[serde(default)]
     bad_steps: usize,
+    /// the command-line settings the numbers depend on (flag -> value)
+    #[serde(default)]
+    run: BTreeMap<String, String>,
 }
+
+/// The settings of a run that its numbers depend on, flag -> value: a resume with other values would
+/// not continue the same run, so it is refused.
+pub type RunSettings = BTreeMap<String, String>;
 
 /// A fingerprint of a base checkpoint folder: FNV-1a over config.json and, for every safetensors file,
 /// its name, size and header (the tensor table), so another base is told apart without reading
@@ -78,7 +85,7 @@ impl Fnv {
 }
 
 /// Writes OUT/checkpoint-STEP atomically; returns its path.
-pub fn save(out: &Path, w: &LoraWeights, st: &TrainState, base: &str) -> Result<PathBuf> {
+pub fn save(out: &Path, w: &LoraWeights, st: &TrainState, base: &str, run: &RunSettings) -> Result<PathBuf> {
     let dir = out.join(format!("checkpoint-{}", st.step));
     let tmp = out.join(format!(".checkpoint-{}.partial", st.step));
     if tmp.exists() {
@@ -118,6 +125,7 @@ pub fn save(out: &Path, w: &LoraWeights, st: &TrainState, base: &str) -> Result<
         optim_steps: st.optim.iter().map(|(a, b)| (a.step, b.step)).collect(),
         base: base.to_string(),
         bad_steps: st.bad_steps,
+        run: run.clone(),
     };
     write_atomic(
         &tmp.join("state.json"),
@@ -149,8 +157,13 @@ pub fn latest(out: &Path) -> Option<PathBuf> {
         .map(|(_, p)| p)
 }
 
-/// Loads a checkpoint; `base` must be the base model it was trained on.
-pub fn load(dir: &Path, num_layers: usize, base: &str) -> Result<(LoraWeights, TrainState)> {
+/// Loads a checkpoint; `base` must be the base model it was trained on and `run` its settings.
+pub fn load(
+    dir: &Path,
+    num_layers: usize,
+    base: &str,
+    run: &RunSettings,
+) -> Result<(LoraWeights, TrainState)> {
     let sp = dir.join("state.json");
     let text = std::fs::read_to_string(&sp).map_err(|e| Error::io(&sp, e))?;
     let s: StateFile =
@@ -161,6 +174,23 @@ pub fn load(dir: &Path, num_layers: usize, base: &str) -> Result<(LoraWeights, T
             format!(
                 "this run was trained on base `{}`, not `{base}`: resuming is refused",
                 s.base
+            ),
+        ));
+    }
+    let changed: Vec<String> = s
+        .run
+        .iter()
+        .filter_map(|(k, was)| {
+            let now = run.get(k).map_or("(unset)", String::as_str);
+            (now != was).then(|| format!("{k} was {was}, now {now}"))
+        })
+        .collect();
+    if !changed.is_empty() {
+        return Err(Error::file(
+            &sp,
+            format!(
+                "resuming needs the run's own settings ({}): repeat the original command with --resume",
+                changed.join("; ")
             ),
         ));
     }
