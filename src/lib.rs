@@ -8,6 +8,7 @@ pub use error::{Error, Result};
 pub mod augment;
 pub mod backend;
 pub mod bench;
+pub mod cuda;
 pub mod data;
 pub mod plot;
 pub mod select;

@@ -52,6 +52,9 @@ enum Cmd {
     /// Prefill and decode throughput on a checkpoint (by default a random "small" LLaVA).
     Bench(BenchArgs),
     /// Draw the curves of a training run (OUT/metrics.jsonl) to a PNG.
+    /// List the CUDA kernels, or compile them all through NVRTC and report their resources
+    #[command(subcommand)]
+    Kernels(KernelsCmd),
     Plot(PlotArgs),
 }
 
@@ -340,6 +343,19 @@ struct BenchArgs {
     prefix_sharing: bool,
 }
 
+#[derive(Subcommand)]
+enum KernelsCmd {
+    /// Print every kernel as family/name
+    List,
+    /// Compile every kernel family for an architecture (needs libnvrtc, no GPU) and print
+    /// `family/name  regs=N  smem=N  spill=N  ok`; fails on a compile error or any spill
+    Check {
+        /// sm_80 or sm_90a
+        #[arg(long, default_value = "sm_90a")]
+        arch: String,
+    },
+}
+
 #[derive(Args)]
 struct PlotArgs {
     /// Run folder of `miadpo train` (holds metrics.jsonl)
@@ -372,6 +388,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Score(a) => score(a),
         Cmd::Bench(a) => bench_cmd(a),
         Cmd::Plot(a) => plot_cmd(a),
+        Cmd::Kernels(k) => kernels_cmd(k),
     }
 }
 
@@ -1061,4 +1078,51 @@ fn plot_cmd(a: PlotArgs) -> Result<()> {
     let s = miadpo::plot::plot_metrics(&a.out.join("metrics.jsonl"), &png, &title)?;
     println!("wrote {} ({} steps)", png.display(), s.steps);
     Ok(())
+}
+
+fn kernels_cmd(k: KernelsCmd) -> Result<()> {
+    use miadpo::cuda::{nvrtc, ARCHES, FAMILIES};
+    match k {
+        KernelsCmd::List => {
+            for f in FAMILIES {
+                for k in f.kernels {
+                    println!("{}/{k}", f.name);
+                }
+            }
+            Ok(())
+        }
+        KernelsCmd::Check { arch } => {
+            if !ARCHES.contains(&arch.as_str()) {
+                bail!("--arch {arch}: expected one of {}", ARCHES.join(", "));
+            }
+            let (major, minor) = nvrtc::version()?;
+            eprintln!("NVRTC {major}.{minor}, {arch}");
+            let mut bad = Vec::new();
+            for f in FAMILIES {
+                let c = nvrtc::compile(f, &arch)?;
+                for name in f.kernels {
+                    let Some(s) = c.stats.iter().find(|s| s.name == *name) else {
+                        bad.push(format!("{}/{name}: no ptxas report", f.name));
+                        continue;
+                    };
+                    let spill = s.spill_stores + s.spill_loads;
+                    let verdict = if spill == 0 { "ok" } else { "SPILL" };
+                    println!(
+                        "{:<34} regs={:<4} smem={:<6} spill={:<4} {verdict}",
+                        format!("{}/{name}", f.name),
+                        s.regs,
+                        s.smem,
+                        spill
+                    );
+                    if spill > 0 {
+                        bad.push(format!("{}/{name}: {spill} bytes of spills", f.name));
+                    }
+                }
+            }
+            if !bad.is_empty() {
+                bail!("{} kernel(s) failed the check: {}", bad.len(), bad.join("; "));
+            }
+            Ok(())
+        }
+    }
 }

@@ -65,7 +65,7 @@ pub fn base_fingerprint(model: &Path) -> Result<String> {
 
 /// FNV-1a, 64 bits: fingerprints of files and token sequences (not a cryptographic hash: it tells
 /// apart inputs that differ by accident, which is all a cache key needs).
-pub(crate) struct Fnv(u64);
+pub struct Fnv(u64);
 
 impl Default for Fnv {
     fn default() -> Self {
@@ -74,12 +74,12 @@ impl Default for Fnv {
 }
 
 impl Fnv {
-    pub(crate) fn eat(&mut self, bytes: &[u8]) {
+    pub fn eat(&mut self, bytes: &[u8]) {
         for &b in bytes {
             self.0 = (self.0 ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3);
         }
     }
-    pub(crate) fn hex(&self) -> String {
+    pub fn hex(&self) -> String {
         format!("{:016x}", self.0)
     }
 }

@@ -1,0 +1,45 @@
+// Optimizer updates on f32 master weights (PyTorch's AdamW and SGD order of operations), and the
+// global gradient norm (two passes: per-block partial sums, then one block; deterministic).
+// CPU twins: update, clip_grad_norm in src/train/optim.rs.
+
+// p <- p (1 - lr wd); m, v moments; p <- p - (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps)
+extern "C" __global__ void adamw_step(float* p, const float* g, float* m, float* v, long n, float lr,
+                                      float beta1, float beta2, float eps, float wd, float bc1, float bc2) {
+    float step = lr / bc1, sqrt_bc2 = sqrtf(bc2);
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float pi = p[i] * (1.0f - lr * wd), gi = g[i];
+        float mi = beta1 * m[i] + (1.0f - beta1) * gi;
+        float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = pi - step * mi / (sqrtf(vi) / sqrt_bc2 + eps);
+    }
+}
+
+// g <- g + wd p; p <- p - lr g
+extern "C" __global__ void sgd_step(float* p, const float* g, long n, float lr, float wd) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        p[i] -= lr * (g[i] + wd * p[i]);
+}
+
+// partial[blockIdx.x] = sum of g[i]^2 over this block's grid-stride share
+extern "C" __global__ void sumsq_partial(const float* g, long n, float* partial) {
+    __shared__ float scratch[32];
+    float s = 0.0f;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) s += g[i] * g[i];
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) partial[blockIdx.x] = s;
+}
+
+// out[0] = sum of partial[0..n) (one block)
+extern "C" __global__ void sum_final(const float* partial, int n, float* out) {
+    __shared__ float scratch[32];
+    float s = 0.0f;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s += partial[i];
+    s = block_sum(s, scratch);
+    if (threadIdx.x == 0) out[0] = s;
+}
+
+extern "C" __global__ void scale_f32(float* x, long n, float a) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) x[i] *= a;
+}
