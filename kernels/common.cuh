@@ -16,6 +16,13 @@ __device__ __forceinline__ bf16 f2bf(float f) {
     return (bf16)(u >> 16);
 }
 
+// Activations (the backend's buffers) are f32 for now; weights are bf16 and go through cuBLAS. `ld`/`st`
+// read and write an activation, so that storing them in bf16 later is a change of this typedef only.
+typedef float act;
+__device__ __forceinline__ float ld(float v) { return v; }
+__device__ __forceinline__ float ld(bf16 v) { return bf2f(v); }
+__device__ __forceinline__ act st(float v) { return v; }
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;

@@ -1,48 +1,48 @@
-// Elementwise ops on bf16 activations (f32 math), casts, bias add, dropout. Grid-stride loops over n.
+// Elementwise ops on act activations (f32 math), casts, bias add, dropout. Grid-stride loops over n.
 // CPU twins: add, axpy, mul, activation, swiglu_backward, dropout in src/backend/cpu.rs.
 
-extern "C" __global__ void add_bf16(bf16* x, const bf16* y, long n) {
+extern "C" __global__ void add(act* x, const act* y, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
-        x[i] = f2bf(bf2f(x[i]) + bf2f(y[i]));
+        x[i] = st(ld(x[i]) + ld(y[i]));
 }
 
-extern "C" __global__ void axpy_bf16(bf16* x, float alpha, const bf16* y, long n) {
+extern "C" __global__ void axpy(act* x, float alpha, const act* y, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
-        x[i] = f2bf(fmaf(alpha, bf2f(y[i]), bf2f(x[i])));
+        x[i] = st(fmaf(alpha, ld(y[i]), ld(x[i])));
 }
 
-extern "C" __global__ void mul_bf16(bf16* x, const bf16* y, long n) {
+extern "C" __global__ void mul(act* x, const act* y, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
-        x[i] = f2bf(bf2f(x[i]) * bf2f(y[i]));
+        x[i] = st(ld(x[i]) * ld(y[i]));
 }
 
-// act: 0 silu, 1 gelu (erf), 2 gelu (tanh), 3 quick_gelu
-extern "C" __global__ void activation_bf16(bf16* x, long n, int act) {
+// kind: 0 silu, 1 gelu (erf), 2 gelu (tanh), 3 quick_gelu
+extern "C" __global__ void activation(act* x, long n, int kind) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        float v = bf2f(x[i]), y;
-        if (act == 0) y = v / (1.0f + expf(-v));
-        else if (act == 1) y = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
-        else if (act == 2) y = 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
+        float v = ld(x[i]), y;
+        if (kind == 0) y = v / (1.0f + expf(-v));
+        else if (kind == 1) y = 0.5f * v * (1.0f + erff(v * 0.70710678118654752f));
+        else if (kind == 2) y = 0.5f * v * (1.0f + tanhf(0.7978845608028654f * (v + 0.044715f * v * v * v)));
         else y = v / (1.0f + expf(-1.702f * v));
-        x[i] = f2bf(y);
+        x[i] = st(y);
     }
 }
 
 // mid = silu(gate) * up
-extern "C" __global__ void swiglu_fwd(const bf16* gate, const bf16* up, bf16* mid, long n) {
+extern "C" __global__ void swiglu_fwd(const act* gate, const act* up, act* mid, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        float g = bf2f(gate[i]);
-        mid[i] = f2bf(g / (1.0f + expf(-g)) * bf2f(up[i]));
+        float g = ld(gate[i]);
+        mid[i] = st(g / (1.0f + expf(-g)) * ld(up[i]));
     }
 }
 
 // silu'(g) = s (1 + g (1 - s)), s = sigmoid(g)
-extern "C" __global__ void swiglu_bwd(const bf16* gate, const bf16* up, const bf16* dmid, bf16* dgate, bf16* dup, long n) {
+extern "C" __global__ void swiglu_bwd(const act* gate, const act* up, const act* dmid, act* dgate, act* dup, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        float g = bf2f(gate[i]), u = bf2f(up[i]), dm = bf2f(dmid[i]);
+        float g = ld(gate[i]), u = ld(up[i]), dm = ld(dmid[i]);
         float s = 1.0f / (1.0f + expf(-g));
-        dup[i] = f2bf(dm * g * s);
-        dgate[i] = f2bf(dm * u * s * (1.0f + g * (1.0f - s)));
+        dup[i] = st(dm * g * s);
+        dgate[i] = st(dm * u * s * (1.0f + g * (1.0f - s)));
     }
 }
 
@@ -57,15 +57,20 @@ extern "C" __global__ void cast_bf16_f32(const bf16* x, float* y, long n) {
 }
 
 // x (rows, cols) += b (cols)
-extern "C" __global__ void bias_add_bf16(bf16* x, const bf16* b, long rows, int cols) {
+extern "C" __global__ void bias_add(act* x, const act* b, long rows, int cols) {
     long n = rows * cols;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
-        x[i] = f2bf(bf2f(x[i]) + bf2f(b[i % cols]));
+        x[i] = st(ld(x[i]) + ld(b[i % cols]));
 }
 
 // y = x / (1 - p) where kept, else 0 (the same mask for the forward and the gradient)
-extern "C" __global__ void dropout_bf16(const bf16* x, bf16* y, long n, float p, u64 key) {
+extern "C" __global__ void dropout(const act* x, act* y, long n, float p, u64 key) {
     float keep_scale = 1.0f / (1.0f - p);
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
-        y[i] = dropout_keep(key, (u64)i, p) ? f2bf(bf2f(x[i]) * keep_scale) : (bf16)0;
+        y[i] = dropout_keep(key, (u64)i, p) ? st(ld(x[i]) * keep_scale) : (act)0;
+}
+
+// x[i] = v (outputs are poisoned with NaN before the kernels that must write every element run)
+extern "C" __global__ void fill_f32(float* x, long n, float v) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) x[i] = v;
 }

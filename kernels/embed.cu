@@ -2,16 +2,16 @@
 // CPU twins: embed, scatter_rows in src/backend/cpu.rs.
 
 // out (n, d) = table[ids[r]]; ids checked on the host
-extern "C" __global__ void embed_gather(const bf16* table, const int* ids, bf16* out, int n, int d) {
+extern "C" __global__ void embed_gather(const bf16* table, const int* ids, act* out, int n, int d) {
     long total = (long)n * d;
     for (long t = blockIdx.x * (long)blockDim.x + threadIdx.x; t < total; t += (long)gridDim.x * blockDim.x) {
         long r = t / d;
-        out[t] = table[(long)ids[r] * d + t % d];
+        out[t] = st(bf2f(table[(long)ids[r] * d + t % d]));
     }
 }
 
 // x[rows[r]] = src[r] for r < n
-extern "C" __global__ void scatter_rows(bf16* x, const int* rows, const bf16* src, int n, int d) {
+extern "C" __global__ void scatter_rows(act* x, const int* rows, const act* src, int n, int d) {
     long total = (long)n * d;
     for (long t = blockIdx.x * (long)blockDim.x + threadIdx.x; t < total; t += (long)gridDim.x * blockDim.x) {
         long r = t / d;

@@ -2,41 +2,41 @@
 // CPU twins: rms_norm, rms_norm_backward, layer_norm in src/backend/cpu.rs.
 
 // y = w * x / sqrt(mean(x^2) + eps)
-extern "C" __global__ void rms_norm_fwd(const bf16* x, const float* w, bf16* y, int d, float eps) {
+extern "C" __global__ void rms_norm_fwd(const act* x, const float* w, act* y, int d, float eps) {
     __shared__ float scratch[32];
-    const bf16* xr = x + (long)blockIdx.x * d;
-    bf16* yr = y + (long)blockIdx.x * d;
+    const act* xr = x + (long)blockIdx.x * d;
+    act* yr = y + (long)blockIdx.x * d;
     float ss = 0.0f;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) { float v = bf2f(xr[i]); ss += v * v; }
+    for (int i = threadIdx.x; i < d; i += blockDim.x) { float v = ld(xr[i]); ss += v * v; }
     float r = rsqrtf(block_sum(ss, scratch) / d + eps);
-    for (int i = threadIdx.x; i < d; i += blockDim.x) yr[i] = f2bf(w[i] * (bf2f(xr[i]) * r));
+    for (int i = threadIdx.x; i < d; i += blockDim.x) yr[i] = st(w[i] * (ld(xr[i]) * r));
 }
 
 // dx = r * w * dy - x * r^3 * sum(w * dy * x) / d
-extern "C" __global__ void rms_norm_bwd(const bf16* x, const float* w, const bf16* dy, bf16* dx, int d, float eps) {
+extern "C" __global__ void rms_norm_bwd(const act* x, const float* w, const act* dy, act* dx, int d, float eps) {
     __shared__ float scratch[32];
     long off = (long)blockIdx.x * d;
     float ss = 0.0f, dot = 0.0f;
     for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        float v = bf2f(x[off + i]);
+        float v = ld(x[off + i]);
         ss += v * v;
-        dot += w[i] * bf2f(dy[off + i]) * v;
+        dot += w[i] * ld(dy[off + i]) * v;
     }
     float r = rsqrtf(block_sum(ss, scratch) / d + eps);
     float c = r * r * r * block_sum(dot, scratch) / d;
     for (int i = threadIdx.x; i < d; i += blockDim.x)
-        dx[off + i] = f2bf(r * w[i] * bf2f(dy[off + i]) - bf2f(x[off + i]) * c);
+        dx[off + i] = st(r * w[i] * ld(dy[off + i]) - ld(x[off + i]) * c);
 }
 
 // y = (x - mean) / sqrt(var + eps) * w + b (two passes: mean, then centred variance)
-extern "C" __global__ void layer_norm_fwd(const bf16* x, const float* w, const float* b, bf16* y, int d, float eps) {
+extern "C" __global__ void layer_norm_fwd(const act* x, const float* w, const float* b, act* y, int d, float eps) {
     __shared__ float scratch[32];
     long off = (long)blockIdx.x * d;
     float s = 0.0f;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) s += bf2f(x[off + i]);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) s += ld(x[off + i]);
     float mean = block_sum(s, scratch) / d;
     float v = 0.0f;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) { float c = bf2f(x[off + i]) - mean; v += c * c; }
+    for (int i = threadIdx.x; i < d; i += blockDim.x) { float c = ld(x[off + i]) - mean; v += c * c; }
     float inv = rsqrtf(block_sum(v, scratch) / d + eps);
-    for (int i = threadIdx.x; i < d; i += blockDim.x) y[off + i] = f2bf((bf2f(x[off + i]) - mean) * inv * w[i] + b[i]);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) y[off + i] = st((ld(x[off + i]) - mean) * inv * w[i] + b[i]);
 }

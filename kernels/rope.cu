@@ -1,7 +1,7 @@
 // Rotary embedding (HF rotate_half layout) and its backward (sign = -1 rotates back).
 // Angles in double, rounded once, as the CPU twin (`rotate` in src/backend/cpu.rs) does.
 // One thread per (row, head, i < head_dim / 2).
-extern "C" __global__ void rope(bf16* x, const int* positions, int rows, int heads, int head_dim, double theta, float sign) {
+extern "C" __global__ void rope(act* x, const int* positions, int rows, int heads, int head_dim, double theta, float sign) {
     int half = head_dim / 2;
     long n = (long)rows * heads * half;
     for (long t = blockIdx.x * (long)blockDim.x + threadIdx.x; t < n; t += (long)gridDim.x * blockDim.x) {
@@ -11,9 +11,9 @@ extern "C" __global__ void rope(bf16* x, const int* positions, int rows, int hea
         double inv = pow(theta, -(2.0 * i) / head_dim);
         double a = positions[row] * inv;
         float c = (float)cos(a), s = sign * (float)sin(a);
-        bf16* h = x + rh * head_dim;
-        float x1 = bf2f(h[i]), x2 = bf2f(h[i + half]);
-        h[i] = f2bf(x1 * c - x2 * s);
-        h[i + half] = f2bf(x2 * c + x1 * s);
+        act* h = x + rh * head_dim;
+        float x1 = ld(h[i]), x2 = ld(h[i + half]);
+        h[i] = st(x1 * c - x2 * s);
+        h[i + half] = st(x2 * c + x1 * s);
     }
 }

@@ -15,8 +15,12 @@ pub const FIXTURES: [&str; 2] = ["tiny-llava", "tiny-llava-gqa"];
 pub const REGEN: &str =
     "(golden numbers: HF transformers 5.24 float64, see tests/fixtures/README.md to regenerate)";
 
+/// `tests/fixtures/NAME` of this checkout; `MIADPO_REPO` overrides the checkout's root (a test binary
+/// carried to another machine, see scripts/device-check.sh).
 pub fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    std::env::var_os("MIADPO_REPO")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
         .join("tests/fixtures")
         .join(name)
 }

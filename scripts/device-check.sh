@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One call on a GPU machine (no Rust there): the card, the NVRTC compile check, every GPU test
+# (CUDA backend vs CPU twin, op by op and end to end on the fixture), and a markdown summary in $OUT.
+#
+# Here, before the call:   scripts/build-device-bundle.sh        (writes target/device/, ~30 MiB)
+# Device tool call:        command "bash scripts/device-check.sh", carry ["target/device"],
+#                          timeout_s 420 (the whole script stays under ~5 minutes)
+# Output:                  $OUT/device-check.md (table), $OUT/gpu-tests.log, $OUT/kernels-check.log
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/device-check}
+mkdir -p "$OUT"
+md="$OUT/device-check.md"
+# NVRTC 13.0: from the CUDA toolkit, or from a pip wheel (torch ships nvidia-* wheels)
+for d in /usr/local/cuda/lib64 /usr/local/cuda-13.0/lib64 $(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__file__))' 2>/dev/null)/cu13/lib; do
+    [ -e "$d/libnvrtc.so.13" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+done
+export MIADPO_REPO="$PWD" MIADPO_KERNEL_CACHE="$OUT/kernel-cache"
+card=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)
+{
+    echo "# miadpo device check"
+    echo
+    echo "- date: $(date -u +%FT%TZ)"
+    echo "- card: $card"
+    echo "- bundle: $(sha256sum target/device/miadpo | cut -c1-16) (miadpo), $(sha256sum target/device/gpu-tests | cut -c1-16) (gpu tests)"
+    echo
+} > "$md"
+nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+status=0
+arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
+arch="sm_${arch}"; [ "$arch" = "sm_90" ] && arch="sm_90a"
+echo "## NVRTC compile check ($arch)" >> "$md"
+if timeout 120 target/device/miadpo kernels check --arch "$arch" > "$OUT/kernels-check.log" 2>&1; then
+    echo "all $(grep -c ' ok$' "$OUT/kernels-check.log") kernels compile, no spills" >> "$md"
+else
+    status=1; echo "FAILED (see kernels-check.log)" >> "$md"
+fi
+echo >> "$md"
+echo "## GPU tests (CUDA backend vs CPU twin)" >> "$md"
+echo >> "$md"
+if timeout 300 target/device/gpu-tests --nocapture --test-threads 1 > "$OUT/gpu-tests.log" 2>&1; then
+    echo "all passed" >> "$md"
+else
+    status=1; echo "FAILED (see gpu-tests.log)" >> "$md"
+fi
+if nvidia-smi > /dev/null 2>&1 && grep -q 'skipped: no usable GPU' "$OUT/gpu-tests.log"; then
+    status=1; echo "FAILED: a GPU is present but the tests found none usable (see gpu-tests.log)" >> "$md"
+fi
+echo >> "$md"
+echo '| check | relative error | tolerance |' >> "$md"
+echo '|---|---:|---:|' >> "$md"
+grep -E 'rel err' "$OUT/gpu-tests.log" | sed -E 's/^(.*[^ ]) +rel err ([^ ]+) \(tol ([^)]+)\)$/| \1 | \2 | \3 |/' >> "$md"
+grep -E '^test |panicked|skipped' "$OUT/gpu-tests.log" | sed 's/^/    /' >> "$md"
+cat "$md"
+exit $status

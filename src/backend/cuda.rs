@@ -1,0 +1,823 @@
+//! The CUDA backend: every `Backend` op as a handwritten kernel of `kernels/*.cu` (compiled by NVRTC
+//! for the device's own arch, cached on disk), matrix products through cuBLAS (bf16 inputs, f32
+//! accumulate and output). Buffers are f32 device memory (`act` in the kernels); weight matrices are
+//! uploaded once as bf16. The CPU backend is the reference it is tested against (tests/gpu.rs).
+//!
+//! Device errors inside an op (out of memory, a failed launch) panic with the op's name: the trait's
+//! ops return values, as the CPU's do; creating the backend returns every error of the setup.
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+};
+
+use super::{AttnShape, Backend, KeySpan};
+use crate::cuda::{nvrtc, FAMILIES};
+use crate::model::config::Activation;
+use crate::model::weights::Tensor;
+use crate::{Error, Result};
+
+/// An f32 device buffer and its length (`n` may be 0: the allocation then holds one unused element,
+/// as CUDA allocations cannot be empty).
+#[derive(Clone)]
+pub struct DBuf {
+    s: CudaSlice<f32>,
+    n: usize,
+}
+
+impl DBuf {
+    pub fn len(&self) -> usize {
+        self.n
+    }
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+}
+
+/// A weight matrix on the device in bf16: (rows, cols).
+pub struct CudaMat {
+    w: CudaSlice<u16>,
+    rows: usize,
+    cols: usize,
+}
+
+pub struct CudaBackend {
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    funcs: HashMap<&'static str, CudaFunction>,
+    device: String,
+    arch: String,
+}
+
+// SAFETY: cuBLAS handles may be used from any thread as long as calls do not overlap; the backend's
+// ops are issued from one thread at a time (rayon is not used on this side).
+unsafe impl Send for CudaBackend {}
+unsafe impl Sync for CudaBackend {}
+
+/// Whether the CUDA driver library can be loaded (probed without cudarc's panic).
+pub fn driver_present() -> bool {
+    // SAFETY: only tries to dlopen the candidate names.
+    unsafe { cudarc::driver::sys::is_culib_present() }
+}
+
+fn dev_err(what: &str, e: impl std::fmt::Debug) -> Error {
+    Error::Invalid(format!("CUDA: {what}: {e:?}"))
+}
+
+const BLOCK: u32 = 256;
+/// Vocabulary rows of the LM head per logits chunk in the fused log-prob ops: (T, 8192) f32.
+const VOCAB_CHUNK: usize = 8192;
+
+fn grid1d(n: usize) -> LaunchConfig {
+    let blocks = n.div_ceil(BLOCK as usize).clamp(1, 65_535 * 4) as u32;
+    LaunchConfig {
+        grid_dim: (blocks, 1, 1),
+        block_dim: (BLOCK, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn per_row(rows: usize, threads: u32, smem: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows.max(1) as u32, 1, 1),
+        block_dim: (threads, 1, 1),
+        shared_mem_bytes: smem,
+    }
+}
+
+/// f32 -> bf16 bits, round to nearest even (the kernels' `f2bf`).
+fn f32_to_bf16(x: f32) -> u16 {
+    half::bf16::from_f32(x).to_bits()
+}
+
+impl CudaBackend {
+    /// The GPU `ordinal`: context, stream, cuBLAS, and every kernel family compiled (or read from
+    /// the cache) for its arch. Fails with one clear line when the driver, NVRTC or a GPU is missing.
+    pub fn new(ordinal: usize) -> Result<Self> {
+        if !driver_present() {
+            return Err(Error::Invalid(
+                "CUDA: no driver library (libcuda.so.1) on this machine".into(),
+            ));
+        }
+        if !nvrtc::available() {
+            return Err(Error::Invalid(
+                "CUDA: NVRTC (libnvrtc.so.13) not found: install nvidia-cuda-nvrtc==13.0.88 and add its lib folder to LD_LIBRARY_PATH"
+                    .into(),
+            ));
+        }
+        let n = CudaContext::device_count().map_err(|e| dev_err("counting devices", e))?;
+        if ordinal as i32 >= n {
+            return Err(Error::Invalid(format!("CUDA: no GPU {ordinal} ({n} found)")));
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| dev_err("creating the context", e))?;
+        let (major, minor) = ctx
+            .compute_capability()
+            .map_err(|e| dev_err("compute capability", e))?;
+        // Hopper's arch-specific features (wgmma, TMA) need the `a` target
+        let arch = format!("sm_{major}{minor}{}", if major == 9 { "a" } else { "" });
+        let device = ctx.name().map_err(|e| dev_err("device name", e))?;
+        let stream = ctx.default_stream();
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| dev_err("cuBLAS", e))?;
+        let mut funcs = HashMap::new();
+        for f in FAMILIES {
+            let cubin = nvrtc::compile_cached(f, &arch)?;
+            let module = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_binary(cubin))
+                .map_err(|e| dev_err(&format!("loading kernels/{}.cu", f.name), e))?;
+            for &k in f.kernels {
+                let func = module
+                    .load_function(k)
+                    .map_err(|e| dev_err(&format!("kernel {}/{k}", f.name), e))?;
+                funcs.insert(k, func);
+            }
+        }
+        Ok(CudaBackend {
+            stream,
+            blas,
+            funcs,
+            device,
+            arch,
+        })
+    }
+
+    /// "NVIDIA H100 80GB HBM3 (sm_90a)"
+    pub fn device(&self) -> String {
+        format!("{} ({})", self.device, self.arch)
+    }
+
+    fn f(&self, name: &str) -> &CudaFunction {
+        self.funcs
+            .get(name)
+            .unwrap_or_else(|| panic!("kernel `{name}` is not in the kernel table"))
+    }
+
+    fn zeros(&self, n: usize) -> DBuf {
+        DBuf {
+            s: self
+                .stream
+                .alloc_zeros::<f32>(n.max(1))
+                .expect("CUDA: out of memory"),
+            n,
+        }
+    }
+
+    /// A buffer of NaN: for outputs that a kernel must write in full (an element it misses stays NaN
+    /// and fails the comparison with the CPU twin instead of passing as zero).
+    fn poisoned(&self, n: usize) -> DBuf {
+        let mut x = self.zeros(n);
+        let (nn, v) = (n.max(1) as i64, f32::NAN);
+        let mut b = self.stream.launch_builder(self.f("fill_f32"));
+        b.arg(&mut x.s).arg(&nn).arg(&v);
+        // SAFETY: x holds max(n, 1) elements.
+        unsafe { b.launch(grid1d(n.max(1))) }.expect("CUDA: fill_f32");
+        x
+    }
+
+    fn ints(&self, v: &[usize]) -> CudaSlice<i32> {
+        let v: Vec<i32> = v.iter().map(|&x| x as i32).collect();
+        self.stream.clone_htod(&v).expect("CUDA: upload")
+    }
+
+    /// x (f32) -> a bf16 copy, for cuBLAS
+    fn to_bf16(&self, x: &DBuf, n: usize) -> CudaSlice<u16> {
+        let mut y = self
+            .stream
+            .alloc_zeros::<u16>(n.max(1))
+            .expect("CUDA: out of memory");
+        let nn = n as i64;
+        let mut b = self.stream.launch_builder(self.f("cast_f32_bf16"));
+        b.arg(&x.s).arg(&mut y).arg(&nn);
+        // SAFETY: x and y hold n elements.
+        unsafe { b.launch(grid1d(n)) }.expect("CUDA: cast_f32_bf16");
+        y
+    }
+
+    /// Column-major GEMM C (m, n) = alpha op(A) op(B) + beta C, C f32, f32 compute.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        ta: bool,
+        tb: bool,
+        (m, n, k): (usize, usize, usize),
+        alpha: f32,
+        (a, a_ty, lda): (u64, cudaDataType, usize),
+        (b, b_ty, ldb): (u64, cudaDataType, usize),
+        beta: f32,
+        (c, ldc): (u64, usize),
+    ) {
+        let op = |t: bool| {
+            if t {
+                cublasOperation_t::CUBLAS_OP_T
+            } else {
+                cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        // SAFETY: pointers come from live device buffers with the extents the callers describe.
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                *self.blas.handle(),
+                op(ta),
+                op(tb),
+                m as i32,
+                n as i32,
+                k as i32,
+                &alpha as *const f32 as *const _,
+                a as *const _,
+                a_ty,
+                lda as i32,
+                b as *const _,
+                b_ty,
+                ldb as i32,
+                &beta as *const f32 as *const _,
+                c as *mut _,
+                cudaDataType::CUDA_R_32F,
+                ldc as i32,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .expect("cuBLAS GemmEx");
+    }
+
+    /// Row-major y (m, n) = x (m, k) · w[r0..r0+n]ᵀ (+ beta y), x in bf16.
+    #[allow(clippy::too_many_arguments)]
+    fn xwt(&self, xb: &CudaSlice<u16>, m: usize, w: &CudaMat, r0: usize, n: usize, y: &mut DBuf, beta: f32) {
+        let k = w.cols;
+        let (xp, _gx) = xb.device_ptr(&self.stream);
+        let (wp, _gw) = w.w.device_ptr(&self.stream);
+        let (yp, _gy) = y.s.device_ptr(&self.stream);
+        let bf = cudaDataType::CUDA_R_16BF;
+        // column-major: yᵀ (n, m) = W_rows (k, n)ᵀ · xᵀ (k, m)
+        self.gemm(
+            true,
+            false,
+            (n, m, k),
+            1.0,
+            (wp + (r0 * k * 2) as u64, bf, k),
+            (xp, bf, k),
+            beta,
+            (yp, n),
+        );
+    }
+
+    /// Row-major dx (m, k) (+)= dy (m, n) · w[r0..r0+n] (n, k), dy in bf16.
+    #[allow(clippy::too_many_arguments)]
+    fn dyw(
+        &self,
+        dyb: &CudaSlice<u16>,
+        m: usize,
+        w: &CudaMat,
+        r0: usize,
+        n: usize,
+        dx: &mut DBuf,
+        beta: f32,
+    ) {
+        let k = w.cols;
+        let (dp, _gd) = dyb.device_ptr(&self.stream);
+        let (wp, _gw) = w.w.device_ptr(&self.stream);
+        let (xp, _gx) = dx.s.device_ptr(&self.stream);
+        let bf = cudaDataType::CUDA_R_16BF;
+        // column-major: dxᵀ (k, m) = W_rowsᵀ... W_rows viewed (k, n) times dyᵀ (n, m)
+        self.gemm(
+            false,
+            false,
+            (k, m, n),
+            1.0,
+            (wp + (r0 * k * 2) as u64, bf, k),
+            (dp, bf, n),
+            beta,
+            (xp, k),
+        );
+    }
+
+    fn launch_elementwise(&self, name: &str, bufs: &mut [&mut DBuf], consts: &[&DBuf], n: usize) {
+        let nn = n as i64;
+        let mut b = self.stream.launch_builder(self.f(name));
+        for x in bufs.iter_mut() {
+            b.arg(&mut x.s);
+        }
+        for y in consts {
+            b.arg(&y.s);
+        }
+        b.arg(&nn);
+        // SAFETY: every buffer holds n elements.
+        unsafe { b.launch(grid1d(n)) }.unwrap_or_else(|e| panic!("CUDA: {name}: {e:?}"));
+    }
+}
+
+impl Backend for CudaBackend {
+    type Buf = DBuf;
+    type Mat = CudaMat;
+
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn upload(&self, x: &[f32]) -> DBuf {
+        if x.is_empty() {
+            return self.zeros(0);
+        }
+        DBuf {
+            s: self.stream.clone_htod(x).expect("CUDA: upload"),
+            n: x.len(),
+        }
+    }
+
+    fn download(&self, x: &DBuf) -> Vec<f32> {
+        let mut v = self.stream.clone_dtoh(&x.s).expect("CUDA: download");
+        v.truncate(x.n);
+        v
+    }
+
+    fn matrix(&self, t: &Tensor) -> Result<CudaMat> {
+        let shape = t.shape();
+        if shape.is_empty() {
+            return Err(Error::tensor(
+                t.file(),
+                t.name(),
+                "expected a matrix, found a scalar",
+            ));
+        }
+        let (rows, cols) = (shape[0], shape[1..].iter().product::<usize>());
+        let bits: Vec<u16> = t.to_f32().into_iter().map(f32_to_bf16).collect();
+        let w = self
+            .stream
+            .clone_htod(&bits)
+            .map_err(|e| dev_err(&format!("uploading `{}`", t.name()), e))?;
+        Ok(CudaMat { w, rows, cols })
+    }
+
+    fn mat_shape(&self, m: &CudaMat) -> (usize, usize) {
+        (m.rows, m.cols)
+    }
+
+    fn linear(&self, x: &DBuf, m: usize, w: &CudaMat, bias: Option<&DBuf>) -> DBuf {
+        let mut y = self.poisoned(m * w.rows);
+        let xb = self.to_bf16(x, m * w.cols);
+        self.xwt(&xb, m, w, 0, w.rows, &mut y, 0.0);
+        if let Some(b) = bias {
+            let (rows, cols) = (m as i64, w.rows as i32);
+            let mut l = self.stream.launch_builder(self.f("bias_add"));
+            l.arg(&mut y.s).arg(&b.s).arg(&rows).arg(&cols);
+            // SAFETY: y (m, out), b (out).
+            unsafe { l.launch(grid1d(m * w.rows)) }.expect("CUDA: bias_add");
+        }
+        y
+    }
+
+    fn embed(&self, ids: &[u32], table: &CudaMat) -> DBuf {
+        for &id in ids {
+            assert!(
+                (id as usize) < table.rows,
+                "token id {id} outside the embedding table ({})",
+                table.rows
+            );
+        }
+        let d = table.cols;
+        let mut out = self.poisoned(ids.len() * d);
+        let idv = self.ints(&ids.iter().map(|&i| i as usize).collect::<Vec<_>>());
+        let (n, dd) = (ids.len() as i32, d as i32);
+        let mut b = self.stream.launch_builder(self.f("embed_gather"));
+        b.arg(&table.w).arg(&idv).arg(&mut out.s).arg(&n).arg(&dd);
+        // SAFETY: ids checked against the table above.
+        unsafe { b.launch(grid1d(ids.len() * d)) }.expect("CUDA: embed_gather");
+        out
+    }
+
+    fn layer_norm(&self, x: &DBuf, d: usize, w: &DBuf, bias: &DBuf, eps: f32) -> DBuf {
+        let rows = x.len() / d;
+        let mut y = self.poisoned(x.len());
+        let dd = d as i32;
+        let mut b = self.stream.launch_builder(self.f("layer_norm_fwd"));
+        b.arg(&x.s)
+            .arg(&w.s)
+            .arg(&bias.s)
+            .arg(&mut y.s)
+            .arg(&dd)
+            .arg(&eps);
+        // SAFETY: one block per row of d.
+        unsafe { b.launch(per_row(rows, BLOCK, 0)) }.expect("CUDA: layer_norm_fwd");
+        y
+    }
+
+    fn rms_norm(&self, x: &DBuf, d: usize, w: &DBuf, eps: f32) -> DBuf {
+        let rows = x.len() / d;
+        let mut y = self.poisoned(x.len());
+        let dd = d as i32;
+        let mut b = self.stream.launch_builder(self.f("rms_norm_fwd"));
+        b.arg(&x.s).arg(&w.s).arg(&mut y.s).arg(&dd).arg(&eps);
+        // SAFETY: one block per row of d.
+        unsafe { b.launch(per_row(rows, BLOCK, 0)) }.expect("CUDA: rms_norm_fwd");
+        y
+    }
+
+    fn activation(&self, x: &mut DBuf, act: Activation) {
+        let kind: i32 = match act {
+            Activation::Silu => 0,
+            Activation::Gelu => 1,
+            Activation::GeluTanh => 2,
+            Activation::QuickGelu => 3,
+        };
+        let n = x.len();
+        let nn = n as i64;
+        let mut b = self.stream.launch_builder(self.f("activation"));
+        b.arg(&x.s).arg(&nn).arg(&kind);
+        // SAFETY: x holds n elements.
+        unsafe { b.launch(grid1d(n)) }.expect("CUDA: activation");
+    }
+
+    fn add(&self, x: &mut DBuf, y: &DBuf) {
+        assert_eq!(x.len(), y.len());
+        let n = x.len();
+        self.launch_elementwise("add", &mut [x], &[y], n);
+    }
+
+    fn axpy(&self, x: &mut DBuf, alpha: f32, y: &DBuf) {
+        assert_eq!(x.len(), y.len());
+        let nn = x.len() as i64;
+        let n = x.len();
+        let mut b = self.stream.launch_builder(self.f("axpy"));
+        b.arg(&x.s).arg(&alpha).arg(&y.s).arg(&nn);
+        // SAFETY: x and y hold n elements.
+        unsafe { b.launch(grid1d(n)) }.expect("CUDA: axpy");
+    }
+
+    fn mul(&self, x: &mut DBuf, y: &DBuf) {
+        assert_eq!(x.len(), y.len());
+        let n = x.len();
+        self.launch_elementwise("mul", &mut [x], &[y], n);
+    }
+
+    fn rope(&self, x: &mut DBuf, heads: usize, head_dim: usize, positions: &[usize], theta: f64) {
+        rope_launch(self, x, heads, head_dim, positions, theta, 1.0);
+    }
+
+    fn attention(
+        &self,
+        q: &DBuf,
+        k: &DBuf,
+        v: &DBuf,
+        s: AttnShape,
+        spans: Option<&[KeySpan]>,
+    ) -> (DBuf, Option<Vec<f32>>) {
+        let smem = s.tk * 4;
+        assert!(
+            smem <= 48 * 1024,
+            "the plain attention kernel holds a row of {} keys in shared memory (at most 12288); the fused kernels of issue 7 lift this",
+            s.tk
+        );
+        let mut out = self.poisoned(s.tq * s.heads * s.head_dim);
+        let n_spans = spans.map_or(0, |x| x.len());
+        let flat: Vec<usize> = spans.unwrap_or(&[]).iter().flat_map(|&(a, b)| [a, b]).collect();
+        let spans_dev = self.ints(if flat.is_empty() { &[0, 0] } else { &flat });
+        let mut mass = self.zeros(s.tq * s.heads * n_spans.max(1));
+        let (hf, ha, hb) = s
+            .hole
+            .map_or((-1, 0, 0), |(f, a, b)| (f as i32, a as i32, b as i32));
+        let ints = [s.tq, s.tk, s.heads, s.kv_heads, s.head_dim].map(|x| x as i32);
+        let (causal, q0, ns) = (s.causal as i32, s.q_pos0 as i32, n_spans as i32);
+        let mut b = self.stream.launch_builder(self.f("attention_plain"));
+        b.arg(&q.s).arg(&k.s).arg(&v.s).arg(&mut out.s);
+        for x in &ints {
+            b.arg(x);
+        }
+        b.arg(&causal)
+            .arg(&q0)
+            .arg(&hf)
+            .arg(&ha)
+            .arg(&hb)
+            .arg(&spans_dev)
+            .arg(&ns);
+        // a null mass pointer when no spans are asked for
+        let null: u64 = 0;
+        if n_spans > 0 {
+            b.arg(&mut mass.s);
+        } else {
+            b.arg(&null);
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (s.tq as u32, s.heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        // SAFETY: shapes asserted by the callers (AttnShape); smem holds one row of tk scores.
+        unsafe { b.launch(cfg) }.expect("CUDA: attention_plain");
+        let mass = spans.map(|_| {
+            let per_head = self.download(&mass); // (tq, heads, n_spans)
+            let mut m = vec![0f32; s.tq * n_spans];
+            for i in 0..s.tq {
+                for h in 0..s.heads {
+                    for g in 0..n_spans {
+                        m[i * n_spans + g] += per_head[(i * s.heads + h) * n_spans + g] / s.heads as f32;
+                    }
+                }
+            }
+            m
+        });
+        (out, mass)
+    }
+
+    fn concat_rows(&self, parts: &[DBuf]) -> DBuf {
+        let n: usize = parts.iter().map(|p| p.n).sum();
+        let mut out = self.zeros(n);
+        let mut at = 0;
+        for p in parts.iter().filter(|p| p.n > 0) {
+            let src = p.s.slice(..p.n);
+            let mut dst = out.s.slice_mut(at..at + p.n);
+            self.stream.memcpy_dtod(&src, &mut dst).expect("CUDA: copy");
+            at += p.n;
+        }
+        out
+    }
+
+    fn append_rows(&self, dst: &mut DBuf, src: &DBuf) {
+        // a fresh allocation per append: simple and correct; a preallocated cache comes with the
+        // decode kernels of issue 7
+        *dst = self.concat_rows(&[dst.clone(), src.clone()]);
+    }
+
+    fn slice_rows(&self, x: &DBuf, d: usize, r0: usize, r1: usize) -> DBuf {
+        let mut out = self.zeros((r1 - r0) * d);
+        if r1 > r0 {
+            let src = x.s.slice(r0 * d..r1 * d);
+            let mut dst = out.s.slice_mut(..);
+            self.stream.memcpy_dtod(&src, &mut dst).expect("CUDA: copy");
+        }
+        out
+    }
+
+    fn scatter_rows(&self, x: &mut DBuf, d: usize, rows: &[usize], src: &DBuf) {
+        let rv = self.ints(rows);
+        let (n, dd) = (rows.len() as i32, d as i32);
+        let mut b = self.stream.launch_builder(self.f("scatter_rows"));
+        b.arg(&x.s).arg(&rv).arg(&src.s).arg(&n).arg(&dd);
+        // SAFETY: rows index x; src holds rows.len() rows of d.
+        unsafe { b.launch(grid1d(rows.len() * d)) }.expect("CUDA: scatter_rows");
+    }
+
+    fn token_logprobs(&self, logits: &DBuf, vocab: usize, targets: &[u32]) -> Vec<f32> {
+        let rows = targets.len();
+        let (lp, _, _) = lse_rows(self, logits, rows, vocab, targets);
+        lp
+    }
+
+    fn linear_backward(&self, dy: &DBuf, m: usize, w: &CudaMat) -> DBuf {
+        let mut dx = self.poisoned(m * w.cols);
+        let dyb = self.to_bf16(dy, m * w.rows);
+        self.dyw(&dyb, m, w, 0, w.rows, &mut dx, 0.0);
+        dx
+    }
+
+    fn matmul_tn_acc(&self, g: &mut DBuf, alpha: f32, a: &DBuf, b: &DBuf, k: usize, m: usize, n: usize) {
+        let (ap, _ga) = a.s.device_ptr(&self.stream);
+        let (bp, _gb) = b.s.device_ptr(&self.stream);
+        let (gp, _gg) = g.s.device_ptr(&self.stream);
+        let f = cudaDataType::CUDA_R_32F;
+        // column-major: gᵀ (n, m) += bᵀ... b viewed (n, k) times a viewed (m, k)ᵀ
+        self.gemm(
+            false,
+            true,
+            (n, m, k),
+            alpha,
+            (bp, f, n),
+            (ap, f, m),
+            1.0,
+            (gp, n),
+        );
+    }
+
+    fn rms_norm_backward(&self, x: &DBuf, d: usize, w: &DBuf, dy: &DBuf, eps: f32) -> DBuf {
+        let rows = x.len() / d;
+        let mut dx = self.poisoned(x.len());
+        let dd = d as i32;
+        let mut b = self.stream.launch_builder(self.f("rms_norm_bwd"));
+        b.arg(&x.s).arg(&w.s).arg(&dy.s).arg(&mut dx.s).arg(&dd).arg(&eps);
+        // SAFETY: one block per row of d.
+        unsafe { b.launch(per_row(rows, BLOCK, 0)) }.expect("CUDA: rms_norm_bwd");
+        dx
+    }
+
+    fn rope_backward(&self, dx: &mut DBuf, heads: usize, head_dim: usize, positions: &[usize], theta: f64) {
+        rope_launch(self, dx, heads, head_dim, positions, theta, -1.0);
+    }
+
+    fn swiglu_backward(&self, gate: &DBuf, up: &DBuf, dmid: &DBuf) -> (DBuf, DBuf) {
+        let n = gate.len();
+        let (mut dg, mut du) = (self.poisoned(n), self.poisoned(n));
+        let nn = n as i64;
+        let mut b = self.stream.launch_builder(self.f("swiglu_bwd"));
+        b.arg(&gate.s)
+            .arg(&up.s)
+            .arg(&dmid.s)
+            .arg(&mut dg.s)
+            .arg(&mut du.s)
+            .arg(&nn);
+        // SAFETY: every buffer holds n elements.
+        unsafe { b.launch(grid1d(n)) }.expect("CUDA: swiglu_bwd");
+        (dg, du)
+    }
+
+    fn attention_backward(
+        &self,
+        q: &DBuf,
+        k: &DBuf,
+        v: &DBuf,
+        out: &DBuf,
+        dout: &DBuf,
+        s: AttnShape,
+    ) -> (DBuf, DBuf, DBuf) {
+        let smem = 2 * s.tk * 4;
+        assert!(
+            smem <= 48 * 1024,
+            "the plain attention backward supports at most 6144 keys"
+        );
+        let mut dq = self.poisoned(q.len());
+        let (mut dk, mut dv) = (self.zeros(k.len()), self.zeros(v.len()));
+        let (hf, ha, hb) = s
+            .hole
+            .map_or((-1, 0, 0), |(f, a, b)| (f as i32, a as i32, b as i32));
+        let ints = [s.tq, s.tk, s.heads, s.kv_heads, s.head_dim].map(|x| x as i32);
+        let (causal, q0) = (s.causal as i32, s.q_pos0 as i32);
+        let mut b = self.stream.launch_builder(self.f("attention_plain_bwd"));
+        b.arg(&q.s)
+            .arg(&k.s)
+            .arg(&v.s)
+            .arg(&out.s)
+            .arg(&dout.s)
+            .arg(&mut dq.s)
+            .arg(&mut dk.s)
+            .arg(&mut dv.s);
+        for x in &ints {
+            b.arg(x);
+        }
+        b.arg(&causal).arg(&q0).arg(&hf).arg(&ha).arg(&hb);
+        let cfg = LaunchConfig {
+            grid_dim: (s.tq as u32, s.heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        // SAFETY: shapes of AttnShape; dk, dv zeroed before the atomic accumulation.
+        unsafe { b.launch(cfg) }.expect("CUDA: attention_plain_bwd");
+        (dq, dk, dv)
+    }
+
+    fn fused_logprobs(
+        &self,
+        hidden: &DBuf,
+        rows: usize,
+        w: &CudaMat,
+        targets: &[u32],
+    ) -> (Vec<f32>, Vec<f32>) {
+        let hb = self.to_bf16(hidden, rows * w.cols);
+        let (mut run_max, mut run_sum, mut tgt) = (
+            self.upload(&vec![f32::NEG_INFINITY; rows]),
+            self.zeros(rows),
+            self.zeros(rows),
+        );
+        let tv = self.ints(&targets.iter().map(|&t| t as usize).collect::<Vec<_>>());
+        for c0 in (0..w.rows).step_by(VOCAB_CHUNK) {
+            let n = VOCAB_CHUNK.min(w.rows - c0);
+            let mut logits = self.poisoned(rows * n); // (rows, n) — never (rows, vocab)
+            self.xwt(&hb, rows, w, c0, n, &mut logits, 0.0);
+            let (nn, cc) = (n as i32, c0 as i32);
+            let mut b = self.stream.launch_builder(self.f("lse_chunk"));
+            b.arg(&logits.s)
+                .arg(&nn)
+                .arg(&cc)
+                .arg(&tv)
+                .arg(&mut run_max.s)
+                .arg(&mut run_sum.s)
+                .arg(&mut tgt.s);
+            // SAFETY: one block per row of n logits.
+            unsafe { b.launch(per_row(rows, BLOCK, 0)) }.expect("CUDA: lse_chunk");
+        }
+        let (lp, lse, _) = lse_finish(self, &run_max, &run_sum, &tgt, rows);
+        (lp, lse)
+    }
+
+    fn fused_logprobs_backward(
+        &self,
+        hidden: &DBuf,
+        rows: usize,
+        w: &CudaMat,
+        targets: &[u32],
+        lse: &[f32],
+        dlogp: &[f32],
+    ) -> DBuf {
+        let hb = self.to_bf16(hidden, rows * w.cols);
+        let tv = self.ints(&targets.iter().map(|&t| t as usize).collect::<Vec<_>>());
+        let (lse_d, g_d) = (self.upload(lse), self.upload(dlogp));
+        let mut dh = self.zeros(rows * w.cols);
+        for c0 in (0..w.rows).step_by(VOCAB_CHUNK) {
+            let n = VOCAB_CHUNK.min(w.rows - c0);
+            let mut logits = self.poisoned(rows * n);
+            self.xwt(&hb, rows, w, c0, n, &mut logits, 0.0);
+            let mut dl = self
+                .stream
+                .alloc_zeros::<u16>(rows * n)
+                .expect("CUDA: out of memory");
+            let (nn, cc) = (n as i32, c0 as i32);
+            let mut b = self.stream.launch_builder(self.f("lse_chunk_bwd"));
+            b.arg(&logits.s)
+                .arg(&nn)
+                .arg(&cc)
+                .arg(&tv)
+                .arg(&lse_d.s)
+                .arg(&g_d.s)
+                .arg(&mut dl);
+            // SAFETY: one block per row of n logits.
+            unsafe { b.launch(per_row(rows, BLOCK, 0)) }.expect("CUDA: lse_chunk_bwd");
+            self.dyw(&dl, rows, w, c0, n, &mut dh, if c0 == 0 { 0.0 } else { 1.0 });
+        }
+        dh
+    }
+
+    fn dropout(&self, x: &DBuf, p: f32, key: u64) -> DBuf {
+        let n = x.len();
+        let mut y = self.poisoned(n);
+        let nn = n as i64;
+        let mut b = self.stream.launch_builder(self.f("dropout"));
+        b.arg(&x.s).arg(&mut y.s).arg(&nn).arg(&p).arg(&key);
+        // SAFETY: x and y hold n elements.
+        unsafe { b.launch(grid1d(n)) }.expect("CUDA: dropout");
+        y
+    }
+}
+
+fn rope_launch(
+    be: &CudaBackend,
+    x: &mut DBuf,
+    heads: usize,
+    hd: usize,
+    positions: &[usize],
+    theta: f64,
+    sign: f32,
+) {
+    let pv = be.ints(positions);
+    let (rows, h, d) = (positions.len() as i32, heads as i32, hd as i32);
+    let mut b = be.stream.launch_builder(be.f("rope"));
+    b.arg(&x.s)
+        .arg(&pv)
+        .arg(&rows)
+        .arg(&h)
+        .arg(&d)
+        .arg(&theta)
+        .arg(&sign);
+    // SAFETY: x is (rows, heads·hd).
+    unsafe { b.launch(grid1d(positions.len() * heads * hd / 2)) }.expect("CUDA: rope");
+}
+
+/// Finishes the online log-sum-exp: (log p, lse, max softmax prob) per row, on the host.
+fn lse_finish(
+    be: &CudaBackend,
+    run_max: &DBuf,
+    run_sum: &DBuf,
+    tgt: &DBuf,
+    rows: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (mut lp, mut lse, mut mp) = (be.poisoned(rows), be.poisoned(rows), be.poisoned(rows));
+    let r = rows as i32;
+    let mut b = be.stream.launch_builder(be.f("lse_finish"));
+    b.arg(&run_max.s)
+        .arg(&run_sum.s)
+        .arg(&tgt.s)
+        .arg(&r)
+        .arg(&mut lp.s)
+        .arg(&mut lse.s)
+        .arg(&mut mp.s);
+    // SAFETY: every buffer holds `rows` entries.
+    unsafe { b.launch(grid1d(rows)) }.expect("CUDA: lse_finish");
+    let d = |x: &DBuf| be.download(x)[..rows].to_vec();
+    (d(&lp), d(&lse), d(&mp))
+}
+
+/// Log-probs of full logits rows (rows, vocab): one chunk of the online log-sum-exp.
+fn lse_rows(
+    be: &CudaBackend,
+    logits: &DBuf,
+    rows: usize,
+    vocab: usize,
+    targets: &[u32],
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let (mut run_max, mut run_sum, mut tgt) = (
+        be.upload(&vec![f32::NEG_INFINITY; rows]),
+        be.zeros(rows),
+        be.zeros(rows),
+    );
+    let tv = be.ints(&targets.iter().map(|&t| t as usize).collect::<Vec<_>>());
+    let (n, c0) = (vocab as i32, 0i32);
+    let mut b = be.stream.launch_builder(be.f("lse_chunk"));
+    b.arg(&logits.s)
+        .arg(&n)
+        .arg(&c0)
+        .arg(&tv)
+        .arg(&mut run_max.s)
+        .arg(&mut run_sum.s)
+        .arg(&mut tgt.s);
+    // SAFETY: one block per row of vocab logits.
+    unsafe { b.launch(per_row(rows, BLOCK, 0)) }.expect("CUDA: lse_chunk");
+    lse_finish(be, &run_max, &run_sum, &tgt, rows)
+}
