@@ -51,5 +51,30 @@ echo '| check | relative error | tolerance |' >> "$md"
 echo '|---|---:|---:|' >> "$md"
 grep -E 'rel err' "$OUT/gpu-tests.log" | sed -E 's/^(.*[^ ]) +rel err ([^ ]+) \(tol ([^)]+)\)$/| \1 | \2 | \3 |/' >> "$md"
 grep -E '^test |panicked|skipped' "$OUT/gpu-tests.log" | sed 's/^/    /' >> "$md"
+echo >> "$md"
+echo "## Commands on the GPU vs the CPU (fixture, then the random small LLaVA)" >> "$md"
+echo >> "$md"
+python3 - > "$OUT/pairs.jsonl" <<'PY'
+import json
+for i, c in enumerate(json.load(open("tests/fixtures/tiny-llava/cases.json"))["score"]):
+    im = c["images"]
+    print(json.dumps({"id": f"pair{i}", "image": im[0] if len(im) == 1 else im, "prompt": c["prompt"],
+                      "chosen": c["chosen"], "rejected": c["rejected"]}))
+PY
+F=tests/fixtures/tiny-llava
+echo '```' >> "$md"
+for dev in cpu cuda; do
+    echo "score --device $dev:" >> "$md"
+    timeout 120 target/device/miadpo score --model $F/model --adapter $F/adapter --data "$OUT/pairs.jsonl" \
+        --image-root $F/images --device $dev >> "$md" 2>> "$OUT/commands.log" || { status=1; echo "FAILED" >> "$md"; }
+done
+for dev in cpu cuda; do
+    for task in generate train; do
+        echo "bench --task $task --device $dev:" >> "$md"
+        timeout 150 target/device/miadpo bench --task $task --device $dev --repeats 3 --warmup 1 >> "$md" 2>> "$OUT/commands.log" \
+            || { status=1; echo "FAILED" >> "$md"; }
+    done
+done
+echo '```' >> "$md"
 cat "$md"
 exit $status

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use miadpo::augment::{AugmentOptions, Companions, Kind};
 use miadpo::backend::cpu::CpuBackend;
-use miadpo::backend::Device;
+use miadpo::backend::{Backend, Device};
 use miadpo::bench::{self, BenchOptions};
 use miadpo::data::{load_pairs, pair_inputs, PairInputs};
 use miadpo::model::llava::{GenerateOptions, Llava};
@@ -365,6 +365,25 @@ struct PlotArgs {
     png: Option<PathBuf>,
 }
 
+/// Runs `$call` with `$be` bound to the backend `--device` picks: `cuda` the CUDA backend (an error
+/// without a usable GPU), `cpu` the CPU; `auto` takes the CPU until the CUDA backend has passed its
+/// first device check (scripts/device-check.sh).
+macro_rules! on_device {
+    ($dev:expr, |$be:ident| $call:expr) => {
+        match $dev {
+            Device::Cuda => {
+                let $be = miadpo::backend::cuda::CudaBackend::new(0)?;
+                eprintln!("device: {}", $be.device());
+                $call
+            }
+            Device::Auto | Device::Cpu => {
+                let $be = CpuBackend::new();
+                $call
+            }
+        }
+    };
+}
+
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
@@ -382,18 +401,17 @@ fn run(cli: Cli) -> Result<()> {
     }
     match cli.cmd {
         Cmd::Augment(a) => augment(a),
-        Cmd::Select(a) => select(a),
-        Cmd::Train(a) => train_cmd(a),
-        Cmd::Generate(a) => generate(a),
-        Cmd::Score(a) => score(a),
-        Cmd::Bench(a) => bench_cmd(a),
+        Cmd::Select(a) => on_device!(a.m.device, |be| select(a, be)),
+        Cmd::Train(a) => on_device!(a.m.device, |be| train_cmd(a, be)),
+        Cmd::Generate(a) => on_device!(a.m.device, |be| generate(a, be)),
+        Cmd::Score(a) => on_device!(a.m.device, |be| score(a, be)),
+        Cmd::Bench(a) => on_device!(a.device.unwrap_or_default(), |be| bench_cmd(a, be)),
         Cmd::Plot(a) => plot_cmd(a),
         Cmd::Kernels(k) => kernels_cmd(k),
     }
 }
 
-fn load_model(m: &ModelArgs) -> Result<Llava<CpuBackend>> {
-    let be = m.device.cpu_backend()?;
+fn load_model<B: Backend>(m: &ModelArgs, be: B) -> Result<Llava<B>> {
     let mut model = Llava::load(&m.model, be)?;
     if let Some(a) = &m.adapter {
         model.load_adapter(a)?;
@@ -465,8 +483,8 @@ fn augment(a: AugmentArgs) -> Result<()> {
     Ok(())
 }
 
-fn select(a: SelectArgs) -> Result<()> {
-    let model = load_model(&a.m)?;
+fn select<B: Backend>(a: SelectArgs, be: B) -> Result<()> {
+    let model = load_model(&a.m, be)?;
     let o = SelectOptions {
         data: a.data,
         image_roots: a.image_roots,
@@ -544,7 +562,7 @@ fn select(a: SelectArgs) -> Result<()> {
     Ok(())
 }
 
-fn train_cmd(a: TrainArgs) -> Result<()> {
+fn train_cmd<B: Backend>(a: TrainArgs, be: B) -> Result<()> {
     use miadpo::model::lora::Proj;
     use miadpo::train::adapter::LoraWeights;
     use miadpo::train::checkpoint;
@@ -597,7 +615,7 @@ fn train_cmd(a: TrainArgs) -> Result<()> {
                 .with_context(|| format!("--lora-targets: unknown module `{t}`"))
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut model = Llava::load(&a.m.model, a.m.device.cpu_backend()?)?;
+    let mut model = Llava::load(&a.m.model, be)?;
     let base = checkpoint::base_fingerprint(&a.m.model)?;
     let pass = PassOptions {
         checkpointing: a.gradient_checkpointing,
@@ -821,7 +839,7 @@ struct GenerateJson<'a> {
     max_softmax_ppl: f64,
 }
 
-fn generate(a: GenerateArgs) -> Result<()> {
+fn generate<B: Backend>(a: GenerateArgs, be: B) -> Result<()> {
     let placeholders = a
         .prompt
         .matches(miadpo::text::tokenizer::IMAGE_PLACEHOLDER)
@@ -835,7 +853,7 @@ fn generate(a: GenerateArgs) -> Result<()> {
     if a.max_new_tokens == 0 {
         bail!("--max-new-tokens must be at least 1");
     }
-    let model = load_model(&a.m)?;
+    let model = load_model(&a.m, be)?;
     let prompt = model.prompt(a.m.template, &a.prompt, a.images.len(), "--prompt")?;
     let pixels = a
         .images
@@ -898,8 +916,8 @@ struct ScoreJson<'a> {
     rejected_tokens: usize,
 }
 
-fn score(a: ScoreArgs) -> Result<()> {
-    let model = load_model(&a.m)?;
+fn score<B: Backend>(a: ScoreArgs, be: B) -> Result<()> {
+    let model = load_model(&a.m, be)?;
     let pairs = load_pairs(&a.pairs.data)?;
     let pb = bar(pairs.len() as u64, "scoring");
     let mut out = std::io::stdout().lock();
@@ -962,8 +980,7 @@ fn default_tokenizer() -> Result<PathBuf> {
         })
 }
 
-fn bench_cmd(a: BenchArgs) -> Result<()> {
-    let be = a.device.unwrap_or_default().cpu_backend()?;
+fn bench_cmd<B: Backend>(a: BenchArgs, be: B) -> Result<()> {
     let tmp;
     let dir = match (&a.model, &a.save_model) {
         (Some(m), None) => m.clone(),
@@ -1006,7 +1023,7 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
         if a.model.is_none() && a.save_model.is_none() {
             let _ = std::fs::remove_dir_all(&dir);
         }
-        let cpu = bench::cpu_model();
+        let cpu = model.be.hardware();
         if a.json {
             let mut v = serde_json::to_value(&r)?;
             v["runtime"] = "miadpo".into();
@@ -1044,7 +1061,7 @@ fn bench_cmd(a: BenchArgs) -> Result<()> {
     if a.model.is_none() && a.save_model.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
     }
-    let cpu = bench::cpu_model();
+    let cpu = model.be.hardware();
     if a.json {
         let mut v = serde_json::to_value(&r)?;
         v["runtime"] = "miadpo".into();

@@ -175,7 +175,8 @@ fn score_json_gives_policy_and_reference_logps_in_input_order() {
 }
 
 #[test]
-fn device_cuda_is_refused_with_one_line() {
+/// `--device cuda` without a usable GPU fails with one line naming what is missing (never a panic).
+fn device_cuda_without_a_gpu_fails_with_one_line() {
     let img = fixture_dir().join("images/sq0.png");
     let out = miadpo(&[
         "generate",
@@ -188,10 +189,16 @@ fn device_cuda_is_refused_with_one_line() {
         "--device",
         "cuda",
     ]);
-    assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
+    if out.status.success() {
+        eprintln!(
+            "skipped: a GPU is present here and the command ran on it ({})",
+            err.trim()
+        );
+        return;
+    }
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    assert!(err.contains("CUDA"), "{err}");
+    assert!(err.contains("CUDA") && !err.contains("panicked"), "{err}");
 }
 
 #[test]

@@ -284,6 +284,10 @@ impl Backend for CpuBackend {
         "cpu"
     }
 
+    fn hardware(&self) -> String {
+        crate::bench::cpu_model()
+    }
+
     fn upload(&self, x: &[f32]) -> Vec<f32> {
         x.to_vec()
     }

@@ -316,6 +316,10 @@ impl Backend for CudaBackend {
         "cuda"
     }
 
+    fn hardware(&self) -> String {
+        self.device()
+    }
+
     fn upload(&self, x: &[f32]) -> DBuf {
         if x.is_empty() {
             return self.zeros(0);

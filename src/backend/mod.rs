@@ -12,15 +12,16 @@ use std::str::FromStr;
 
 use crate::model::config::Activation;
 use crate::model::weights::Tensor;
-use crate::{Error, Result};
+use crate::Result;
 
 /// `--device`: where the model runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Device {
-    /// CUDA when a backend for it is built and a GPU is present, else the CPU
+    /// the CPU for now; the GPU once the CUDA backend has passed its first device check
     #[default]
     Auto,
     Cpu,
+    /// the CUDA backend on GPU 0 (an error naming what is missing when there is none)
     Cuda,
 }
 
@@ -43,20 +44,6 @@ impl fmt::Display for Device {
             Device::Cpu => "cpu",
             Device::Cuda => "cuda",
         })
-    }
-}
-
-impl Device {
-    /// The backend for this device. The CUDA backend is tested op by op (tests/gpu.rs) but not yet used
-    /// by the commands: `cuda` is refused with one clear line and `auto` takes the CPU.
-    pub fn cpu_backend(self) -> Result<cpu::CpuBackend> {
-        match self {
-            Device::Auto | Device::Cpu => Ok(cpu::CpuBackend::new()),
-            Device::Cuda => Err(Error::Invalid(
-                "--device cuda: the CUDA backend (src/backend/cuda.rs) is not wired into the commands yet: it awaits its first validation on a GPU (scripts/device-check.sh); use --device cpu (or auto)"
-                    .into(),
-            )),
-        }
     }
 }
 
@@ -88,6 +75,8 @@ pub trait Backend: Send + Sync {
     type Mat: Send + Sync;
 
     fn name(&self) -> &'static str;
+    /// The hardware, for labelling numbers: the CPU model, or the GPU and its arch.
+    fn hardware(&self) -> String;
     fn upload(&self, x: &[f32]) -> Self::Buf;
     fn download(&self, x: &Self::Buf) -> Vec<f32>;
     /// A checkpoint tensor as a matrix of `shape[0]` rows (later dims flattened).
