@@ -11,10 +11,14 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device-check}
 mkdir -p "$OUT"
 md="$OUT/device-check.md"
-# NVRTC 13.0: from the CUDA toolkit, or from a pip wheel (torch ships nvidia-* wheels)
-for d in /usr/local/cuda/lib64 /usr/local/cuda-13.0/lib64 $(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__file__))' 2>/dev/null)/cu13/lib; do
-    [ -e "$d/libnvrtc.so.13" ] && export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# NVRTC 13.0 and cuBLAS 13: the CUDA toolkit's lib64 and/or the nvidia-* wheels that come with torch
+nv=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__file__))' 2>/dev/null)
+for d in /usr/local/cuda/lib64 /usr/local/cuda-13.0/lib64 "$nv/cu13/lib" "$nv"/*/lib; do
+    if [ -e "$d/libnvrtc.so.13" ] || [ -e "$d/libcublas.so.13" ]; then
+        export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    fi
 done
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" > "$OUT/env.txt"
 export MIADPO_REPO="$PWD" MIADPO_KERNEL_CACHE="$OUT/kernel-cache"
 card=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)
 {

@@ -108,6 +108,13 @@ impl CudaBackend {
                     .into(),
             ));
         }
+        // SAFETY: only tries to dlopen the candidate names (cudarc panics on first use otherwise).
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            return Err(Error::Invalid(
+                "CUDA: cuBLAS (libcublas.so.13) not found: add the CUDA toolkit's lib64 (or the nvidia-cublas wheel's lib) to LD_LIBRARY_PATH"
+                    .into(),
+            ));
+        }
         let n = CudaContext::device_count().map_err(|e| dev_err("counting devices", e))?;
         if ordinal as i32 >= n {
             return Err(Error::Invalid(format!("CUDA: no GPU {ordinal} ({n} found)")));
