@@ -80,5 +80,26 @@ for dev in cpu cuda; do
     done
 done
 echo '```' >> "$md"
+echo >> "$md"
+echo "## Ops: miadpo CUDA backend vs PyTorch (same shapes, attention T=1024, 512 rows)" >> "$md"
+echo >> "$md"
+timeout 150 target/device/miadpo bench --task ops --device cuda --seq-len 1024 --rows 512 --repeats 5 --json \
+    > "$OUT/ops-miadpo.jsonl" 2>> "$OUT/commands.log" || status=1
+timeout 150 python3 benches/torch_compare.py --device cuda --seq-len 1024 --rows 512 --repeats 5 \
+    > "$OUT/ops-torch.jsonl" 2>> "$OUT/commands.log" || status=1
+python3 - "$OUT/ops-miadpo.jsonl" "$OUT/ops-torch.jsonl" >> "$md" <<'PY'
+import json, sys
+load = lambda p: {r["name"]: r for r in map(json.loads, open(p)) if r.get("name")}
+m, t = load(sys.argv[1]), load(sys.argv[2])
+print("| op | miadpo ms | torch ms | miadpo / torch speed | miadpo of ceiling | torch of ceiling |")
+print("|---|---:|---:|---:|---:|---:|")
+for name, r in m.items():
+    o = t.get(name)
+    ms = r["ms"]["median"]
+    if o:
+        print(f"| {name} | {ms:.3f} | {o['ms']:.3f} | {o['ms'] / ms:.2f}x | {100 * r['of_ceiling']:.0f}% | {100 * o['of_ceiling']:.0f}% |")
+    else:
+        print(f"| {name} | {ms:.3f} | - | - | {100 * r['of_ceiling']:.0f}% | - |")
+PY
 cat "$md"
 exit $status

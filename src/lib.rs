@@ -2,6 +2,7 @@
 //! small handwritten transformer runtime. See docs/ARCHITECTURE.md for the map of the crate.
 pub mod error;
 pub mod model;
+pub mod opbench;
 pub mod vision;
 
 pub use error::{Error, Result};

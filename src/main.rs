@@ -327,8 +327,20 @@ struct BenchArgs {
     json: bool,
     /// What to time: `generate` (prefill + greedy decode) or `train` (DPO steps: forward of both
     /// answers, loss, backward into the LoRA, AdamW)
-    #[arg(long, default_value = "generate", value_parser = ["generate", "train"])]
+    #[arg(long, default_value = "generate", value_parser = ["generate", "train", "ops"])]
     task: String,
+    /// ops: print the op names and exit
+    #[arg(long)]
+    list: bool,
+    /// ops: only the ops whose name contains this (the two ceilings are always measured)
+    #[arg(long, default_value = "")]
+    filter: String,
+    /// ops: sequence length of the attention ops
+    #[arg(long, default_value_t = 2048)]
+    seq_len: usize,
+    /// ops: rows of the other ops
+    #[arg(long, default_value_t = 512)]
+    rows: usize,
     /// train: tokens of each answer
     #[arg(long, default_value_t = 24)]
     answer_tokens: usize,
@@ -981,6 +993,9 @@ fn default_tokenizer() -> Result<PathBuf> {
 }
 
 fn bench_cmd<B: Backend>(a: BenchArgs, be: B) -> Result<()> {
+    if a.task == "ops" || a.list {
+        return ops_bench(a, be);
+    }
     let tmp;
     let dir = match (&a.model, &a.save_model) {
         (Some(m), None) => m.clone(),
@@ -1142,4 +1157,61 @@ fn kernels_cmd(k: KernelsCmd) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn ops_bench<B: Backend>(a: BenchArgs, be: B) -> Result<()> {
+    if a.list {
+        for op in miadpo::opbench::OPS {
+            println!("{op}");
+        }
+        return Ok(());
+    }
+    if a.repeats == 0 {
+        bail!("--repeats must be at least 1");
+    }
+    let hw = be.hardware();
+    let pb = bar(0, "timing ops");
+    let results = miadpo::opbench::run(&be, &a.filter, a.seq_len, a.rows, a.repeats, &mut |name| {
+        pb.set_message(name.to_string());
+        pb.inc(1);
+    })?;
+    pb.finish_and_clear();
+    if results.is_empty() {
+        bail!("--filter `{}` matches no op (see --list)", a.filter);
+    }
+    if a.json {
+        for r in &results {
+            let mut v = serde_json::to_value(r)?;
+            v["device"] = hw.clone().into();
+            v["backend"] = be.name().into();
+            println!("{}", serde_json::to_string(&v)?);
+        }
+        return Ok(());
+    }
+    println!(
+        "miadpo {} ops on {hw}, {} repeats, medians (attention T={}, other ops {} rows):",
+        be.name(),
+        a.repeats,
+        a.seq_len,
+        a.rows
+    );
+    println!(
+        "{:<30} {:<22} {:>10} {:>14} {:>9}",
+        "op", "shape", "ms", "achieved", "of ceil"
+    );
+    for r in &results {
+        let unit = match r.bound {
+            miadpo::opbench::Bound::Memory => "GB/s",
+            miadpo::opbench::Bound::Compute => "TFLOP/s",
+        };
+        println!(
+            "{:<30} {:<22} {:>10.3} {:>7.2} {unit:<7}{:>8.0}%",
+            r.name,
+            r.shape,
+            r.ms.median,
+            r.achieved,
+            100.0 * r.of_ceiling
+        );
+    }
+    Ok(())
 }

@@ -725,3 +725,38 @@ fn kernels_list_and_check() {
         );
     }
 }
+
+/// `bench --task ops` times the backend's ops and reports them against the run's own ceilings.
+#[test]
+fn bench_ops_reports_achieved_rates_against_ceilings() {
+    let list = ok_stdout(miadpo(&["bench", "--list"]));
+    assert!(list.lines().any(|l| l == "attention/causal") && list.lines().any(|l| l == "logprob/fused"));
+    let out = ok_stdout(miadpo(&[
+        "bench",
+        "--task",
+        "ops",
+        "--filter",
+        "rope",
+        "--rows",
+        "8",
+        "--seq-len",
+        "16",
+        "--repeats",
+        "1",
+        "--json",
+    ]));
+    let rows: Vec<Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 1, "{out}");
+    assert_eq!(rows[0]["name"], "rope/rope");
+    assert_eq!(rows[0]["bound"], "memory");
+    let (a, c) = (
+        rows[0]["achieved"].as_f64().unwrap(),
+        rows[0]["ceiling"].as_f64().unwrap(),
+    );
+    assert!(a > 0.0 && c > 0.0 && (rows[0]["of_ceiling"].as_f64().unwrap() - a / c).abs() < 1e-9);
+    assert!(
+        !miadpo(&["bench", "--task", "ops", "--filter", "nothing-like-this"])
+            .status
+            .success()
+    );
+}

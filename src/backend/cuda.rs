@@ -327,6 +327,10 @@ impl Backend for CudaBackend {
         self.device()
     }
 
+    fn synchronize(&self) {
+        self.stream.synchronize().expect("CUDA: synchronize");
+    }
+
     fn upload(&self, x: &[f32]) -> DBuf {
         if x.is_empty() {
             return self.zeros(0);

@@ -78,6 +78,8 @@ pub trait Backend: Send + Sync {
     /// The hardware, for labelling numbers: the CPU model, or the GPU and its arch.
     fn hardware(&self) -> String;
     fn upload(&self, x: &[f32]) -> Self::Buf;
+    /// Waits until every op issued so far has finished (timing); the CPU's ops are synchronous.
+    fn synchronize(&self) {}
     fn download(&self, x: &Self::Buf) -> Vec<f32>;
     /// A checkpoint tensor as a matrix of `shape[0]` rows (later dims flattened).
     fn matrix(&self, t: &Tensor) -> Result<Self::Mat>;

@@ -1,0 +1,108 @@
+#!/usr/bin/env python3
+"""PyTorch's side of `miadpo bench --task ops`: the same ops at the same shapes (LLaMA-7B: hidden 4096,
+32 heads of 128, MLP 11008, vocab 32000), timed the same way (one warm-up, R timed calls, each followed
+by a device synchronisation, medians), one JSON line per op with miadpo's names, so
+scripts/device-check.sh can print the two side by side.
+
+  python3 benches/torch_compare.py [--device cuda|cpu] [--seq-len 2048] [--rows 512] [--repeats 10]
+
+Matrix products take bf16 inputs with f32 accumulation on the GPU (torch.matmul on bf16 tensors), f32
+on the CPU; attention is F.scaled_dot_product_attention (the flash backend on the GPU when it applies);
+the fused log-prob is the chunked matmul + logsumexp a PyTorch user would write (8192-row chunks).
+"""
+import argparse, json, statistics, time
+
+import torch
+import torch.nn.functional as F
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seq-len", type=int, default=2048)
+    ap.add_argument("--rows", type=int, default=512)
+    ap.add_argument("--repeats", type=int, default=10)
+    a = ap.parse_args()
+    dev = torch.device(a.device)
+    mm_dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    g = torch.Generator(device="cpu").manual_seed(7)
+    rand = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale + 0.01).to(dev)
+    h, heads, hd, inter, vocab, t, rows = 4096, 32, 128, 11008, 32000, a.seq_len, a.rows
+    w = rand(h, h, scale=0.02).to(mm_dtype)
+    lm = rand(vocab, h, scale=0.02).to(mm_dtype)
+    x = rand(rows, h)
+    mid = rand(rows, inter)
+    norm_w = rand(h)
+    big = rand(64 << 20)
+    q = rand(1, heads, t, hd).to(mm_dtype)
+    kv = rand(1, heads, t, hd).to(mm_dtype)
+    targets = torch.tensor([(i * 7919) % vocab for i in range(64)], device=dev)
+    pos = torch.arange(rows, device=dev, dtype=torch.float64)
+    inv = 10000.0 ** (-torch.arange(0, hd, 2, device=dev, dtype=torch.float64) / hd)
+    ang = pos[:, None] * inv[None, :]
+    cos, sin = torch.cat([ang.cos()] * 2, -1).float(), torch.cat([ang.sin()] * 2, -1).float()
+
+    def rms(x):
+        return norm_w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5))
+
+    def rope(x):
+        y = x.view(rows, heads, hd)
+        rot = torch.cat([-y[..., hd // 2:], y[..., : hd // 2]], -1)
+        return (y * cos[:, None] + rot * sin[:, None]).view(rows, h)
+
+    def logprob(hid):
+        m = torch.full((64,), -float("inf"), device=dev)
+        s = torch.zeros(64, device=dev)
+        tl = torch.zeros(64, device=dev)
+        for c0 in range(0, vocab, 8192):
+            l = (hid.to(mm_dtype) @ lm[c0:c0 + 8192].T).float()
+            cm = l.max(-1).values
+            nm = torch.maximum(m, cm)
+            s = s * torch.exp(m - nm) + torch.exp(l - nm[:, None]).sum(-1)
+            m = nm
+            hit = (targets >= c0) & (targets < c0 + 8192)
+            tl = torch.where(hit, l.gather(1, (targets - c0).clamp(0, l.shape[1] - 1)[:, None])[:, 0], tl)
+        return tl - (m + s.log())
+
+    hid = rand(64, h)
+    qg, kg = q.clone().requires_grad_(), kv.clone().requires_grad_()
+    out = F.scaled_dot_product_attention(qg, kg, kg, is_causal=True)
+    dout = torch.ones_like(out)
+    xg = x.clone().requires_grad_()
+    f4, n = 4.0, rows * h
+    attn = 4.0 * t * t * heads * hd
+    cases = [
+        ("ceiling/copy", "memory", 2 * f4 * (64 << 20), lambda: big.clone()),
+        ("ceiling/gemm", "compute", 2.0 * n * h, lambda: x.to(mm_dtype) @ w.T),
+        ("linear/forward", "compute", 2.0 * n * h, lambda: x.to(mm_dtype) @ w.T),
+        ("linear/backward", "compute", 2.0 * n * h, lambda: x.to(mm_dtype) @ w),
+        ("norm/rms_norm", "memory", 2 * f4 * n, lambda: rms(x)),
+        ("norm/rms_norm_backward", "memory", 3 * f4 * n, lambda: torch.autograd.grad(rms(xg), xg, x)),
+        ("rope/rope", "memory", 2 * f4 * n, lambda: rope(x)),
+        ("elementwise/silu", "memory", 2 * f4 * rows * inter, lambda: F.silu(mid)),
+        ("elementwise/add", "memory", 3 * f4 * n, lambda: x + x),
+        ("elementwise/dropout", "memory", 2 * f4 * n, lambda: F.dropout(x, 0.1, True)),
+        ("attention/causal", "compute", attn / 2, lambda: F.scaled_dot_product_attention(q, kv, kv, is_causal=True)),
+        ("attention/causal_backward", "compute", 2.5 * attn / 2,
+         lambda: torch.autograd.grad(out, (qg, kg), dout, retain_graph=True)),
+        ("attention/bidirectional", "compute", attn, lambda: F.scaled_dot_product_attention(q, kv, kv)),
+        ("logprob/fused", "compute", 2.0 * 64 * vocab * h, lambda: logprob(hid)),
+    ]
+    res = {}
+    for name, bound, work, fn in cases:
+        fn(); sync()
+        ms = []
+        for _ in range(a.repeats):
+            t0 = time.perf_counter(); fn(); sync(); ms.append((time.perf_counter() - t0) * 1e3)
+        med = statistics.median(ms)
+        rate = work / (med * 1e-3) / (1e9 if bound == "memory" else 1e12)
+        res[name] = (bound, med, rate)
+    for name, (bound, med, rate) in res.items():
+        ceil = res["ceiling/copy" if bound == "memory" else "ceiling/gemm"][2]
+        print(json.dumps({"runtime": "torch " + torch.__version__, "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+                          "name": name, "bound": bound, "ms": med, "achieved": rate, "of_ceiling": rate / ceil}))
+
+
+if __name__ == "__main__":
+    main()

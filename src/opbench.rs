@@ -1,0 +1,332 @@
+//! `miadpo bench --task ops`: every backend op at LLaMA-7B shapes (hidden 4096, 32 heads of 128,
+//! MLP 11008, vocab 32000), timed on whichever backend runs it, reported as achieved GB/s (memory-bound
+//! ops: bytes read + written) or TFLOP/s (products, attention: FlashAttention's counting, 4·T²·H·D
+//! forward halved when causal, backward 2.5× forward), against two ceilings measured in the same run:
+//! a large copy (GB/s) and a large matrix product (TFLOP/s).
+use std::time::Instant;
+
+use crate::backend::{AttnShape, Backend};
+use crate::bench::Stats;
+use crate::model::config::Activation;
+use crate::model::random::Rng;
+use crate::model::weights::Tensor;
+use crate::Result;
+
+/// What an op's figure is measured against.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Bound {
+    Memory,
+    Compute,
+}
+
+/// One timed op.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct OpResult {
+    pub name: String,
+    pub shape: String,
+    pub ms: Stats,
+    pub bound: Bound,
+    /// GB/s or TFLOP/s at the median time
+    pub achieved: f64,
+    /// the same unit's ceiling of this run, and the share of it
+    pub ceiling: f64,
+    pub of_ceiling: f64,
+}
+
+type Run<'a> = Box<dyn FnMut() + 'a>;
+
+struct Case<'a> {
+    name: &'static str,
+    shape: String,
+    bound: Bound,
+    /// bytes moved or floating-point operations per call
+    work: f64,
+    run: Run<'a>,
+}
+
+/// The op names, in order (`--list`).
+pub const OPS: [&str; 16] = [
+    "ceiling/copy",
+    "ceiling/gemm",
+    "linear/forward",
+    "linear/backward",
+    "norm/rms_norm",
+    "norm/rms_norm_backward",
+    "rope/rope",
+    "elementwise/silu",
+    "elementwise/swiglu_backward",
+    "elementwise/add",
+    "elementwise/dropout",
+    "attention/causal",
+    "attention/causal_backward",
+    "attention/bidirectional",
+    "logprob/fused",
+    "logprob/fused_backward",
+];
+
+fn time(run: &mut Run, sync: &dyn Fn(), repeats: usize) -> Stats {
+    run();
+    sync();
+    let mut ms = Vec::with_capacity(repeats);
+    for _ in 0..repeats {
+        let t0 = Instant::now();
+        run();
+        sync();
+        ms.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    Stats::of(ms)
+}
+
+/// Times the ops whose name contains `filter` (all with ""), `repeats` timed calls each after one
+/// warm-up, at sequence length `t` (attention) and `rows` rows (everything else).
+pub fn run<B: Backend>(
+    be: &B,
+    filter: &str,
+    t: usize,
+    rows: usize,
+    repeats: usize,
+    progress: &mut dyn FnMut(&str),
+) -> Result<Vec<OpResult>> {
+    let mut rng = Rng::new(7);
+    let mut rand =
+        |n: usize, scale: f32| -> Vec<f32> { (0..n).map(|_| scale * (rng.normal() as f32 + 0.01)).collect() };
+    let (h, heads, hd, inter, vocab) = (4096usize, 32usize, 128usize, 11008usize, 32000usize);
+    let origin = std::path::Path::new("<bench>");
+    let mat = |name: &str, r: usize, c: usize, v: Vec<f32>| {
+        be.matrix(&Tensor::from_f32(name, vec![r, c], &v, origin)?)
+    };
+    let w = mat("w", h, h, rand(h * h, 0.02))?;
+    let lm = if OPS
+        .iter()
+        .any(|o| o.starts_with("logprob/") && o.contains(filter))
+    {
+        Some(mat("lm_head", vocab, h, rand(vocab * h, 0.02))?)
+    } else {
+        None
+    };
+    let x = be.upload(&rand(rows * h, 1.0));
+    let mid = be.upload(&rand(rows * inter, 1.0));
+    let norm_w = be.upload(&rand(h, 1.0));
+    let big = be.upload(&rand(64 << 20, 1.0)); // 256 MB: past every cache
+    let q = be.upload(&rand(t * heads * hd, 1.0));
+    let kv = be.upload(&rand(t * heads * hd, 1.0));
+    let positions: Vec<usize> = (0..rows).collect();
+    let targets: Vec<u32> = (0..64).map(|i| (i * 7919 % vocab) as u32).collect();
+    let shape = |causal| AttnShape {
+        tq: t,
+        tk: t,
+        heads,
+        kv_heads: heads,
+        head_dim: hd,
+        causal,
+        q_pos0: 0,
+        hole: None,
+    };
+    let att_out = be.attention(&q, &kv, &kv, shape(true), None).0;
+    let lse = lm.as_ref().map(|lm| {
+        be.fused_logprobs(&be.slice_rows(&x, h, 0, 64), 64, lm, &targets)
+            .1
+    });
+    let f = 4.0; // bytes per f32
+    let n = (rows * h) as f64;
+    let attn_flops = 4.0 * (t * t * heads * hd) as f64;
+    let mut cases: Vec<Case> = vec![
+        Case {
+            name: "ceiling/copy",
+            shape: "64M f32".into(),
+            bound: Bound::Memory,
+            work: 2.0 * f * (64 << 20) as f64,
+            run: Box::new(|| {
+                std::hint::black_box(be.slice_rows(&big, 1, 0, 64 << 20));
+            }),
+        },
+        Case {
+            name: "ceiling/gemm",
+            shape: format!("{rows}x{h} · {h}x{h}"),
+            bound: Bound::Compute,
+            work: 2.0 * n * h as f64,
+            run: Box::new(|| {
+                std::hint::black_box(be.linear(&x, rows, &w, None));
+            }),
+        },
+        Case {
+            name: "linear/forward",
+            shape: format!("{rows}x{h} · {h}x{h}"),
+            bound: Bound::Compute,
+            work: 2.0 * n * h as f64,
+            run: Box::new(|| {
+                std::hint::black_box(be.linear(&x, rows, &w, None));
+            }),
+        },
+        Case {
+            name: "linear/backward",
+            shape: format!("{rows}x{h} · {h}x{h}"),
+            bound: Bound::Compute,
+            work: 2.0 * n * h as f64,
+            run: Box::new(|| {
+                std::hint::black_box(be.linear_backward(&x, rows, &w));
+            }),
+        },
+        Case {
+            name: "norm/rms_norm",
+            shape: format!("{rows}x{h}"),
+            bound: Bound::Memory,
+            work: 2.0 * f * n,
+            run: Box::new(|| {
+                std::hint::black_box(be.rms_norm(&x, h, &norm_w, 1e-5));
+            }),
+        },
+        Case {
+            name: "norm/rms_norm_backward",
+            shape: format!("{rows}x{h}"),
+            bound: Bound::Memory,
+            work: 3.0 * f * n,
+            run: Box::new(|| {
+                std::hint::black_box(be.rms_norm_backward(&x, h, &norm_w, &x, 1e-5));
+            }),
+        },
+        Case {
+            name: "rope/rope",
+            shape: format!("{rows}x{heads}x{hd}"),
+            bound: Bound::Memory,
+            work: 2.0 * f * n,
+            run: Box::new(|| {
+                let mut y = x.clone();
+                be.rope(&mut y, heads, hd, &positions, 10000.0);
+                std::hint::black_box(y);
+            }),
+        },
+        Case {
+            name: "elementwise/silu",
+            shape: format!("{rows}x{inter}"),
+            bound: Bound::Memory,
+            work: 2.0 * f * (rows * inter) as f64,
+            run: Box::new(|| {
+                let mut y = mid.clone();
+                be.activation(&mut y, Activation::Silu);
+                std::hint::black_box(y);
+            }),
+        },
+        Case {
+            name: "elementwise/swiglu_backward",
+            shape: format!("{rows}x{inter}"),
+            bound: Bound::Memory,
+            work: 5.0 * f * (rows * inter) as f64,
+            run: Box::new(|| {
+                std::hint::black_box(be.swiglu_backward(&mid, &mid, &mid));
+            }),
+        },
+        Case {
+            name: "elementwise/add",
+            shape: format!("{rows}x{h}"),
+            bound: Bound::Memory,
+            work: 3.0 * f * n,
+            run: Box::new(|| {
+                let mut y = x.clone();
+                be.add(&mut y, &x);
+                std::hint::black_box(y);
+            }),
+        },
+        Case {
+            name: "elementwise/dropout",
+            shape: format!("{rows}x{h}"),
+            bound: Bound::Memory,
+            work: 2.0 * f * n,
+            run: Box::new(|| {
+                std::hint::black_box(be.dropout(&x, 0.1, 3));
+            }),
+        },
+        Case {
+            name: "attention/causal",
+            shape: format!("T={t} H={heads} D={hd}"),
+            bound: Bound::Compute,
+            work: attn_flops / 2.0,
+            run: Box::new(|| {
+                std::hint::black_box(be.attention(&q, &kv, &kv, shape(true), None));
+            }),
+        },
+        Case {
+            name: "attention/causal_backward",
+            shape: format!("T={t} H={heads} D={hd}"),
+            bound: Bound::Compute,
+            work: 2.5 * attn_flops / 2.0,
+            run: Box::new(|| {
+                std::hint::black_box(be.attention_backward(&q, &kv, &kv, &att_out, &q, shape(true)));
+            }),
+        },
+        Case {
+            name: "attention/bidirectional",
+            shape: format!("T={t} H={heads} D={hd}"),
+            bound: Bound::Compute,
+            work: attn_flops,
+            run: Box::new(|| {
+                std::hint::black_box(be.attention(&q, &kv, &kv, shape(false), None));
+            }),
+        },
+    ];
+    if let (Some(lm), Some(lse)) = (lm.as_ref(), lse) {
+        let h64 = be.slice_rows(&x, h, 0, 64);
+        let (t2, h2, l2) = (targets.clone(), h64.clone(), lse.clone());
+        let flops = 2.0 * (64 * vocab * h) as f64;
+        cases.push(Case {
+            name: "logprob/fused",
+            shape: format!("64x{h} · {vocab}x{h}"),
+            bound: Bound::Compute,
+            work: flops,
+            run: Box::new(move || {
+                std::hint::black_box(be.fused_logprobs(&h64, 64, lm, &targets));
+            }),
+        });
+        let g = vec![1.0f32; 64];
+        cases.push(Case {
+            name: "logprob/fused_backward",
+            shape: format!("64x{h} · {vocab}x{h}"),
+            bound: Bound::Compute,
+            work: 2.0 * flops,
+            run: Box::new(move || {
+                std::hint::black_box(be.fused_logprobs_backward(&h2, 64, lm, &t2, &l2, &g));
+            }),
+        });
+    }
+    let sync = || be.synchronize();
+    let mut timed: Vec<(String, String, Bound, f64, Stats)> = Vec::new();
+    for mut c in cases {
+        let wanted = c.name.starts_with("ceiling/") || c.name.contains(filter);
+        if !wanted {
+            continue;
+        }
+        progress(c.name);
+        let ms = time(&mut c.run, &sync, repeats);
+        timed.push((c.name.to_string(), c.shape, c.bound, c.work, ms));
+    }
+    let rate = |bound: Bound, work: f64, ms: f64| match bound {
+        Bound::Memory => work / (ms * 1e-3) / 1e9,
+        Bound::Compute => work / (ms * 1e-3) / 1e12,
+    };
+    let ceil = |name: &str| {
+        timed
+            .iter()
+            .find(|r| r.0 == name)
+            .map(|r| rate(r.2, r.3, r.4.median))
+            .unwrap_or(f64::NAN)
+    };
+    let (copy, gemm) = (ceil("ceiling/copy"), ceil("ceiling/gemm"));
+    Ok(timed
+        .iter()
+        .filter(|r| filter.is_empty() || r.0.contains(filter))
+        .map(|(name, shape, bound, work, ms)| {
+            let achieved = rate(*bound, *work, ms.median);
+            let ceiling = if *bound == Bound::Memory { copy } else { gemm };
+            OpResult {
+                name: name.clone(),
+                shape: shape.clone(),
+                ms: ms.clone(),
+                bound: *bound,
+                achieved,
+                ceiling,
+                of_ceiling: achieved / ceiling,
+            }
+        })
+        .collect())
+}
