@@ -11,6 +11,7 @@ pub mod backend;
 pub mod bench;
 pub mod cuda;
 pub mod data;
+pub mod demo;
 pub mod plot;
 pub mod select;
 pub mod text;
