@@ -207,6 +207,36 @@ fn attention_forward_backward_with_mass_gqa_and_the_dpo_hole() {
     }
 }
 
+/// The forward at a long sequence (the plain backward's atomics make long backward tests slow; the
+/// fused kernels of issue 7 are tested there).
+#[test]
+fn attention_forward_at_t_4097() {
+    let Some(g) = gpu() else { return };
+    let c = CpuBackend::new();
+    let mut rng = Rng(5);
+    let (t, heads, kv) = (4097, 8, 2);
+    let s = AttnShape {
+        tq: t,
+        tk: t,
+        heads,
+        kv_heads: kv,
+        head_dim: 128,
+        causal: true,
+        q_pos0: 0,
+        hole: None,
+    };
+    let (q, k, v) = (
+        rng.vec(t * heads * 128, 1.0),
+        rng.vec(t * kv * 128, 1.0),
+        rng.vec(t * kv * 128, 1.0),
+    );
+    let spans = [(5, 2000), (2000, 4097)];
+    let (og, mg) = g.attention(&g.upload(&q), &g.upload(&k), &g.upload(&v), s, Some(&spans));
+    let (oc, mc) = c.attention(&q, &k, &v, s, Some(&spans));
+    check("attention t=4097 GQA 4", &g.download(&og), &oc, F32_TOL);
+    check("attention t=4097 mass", &mg.unwrap(), &mc.unwrap(), F32_TOL);
+}
+
 #[test]
 fn fused_logprobs_at_vocab_32000() {
     let Some(g) = gpu() else { return };

@@ -50,6 +50,8 @@ pub struct CudaBackend {
     funcs: HashMap<&'static str, CudaFunction>,
     device: String,
     arch: String,
+    /// dynamic shared memory a block may opt into (the plain attention kernels keep a row of scores)
+    smem_optin: usize,
 }
 
 // SAFETY: cuBLAS handles may be used from any thread as long as calls do not overlap; the backend's
@@ -128,6 +130,10 @@ impl CudaBackend {
         let device = ctx.name().map_err(|e| dev_err("device name", e))?;
         let stream = ctx.default_stream();
         let blas = CudaBlas::new(stream.clone()).map_err(|e| dev_err("cuBLAS", e))?;
+        use cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute};
+        let smem_optin = ctx
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_err(|e| dev_err("shared memory limit", e))? as usize;
         let mut funcs = HashMap::new();
         for f in FAMILIES {
             let cubin = nvrtc::compile_cached(f, &arch)?;
@@ -138,6 +144,13 @@ impl CudaBackend {
                 let func = module
                     .load_function(k)
                     .map_err(|e| dev_err(&format!("kernel {}/{k}", f.name), e))?;
+                if f.name == "attention" {
+                    func.set_attribute(
+                        CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        (smem_optin - 1024) as i32, // the kernels' static reduction scratch
+                    )
+                    .map_err(|e| dev_err(&format!("shared memory of {k}"), e))?;
+                }
                 funcs.insert(k, func);
             }
         }
@@ -147,6 +160,7 @@ impl CudaBackend {
             funcs,
             device,
             arch,
+            smem_optin,
         })
     }
 
@@ -480,9 +494,10 @@ impl Backend for CudaBackend {
     ) -> (DBuf, Option<Vec<f32>>) {
         let smem = s.tk * 4;
         assert!(
-            smem <= 48 * 1024,
-            "the plain attention kernel holds a row of {} keys in shared memory (at most 12288); the fused kernels of issue 7 lift this",
-            s.tk
+            smem + 1024 <= self.smem_optin,
+            "the plain attention kernel holds a row of {} keys in shared memory (at most {} on this GPU); the fused kernels of issue 7 lift this",
+            s.tk,
+            (self.smem_optin - 1024) / 4
         );
         let mut out = self.poisoned(s.tq * s.heads * s.head_dim);
         let n_spans = spans.map_or(0, |x| x.len());
