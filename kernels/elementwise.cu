@@ -74,3 +74,26 @@ extern "C" __global__ void dropout(const act* x, act* y, long n, float p, u64 ke
 extern "C" __global__ void fill_f32(float* x, long n, float v) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) x[i] = v;
 }
+
+// dx = dy * act'(x), x the activation's input; kind as in `activation`
+extern "C" __global__ void activation_bwd(const act* x, const act* dy, act* dx, long n, int kind) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        float v = ld(x[i]), g;
+        if (kind == 0) { float s = 1.0f / (1.0f + expf(-v)); g = s * (1.0f + v * (1.0f - s)); }
+        else if (kind == 1) g = 0.5f * (1.0f + erff(v * 0.70710678118654752f)) + v * expf(-0.5f * v * v) * 0.3989422804014327f;
+        else if (kind == 2) {
+            float c = 0.7978845608028654f, t = tanhf(c * (v + 0.044715f * v * v * v));
+            g = 0.5f * (1.0f + t) + 0.5f * v * (1.0f - t * t) * c * (1.0f + 3.0f * 0.044715f * v * v);
+        } else { float s = 1.0f / (1.0f + expf(-1.702f * v)); g = s + 1.702f * v * s * (1.0f - s); }
+        dx[i] = st(ld(dy[i]) * g);
+    }
+}
+
+// out[c] = sum over rows of x[r][c] (one thread per column, rows in order: deterministic)
+extern "C" __global__ void col_sum(const act* x, act* out, int rows, int cols) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    float s = 0.0f;
+    for (int r = 0; r < rows; r++) s += ld(x[(long)r * cols + c]);
+    out[c] = st(s);
+}

@@ -18,3 +18,12 @@ extern "C" __global__ void scatter_rows(act* x, const int* rows, const act* src,
         x[(long)rows[r] * d + t % d] = src[t];
     }
 }
+
+// g[rows[r]] += src[r] for r < n (repeated rows add up: atomics)
+extern "C" __global__ void scatter_add_rows(float* g, const int* rows, const act* src, int n, int d) {
+    long total = (long)n * d;
+    for (long t = blockIdx.x * (long)blockDim.x + threadIdx.x; t < total; t += (long)gridDim.x * blockDim.x) {
+        long r = t / d;
+        atomicAdd(&g[(long)rows[r] * d + t % d], ld(src[t]));
+    }
+}

@@ -40,3 +40,22 @@ extern "C" __global__ void layer_norm_fwd(const act* x, const float* w, const fl
     float inv = rsqrtf(block_sum(v, scratch) / d + eps);
     for (int i = threadIdx.x; i < d; i += blockDim.x) y[off + i] = st((ld(x[off + i]) - mean) * inv * w[i] + b[i]);
 }
+
+// inv[r] = 1 / sqrt(mean(x_r^2) + eps), one block per row (for the weight gradient below)
+extern "C" __global__ void rms_inv(const act* x, float* inv, int d, float eps) {
+    __shared__ float scratch[32];
+    const act* xr = x + (long)blockIdx.x * d;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) { float v = ld(xr[i]); ss += v * v; }
+    ss = block_sum(ss, scratch);
+    if (threadIdx.x == 0) inv[blockIdx.x] = rsqrtf(ss / d + eps);
+}
+
+// dw[i] = sum over rows of dy * x * inv (one thread per column, rows in order: deterministic)
+extern "C" __global__ void rms_norm_wgrad(const act* x, const act* dy, const float* inv, float* dw, int rows, int d) {
+    int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= d) return;
+    float s = 0.0f;
+    for (int r = 0; r < rows; r++) s += ld(dy[(long)r * d + i]) * ld(x[(long)r * d + i]) * inv[r];
+    dw[i] = s;
+}

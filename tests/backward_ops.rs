@@ -47,7 +47,14 @@ fn check(name: &str, x: &[f32], w: &[f32], grad: &[f32], f: impl Fn(&[f32]) -> V
     };
     let numeric = (at(1.0) - at(-1.0)) / (2.0 * EPS as f64);
     let analytic = dot(grad, &v);
-    let rel = (numeric - analytic).abs() / analytic.abs().max(1e-3);
+    // relative to Σ|g_i v_i| rather than |g·v|: the terms may cancel, and the rounding noise of the
+    // difference quotient scales with them, not with their sum
+    let terms: f64 = grad
+        .iter()
+        .zip(&v)
+        .map(|(g, v)| (*g as f64 * *v as f64).abs())
+        .sum();
+    let rel = (numeric - analytic).abs() / terms.max(1e-3);
     assert!(
         rel < TOL,
         "{name}: analytic {analytic:.6} vs finite difference {numeric:.6} (relative {rel:.2e})"
@@ -277,4 +284,86 @@ fn block_conversion_matches_whole_tensor_conversion() {
     for (r, row) in block.chunks_exact(c1 - c0).enumerate() {
         assert_eq!(row, &all[(r + 1) * cols + c0..(r + 1) * cols + c1]);
     }
+}
+
+#[test]
+fn rms_norm_weight_gradient() {
+    let (be, mut rng) = (CpuBackend::new(), Rng(8));
+    let (rows, d) = (5, 24);
+    let x = rng.vec(rows * d, 1.5);
+    let w = rng.vec(d, 1.0);
+    let up = rng.vec(rows * d, 1.0);
+    let dw = be.rms_norm_weight_grad(&x, d, &up, 1e-5);
+    check(
+        "rms_norm weight",
+        &w,
+        &up,
+        &dw,
+        |w| be.rms_norm(&x, d, &w.to_vec(), 1e-5),
+        &mut rng,
+    );
+}
+
+#[test]
+fn activation_backward_for_every_activation() {
+    let (be, mut rng) = (CpuBackend::new(), Rng(9));
+    let x = rng.vec(300, 3.0);
+    let up = rng.vec(300, 1.0);
+    for act in [
+        Activation::Silu,
+        Activation::Gelu,
+        Activation::GeluTanh,
+        Activation::QuickGelu,
+    ] {
+        let dx = be.activation_backward(&x, &up, act);
+        let f = |x: &[f32]| {
+            let mut y = x.to_vec();
+            be.activation(&mut y, act);
+            y
+        };
+        check(&format!("activation {act:?}"), &x, &up, &dx, f, &mut rng);
+    }
+}
+
+#[test]
+fn col_sum_and_scatter_add_rows_add_up() {
+    let (be, mut rng) = (CpuBackend::new(), Rng(10));
+    let x = rng.vec(7 * 5, 1.0);
+    let s = be.col_sum(&x, 7, 5);
+    for c in 0..5 {
+        let want: f32 = (0..7).map(|r| x[r * 5 + c]).sum();
+        assert!((s[c] - want).abs() < 1e-6);
+    }
+    let mut g = rng.vec(4 * 3, 1.0);
+    let g0 = g.clone();
+    let src = rng.vec(3 * 3, 1.0);
+    be.scatter_add_rows(&mut g, 3, &[2, 0, 2], &src);
+    for i in 0..3 {
+        assert_eq!(g[i], g0[i] + src[3 + i], "row 0 gets source row 1");
+        assert_eq!(g[3 + i], g0[3 + i], "row 1 untouched");
+        assert!(
+            (g[6 + i] - (g0[6 + i] + src[i] + src[6 + i])).abs() < 1e-6,
+            "row 2 gets rows 0 and 2"
+        );
+    }
+}
+
+#[test]
+fn lm_head_weight_gradient() {
+    let (be, mut rng) = (CpuBackend::new(), Rng(11));
+    // 70 rows: two blocks
+    let (rows, h, vocab) = (70, 8, 53);
+    let wd = rng.vec(vocab * h, 0.5);
+    let hidden = rng.vec(rows * h, 1.0);
+    let targets: Vec<u32> = (0..rows).map(|i| (i * 37 % vocab) as u32).collect();
+    let w = mat(&be, "lm_head", vocab, h, &wd);
+    let (_, lse) = be.fused_logprobs(&hidden, rows, &w, &targets);
+    let up = rng.vec(rows, 1.0);
+    let mut g = vec![0f32; vocab * h];
+    be.fused_logprobs_weight_grad(&hidden, rows, &w, &targets, &lse, &up, &mut g);
+    let f = |wv: &[f32]| {
+        be.fused_logprobs(&hidden, rows, &mat(&be, "lm_head", vocab, h, wv), &targets)
+            .0
+    };
+    check("fused_logprobs weight", &wd, &up, &g, f, &mut rng);
 }

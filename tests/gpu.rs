@@ -157,6 +157,36 @@ fn elementwise_norm_rope_and_dropout() {
         }
         check(&format!("rope backward={back}"), &g.download(&a), &b, F32_TOL);
     }
+    check(
+        "rms_norm_weight_grad",
+        &g.download(&g.rms_norm_weight_grad(&xg, d, &yg, 1e-5)),
+        &c.rms_norm_weight_grad(&x, d, &y, 1e-5),
+        F32_TOL,
+    );
+    for act in [
+        Activation::Silu,
+        Activation::Gelu,
+        Activation::GeluTanh,
+        Activation::QuickGelu,
+    ] {
+        check(
+            &format!("activation_backward {act:?}"),
+            &g.download(&g.activation_backward(&xg, &yg, act)),
+            &c.activation_backward(&x, &y, act),
+            F32_TOL,
+        );
+    }
+    check(
+        "col_sum",
+        &g.download(&g.col_sum(&xg, rows, d)),
+        &c.col_sum(&x, rows, d),
+        F32_TOL,
+    );
+    let idx: Vec<usize> = (0..rows).map(|i| (i * 7) % 50).collect(); // repeats add up
+    let (mut ga, mut ca) = (g.upload(&vec![0.5; 50 * d]), vec![0.5f32; 50 * d]);
+    g.scatter_add_rows(&mut ga, d, &idx, &xg);
+    c.scatter_add_rows(&mut ca, d, &idx, &x);
+    check("scatter_add_rows", &g.download(&ga), &ca, F32_TOL);
     // the mask is a function of (key, index): bit-identical on both sides
     assert_eq!(
         g.download(&g.dropout(&xg, 0.1, 7)),
@@ -259,6 +289,10 @@ fn fused_logprobs_at_vocab_32000() {
         &c.fused_logprobs_backward(&hid, rows, &wc, &targets, &sc, &dl),
         GEMM_TOL,
     );
+    let (mut gg, mut gc) = (g.upload(&vec![0.0; vocab * h]), vec![0f32; vocab * h]);
+    g.fused_logprobs_weight_grad(&g.upload(&hid), rows, &wg, &targets, &sg, &dl, &mut gg);
+    c.fused_logprobs_weight_grad(&hid, rows, &wc, &targets, &sc, &dl, &mut gc);
+    check("fused_logprobs_weight_grad", &g.download(&gg), &gc, GEMM_TOL);
 }
 
 /// The fixture end to end: the policy pass (log-probs and LoRA gradients) on both backends.

@@ -274,6 +274,27 @@ impl CpuBackend {
     pub fn new() -> Self {
         CpuBackend
     }
+
+    /// ∂(Σ dlogp·logp)/∂logits of the block of rows starting at `r0` (hidden rows `hb`):
+    /// dlogp ⊙ (onehot(target) − exp(logits − lse)), (block, vocab), the logits recomputed.
+    fn dlogits_block(
+        &self,
+        hb: &[f32],
+        r0: usize,
+        w: &CpuMat,
+        targets: &[u32],
+        lse: &[f32],
+        dlogp: &[f32],
+    ) -> Vec<f32> {
+        let (vocab, h) = (w.rows, w.cols);
+        let mut dl = self.linear(&hb.to_vec(), hb.len() / h, w, None);
+        dl.par_chunks_mut(vocab).enumerate().for_each(|(i, row)| {
+            let (g, z, t) = (dlogp[r0 + i], lse[r0 + i], targets[r0 + i] as usize);
+            row.iter_mut().for_each(|l| *l = -g * fast_exp(*l - z));
+            row[t] += g;
+        });
+        dl
+    }
 }
 
 impl Backend for CpuBackend {
@@ -939,19 +960,100 @@ impl Backend for CpuBackend {
             targets.len() == rows && lse.len() == rows && dlogp.len() == rows,
             "fused_logprobs_backward: one entry per row"
         );
-        let (vocab, h) = (w.rows, w.cols);
+        let h = w.cols;
         let mut dh = Vec::with_capacity(rows * h);
         for r0 in (0..rows).step_by(LOGIT_ROWS) {
             let r1 = (r0 + LOGIT_ROWS).min(rows);
-            let mut dl = self.linear(&hidden[r0 * h..r1 * h].to_vec(), r1 - r0, w, None); // logits, then d logits
-            dl.par_chunks_mut(vocab).enumerate().for_each(|(i, row)| {
-                let (g, z, t) = (dlogp[r0 + i], lse[r0 + i], targets[r0 + i] as usize);
-                row.iter_mut().for_each(|l| *l = -g * fast_exp(*l - z));
-                row[t] += g;
-            });
+            let dl = self.dlogits_block(&hidden[r0 * h..r1 * h], r0, w, targets, lse, dlogp);
             dh.extend(self.linear_backward(&dl, r1 - r0, w));
         }
         dh
+    }
+
+    fn rms_norm_weight_grad(&self, x: &Vec<f32>, d: usize, dy: &Vec<f32>, eps: f32) -> Vec<f32> {
+        assert_eq!(x.len(), dy.len(), "rms_norm_weight_grad: shapes");
+        let mut dw = vec![0f32; d];
+        for (xr, dyr) in x.chunks_exact(d).zip(dy.chunks_exact(d)) {
+            let r = 1.0 / (xr.iter().map(|v| v * v).sum::<f32>() / d as f32 + eps).sqrt();
+            for i in 0..d {
+                dw[i] += dyr[i] * xr[i] * r;
+            }
+        }
+        dw
+    }
+
+    fn activation_backward(&self, x: &Vec<f32>, dy: &Vec<f32>, act: Activation) -> Vec<f32> {
+        assert_eq!(x.len(), dy.len(), "activation_backward: shapes");
+        let sig = |v: f32| 1.0 / (1.0 + fast_exp(-v));
+        let grad = |v: f32| -> f32 {
+            match act {
+                // v·σ(v): σ + v·σ(1−σ)
+                Activation::Silu => {
+                    let s = sig(v);
+                    s * (1.0 + v * (1.0 - s))
+                }
+                // v·σ(1.702 v): σ + 1.702·v·σ(1−σ)
+                Activation::QuickGelu => {
+                    let s = sig(1.702 * v);
+                    s + 1.702 * v * s * (1.0 - s)
+                }
+                // ½v(1 + erf(v/√2)): Φ(v) + v·φ(v)
+                Activation::Gelu => {
+                    let phi = (-0.5 * v * v).exp() / (2.0 * std::f32::consts::PI).sqrt();
+                    0.5 * (1.0 + erf(v / std::f32::consts::SQRT_2)) + v * phi
+                }
+                // ½v(1 + tanh(u)), u = c(v + 0.044715 v³)
+                Activation::GeluTanh => {
+                    let c = (2.0 / std::f32::consts::PI).sqrt();
+                    let t = (c * (v + 0.044715 * v * v * v)).tanh();
+                    0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * c * (1.0 + 3.0 * 0.044715 * v * v)
+                }
+            }
+        };
+        x.par_iter()
+            .zip(dy.par_iter())
+            .map(|(&v, &g)| g * grad(v))
+            .collect()
+    }
+
+    fn col_sum(&self, x: &Vec<f32>, rows: usize, cols: usize) -> Vec<f32> {
+        assert_eq!(x.len(), rows * cols, "col_sum: shape");
+        let mut s = vec![0f32; cols];
+        for r in x.chunks_exact(cols) {
+            s.iter_mut().zip(r).for_each(|(a, b)| *a += b);
+        }
+        s
+    }
+
+    fn scatter_add_rows(&self, g: &mut Vec<f32>, d: usize, rows: &[usize], src: &Vec<f32>) {
+        assert_eq!(src.len(), rows.len() * d, "scatter_add_rows: source shape");
+        for (&r, s) in rows.iter().zip(src.chunks_exact(d)) {
+            g[r * d..(r + 1) * d].iter_mut().zip(s).for_each(|(a, b)| *a += b);
+        }
+    }
+
+    fn fused_logprobs_weight_grad(
+        &self,
+        hidden: &Vec<f32>,
+        rows: usize,
+        w: &CpuMat,
+        targets: &[u32],
+        lse: &[f32],
+        dlogp: &[f32],
+        g: &mut Vec<f32>,
+    ) {
+        let (vocab, h) = (w.rows, w.cols);
+        assert_eq!(
+            g.len(),
+            vocab * h,
+            "fused_logprobs_weight_grad: g is not (vocab, hidden)"
+        );
+        for r0 in (0..rows).step_by(LOGIT_ROWS) {
+            let r1 = (r0 + LOGIT_ROWS).min(rows);
+            let hb = hidden[r0 * h..r1 * h].to_vec();
+            let dl = self.dlogits_block(&hb, r0, w, targets, lse, dlogp);
+            self.matmul_tn_acc(g, 1.0, &dl, &hb, r1 - r0, vocab, h);
+        }
     }
 
     fn dropout(&self, x: &Vec<f32>, p: f32, key: u64) -> Vec<f32> {

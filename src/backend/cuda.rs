@@ -765,6 +765,111 @@ impl Backend for CudaBackend {
         dh
     }
 
+    fn rms_norm_weight_grad(&self, x: &DBuf, d: usize, dy: &DBuf, eps: f32) -> DBuf {
+        let rows = x.n / d;
+        let mut inv = self.poisoned(rows);
+        let dd = d as i32;
+        let mut b = self.stream.launch_builder(self.f("rms_inv"));
+        b.arg(&x.s).arg(&mut inv.s).arg(&dd).arg(&eps);
+        // SAFETY: one block per row of d.
+        unsafe { b.launch(per_row(rows, BLOCK, 0)) }.expect("CUDA: rms_inv");
+        let mut dw = self.poisoned(d);
+        let r = rows as i32;
+        let mut b = self.stream.launch_builder(self.f("rms_norm_wgrad"));
+        b.arg(&x.s).arg(&dy.s).arg(&inv.s).arg(&mut dw.s).arg(&r).arg(&dd);
+        // SAFETY: one thread per column of d.
+        unsafe { b.launch(grid1d(d)) }.expect("CUDA: rms_norm_wgrad");
+        dw
+    }
+
+    fn activation_backward(&self, x: &DBuf, dy: &DBuf, act: Activation) -> DBuf {
+        let kind: i32 = match act {
+            Activation::Silu => 0,
+            Activation::Gelu => 1,
+            Activation::GeluTanh => 2,
+            Activation::QuickGelu => 3,
+        };
+        let n = x.n;
+        let mut dx = self.poisoned(n);
+        let nn = n as i64;
+        let mut b = self.stream.launch_builder(self.f("activation_bwd"));
+        b.arg(&x.s).arg(&dy.s).arg(&mut dx.s).arg(&nn).arg(&kind);
+        // SAFETY: every buffer holds n elements.
+        unsafe { b.launch(grid1d(n)) }.expect("CUDA: activation_bwd");
+        dx
+    }
+
+    fn col_sum(&self, x: &DBuf, rows: usize, cols: usize) -> DBuf {
+        let mut out = self.poisoned(cols);
+        let (r, c) = (rows as i32, cols as i32);
+        let mut b = self.stream.launch_builder(self.f("col_sum"));
+        b.arg(&x.s).arg(&mut out.s).arg(&r).arg(&c);
+        // SAFETY: x is (rows, cols); one thread per column.
+        unsafe { b.launch(grid1d(cols)) }.expect("CUDA: col_sum");
+        out
+    }
+
+    fn scatter_add_rows(&self, g: &mut DBuf, d: usize, rows: &[usize], src: &DBuf) {
+        let rv = self.ints(rows);
+        let (n, dd) = (rows.len() as i32, d as i32);
+        let mut b = self.stream.launch_builder(self.f("scatter_add_rows"));
+        b.arg(&mut g.s).arg(&rv).arg(&src.s).arg(&n).arg(&dd);
+        // SAFETY: rows index g; src holds rows.len() rows of d.
+        unsafe { b.launch(grid1d(rows.len() * d)) }.expect("CUDA: scatter_add_rows");
+    }
+
+    fn fused_logprobs_weight_grad(
+        &self,
+        hidden: &DBuf,
+        rows: usize,
+        w: &CudaMat,
+        targets: &[u32],
+        lse: &[f32],
+        dlogp: &[f32],
+        g: &mut DBuf,
+    ) {
+        let h = w.cols;
+        let hb = self.to_bf16(hidden, rows * h);
+        let tv = self.ints(&targets.iter().map(|&t| t as usize).collect::<Vec<_>>());
+        let (lse_d, g_d) = (self.upload(lse), self.upload(dlogp));
+        for c0 in (0..w.rows).step_by(VOCAB_CHUNK) {
+            let n = VOCAB_CHUNK.min(w.rows - c0);
+            let mut logits = self.poisoned(rows * n);
+            self.xwt(&hb, rows, w, c0, n, &mut logits, 0.0);
+            let mut dl = self
+                .stream
+                .alloc_zeros::<u16>(rows * n)
+                .expect("CUDA: out of memory");
+            let (nn, cc) = (n as i32, c0 as i32);
+            let mut b = self.stream.launch_builder(self.f("lse_chunk_bwd"));
+            b.arg(&logits.s)
+                .arg(&nn)
+                .arg(&cc)
+                .arg(&tv)
+                .arg(&lse_d.s)
+                .arg(&g_d.s)
+                .arg(&mut dl);
+            // SAFETY: one block per row of n logits.
+            unsafe { b.launch(per_row(rows, BLOCK, 0)) }.expect("CUDA: lse_chunk_bwd");
+            // g rows c0..c0+n (n, h) += dlᵀ (n, rows) · hidden (rows, h); column-major: the (h, n) block
+            // = hiddenᵀ-view (h, rows) · dl-view (n, rows)ᵀ
+            let (hp, _gh) = hb.device_ptr(&self.stream);
+            let (dp, _gd) = dl.device_ptr(&self.stream);
+            let (gp, _gg) = g.s.device_ptr(&self.stream);
+            let bf = cudaDataType::CUDA_R_16BF;
+            self.gemm(
+                false,
+                true,
+                (h, n, rows),
+                1.0,
+                (hp, bf, h),
+                (dp, bf, n),
+                1.0,
+                (gp + (c0 * h * 4) as u64, h),
+            );
+        }
+    }
+
     fn dropout(&self, x: &DBuf, p: f32, key: u64) -> DBuf {
         let n = x.len();
         let mut y = self.poisoned(n);

@@ -198,6 +198,28 @@ pub trait Backend: Send + Sync {
         lse: &[f32],
         dlogp: &[f32],
     ) -> Self::Buf;
+    /// The weight gradient of `rms_norm`: dw (d) = Σ_rows dy ⊙ x / rms(x).
+    fn rms_norm_weight_grad(&self, x: &Self::Buf, d: usize, dy: &Self::Buf, eps: f32) -> Self::Buf;
+    /// The input gradient of `activation`, from the input it was applied to.
+    fn activation_backward(&self, x: &Self::Buf, dy: &Self::Buf, act: Activation) -> Self::Buf;
+    /// Column sums of x (rows, cols) -> (cols): bias gradients.
+    fn col_sum(&self, x: &Self::Buf, rows: usize, cols: usize) -> Self::Buf;
+    /// Adds the rows of `src` (rows.len(), d) into the rows of `g` listed in `rows` (repeats add up):
+    /// embedding gradients, and gradients of rows that serve several packed responses.
+    fn scatter_add_rows(&self, g: &mut Self::Buf, d: usize, rows: &[usize], src: &Self::Buf);
+    /// The LM head's weight gradient of Σ_r `dlogp[r]` · logp_r: g (vocab, hidden) += d logitsᵀ ·
+    /// hidden, the logits recomputed block by block as in `fused_logprobs_backward`.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_logprobs_weight_grad(
+        &self,
+        hidden: &Self::Buf,
+        rows: usize,
+        w: &Self::Mat,
+        targets: &[u32],
+        lse: &[f32],
+        dlogp: &[f32],
+        g: &mut Self::Buf,
+    );
     /// Inverted dropout with the mask of [`dropout_keep`]: x / (1 − p) where kept, 0 elsewhere. The
     /// same key gives the same mask (the backward reapplies it to the gradient).
     fn dropout(&self, x: &Self::Buf, p: f32, key: u64) -> Self::Buf;

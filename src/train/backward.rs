@@ -509,13 +509,8 @@ pub fn backward<B: Backend>(
     ); // (n, h)
        // back to the rows of the sequence; the prompt's last row serves every response, so add
     let mut dhidden = be.upload(&vec![0.0; t * h]);
-    let mut at = 0;
-    for (idx, _) in &f.rows {
-        let mut part = be.upload(&vec![0.0; t * h]);
-        be.scatter_rows(&mut part, h, idx, &be.slice_rows(&drows, h, at, at + idx.len()));
-        be.add(&mut dhidden, &part);
-        at += idx.len();
-    }
+    let rows: Vec<usize> = f.rows.iter().flat_map(|(idx, _)| idx.iter().copied()).collect();
+    be.scatter_add_rows(&mut dhidden, h, &rows, &drows);
     let mut dx = be.rms_norm_backward(&f.x_last, h, &m.decoder.norm, &dhidden, c.rms_norm_eps);
     for li in (0..c.num_layers).rev() {
         let x = &f.inputs[li];
