@@ -410,6 +410,9 @@ macro_rules! on_device {
                 $call
             }
             Device::Auto | Device::Cpu => {
+                if $dev == Device::Auto && miadpo::backend::cuda::driver_present() {
+                    eprintln!("--device auto: using the CPU (the CUDA backend has not passed its device check yet; --device cuda uses it)");
+                }
                 let $be = CpuBackend::new();
                 $call
             }
