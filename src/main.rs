@@ -55,6 +55,8 @@ enum Cmd {
     /// List the CUDA kernels, or compile them all through NVRTC and report their resources
     #[command(subcommand)]
     Kernels(KernelsCmd),
+    /// Write a randomly initialised llava-hf checkpoint (for the demo and the benchmarks)
+    Init(InitArgs),
     /// Build the demo's synthetic world: shape pictures, single-image instruction data, held-out
     /// single- and multi-image questions
     World(WorldArgs),
@@ -359,6 +361,21 @@ struct BenchArgs {
 }
 
 #[derive(Args)]
+struct InitArgs {
+    /// Output folder (config.json, model.safetensors in f16, tokenizer and preprocessor configs)
+    #[arg(long)]
+    out: PathBuf,
+    /// small (CLIP-B/14 224 px + 12x1024 decoder), demo (3x128 CLIP at 112 px + 4x256 decoder) or tiny
+    #[arg(long, default_value = "demo")]
+    preset: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// tokenizer.json to ship [default: tests/fixtures/tiny-llava/model/tokenizer.json, the LLaMA one]
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+}
+
+#[derive(Args)]
 struct WorldArgs {
     /// Output folder: images/, train.json, eval_single.json, eval_multi/ (augment's three kinds)
     #[arg(long)]
@@ -444,6 +461,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench(a) => on_device!(a.device.unwrap_or_default(), |be| bench_cmd(a, be)),
         Cmd::Plot(a) => plot_cmd(a),
         Cmd::World(a) => world_cmd(a),
+        Cmd::Init(a) => init_cmd(a),
         Cmd::Kernels(k) => kernels_cmd(k),
     }
 }
@@ -1289,6 +1307,36 @@ fn world_cmd(a: WorldArgs) -> Result<()> {
             .map(|(k, n)| format!("{n} {}", k.name()))
             .collect::<Vec<_>>()
             .join(", ")
+    );
+    Ok(())
+}
+
+fn init_cmd(a: InitArgs) -> Result<()> {
+    if a.out.join("config.json").exists() {
+        bail!(
+            "{} already holds a checkpoint: choose another --out",
+            a.out.display()
+        );
+    }
+    let spec = RandomSpec::preset(&a.preset)?;
+    let tok = match a.tokenizer {
+        Some(t) => t,
+        None => default_tokenizer()?,
+    };
+    write_random_checkpoint(&a.out, &spec, a.seed, &tok)?;
+    let params: usize = spec
+        .tensors()
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>())
+        .sum();
+    println!(
+        "wrote a random `{}` LLaVA ({:.1}M parameters, {} image tokens, {}x{} decoder) to {}",
+        a.preset,
+        params as f64 / 1e6,
+        spec.image_tokens(),
+        spec.t_layers,
+        spec.t_hidden,
+        a.out.display()
     );
     Ok(())
 }

@@ -820,3 +820,44 @@ fn world_builds_the_same_data_for_a_seed() {
         "an existing world is not overwritten"
     );
 }
+
+/// `init` writes a random llava-hf checkpoint that the runtime loads and runs; it never overwrites.
+#[test]
+fn init_writes_a_checkpoint_that_generates() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("m");
+    let out = ok_stdout(miadpo(&[
+        "init",
+        "--out",
+        s(&dir),
+        "--preset",
+        "tiny",
+        "--seed",
+        "5",
+    ]));
+    assert!(out.contains("random `tiny` LLaVA"), "{out}");
+    let img = fixture_dir().join("images/sq0.png");
+    let g = ok_stdout(miadpo(&[
+        "generate",
+        "--model",
+        s(&dir),
+        "--image",
+        s(&img),
+        "--prompt",
+        "<image>\nWhat is it?",
+        "--max-new-tokens",
+        "3",
+        "--json",
+    ]));
+    let v: Value = serde_json::from_str(g.trim()).unwrap();
+    assert_eq!(v["token_ids"].as_array().unwrap().len(), 3);
+    assert!(
+        !miadpo(&["init", "--out", s(&dir)]).status.success(),
+        "an existing checkpoint is kept"
+    );
+    assert!(
+        !miadpo(&["init", "--out", s(&tmp.path().join("x")), "--preset", "huge"])
+            .status
+            .success()
+    );
+}
