@@ -657,3 +657,150 @@ fn prefix_sharing_gives_the_two_sequence_logps_and_gradients() {
         }
     }
 }
+
+/// Full-parameter gradients (the SFT stage's): a decoder linear, both norms of a layer, the final
+/// norm, the LM head, the embedding table and the image features, each against a central finite
+/// difference of the response's log-prob along a random direction.
+#[test]
+fn full_parameter_gradients_match_finite_differences() {
+    use miadpo::backend::Backend;
+    use miadpo::model::lora::Proj;
+    use miadpo::model::weights::Tensor;
+    use miadpo::train::backward::{backward_full, forward, FullGrads, LoraGrads};
+    let dir = fixture_dir();
+    let mut m = Llava::load(&dir.join("model"), CpuBackend::new()).unwrap();
+    let p = prepare(&m).into_iter().next().unwrap();
+    let o = PassOptions::default();
+    let resp = p.responses[0].clone();
+    let f = forward(&m, &p.prompt, &[&resp], &p.feats, o, 0).unwrap();
+    let (mut lora, mut full) = (LoraGrads::default(), FullGrads::default());
+    backward_full(&m, &f, &[1.0], o, &mut lora, &mut full);
+    let logp = |m: &Llava<CpuBackend>, feats: &Vec<f32>| {
+        forward(m, &p.prompt, &[&resp], feats, o, 0).unwrap().logps[0]
+    };
+    let mut rng = 0x5eed_u64;
+    let mut dir_of = |n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                rng = rng
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((rng >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect()
+    };
+    let origin = std::path::Path::new("<test>");
+    let be = CpuBackend::new(); // stateless: its matrices serve the model's backend
+    let mat = |name: &str, shape: (usize, usize), v: &[f32]| {
+        be.matrix(&Tensor::from_f32(name, vec![shape.0, shape.1], v, origin).unwrap())
+            .unwrap()
+    };
+    // ε: f32 rounding of a ~-100 log-prob is ~1e-5, so the quotient carries ~1e-5/ε of noise
+    let eps = 5e-3f32;
+    let compare = |name: &str, grad: &[f32], v: &[f32], numeric: f64| {
+        let analytic: f64 = grad.iter().zip(v).map(|(g, v)| *g as f64 * *v as f64).sum();
+        let terms: f64 = grad
+            .iter()
+            .zip(v)
+            .map(|(g, v)| (*g as f64 * *v as f64).abs())
+            .sum();
+        let rel = (numeric - analytic).abs() / terms.max(1e-3);
+        // curvature O(ε²) and rounding ~2e-3 absolute against sums of order 1–10
+        assert!(
+            rel < 1e-2,
+            "{name}: numeric {numeric} vs analytic {analytic} (rel {rel:.2e})"
+        );
+    };
+    // a decoder linear
+    let w0 = m.decoder.layers[1].q.w.to_f32();
+    let shape = be.mat_shape(&m.decoder.layers[1].q.w);
+    let v = dir_of(w0.len());
+    let mut at = |sign: f32| {
+        let w: Vec<f32> = w0.iter().zip(&v).map(|(w, v)| w + sign * eps * v).collect();
+        m.decoder.layers[1].q.w = mat("q", shape, &w);
+        logp(&m, &p.feats)
+    };
+    let numeric = (at(1.0) - at(-1.0)) / (2.0 * eps as f64);
+    m.decoder.layers[1].q.w = mat("q", shape, &w0);
+    let g = &full.linears.iter().find(|(k, _)| *k == (1, Proj::Q)).unwrap().1;
+    compare("layer 1 q_proj", g, &v, numeric);
+    // the norms
+    for (which, which_name) in [(0u8, "input_layernorm"), (1, "post_attention_layernorm")] {
+        let n0 = if which == 0 {
+            m.decoder.layers[0].input_norm.clone()
+        } else {
+            m.decoder.layers[0].post_norm.clone()
+        };
+        let v = dir_of(n0.len());
+        let mut at = |sign: f32| {
+            let n: Vec<f32> = n0.iter().zip(&v).map(|(w, v)| w + sign * eps * v).collect();
+            if which == 0 {
+                m.decoder.layers[0].input_norm = n
+            } else {
+                m.decoder.layers[0].post_norm = n
+            }
+            logp(&m, &p.feats)
+        };
+        let numeric = (at(1.0) - at(-1.0)) / (2.0 * eps as f64);
+        if which == 0 {
+            m.decoder.layers[0].input_norm = n0
+        } else {
+            m.decoder.layers[0].post_norm = n0
+        }
+        let g = &full.norms.iter().find(|(k, _)| *k == (0, which)).unwrap().1;
+        compare(&format!("layer 0 {which_name}"), g, &v, numeric);
+    }
+    let n0 = m.decoder.norm.clone();
+    let v = dir_of(n0.len());
+    let mut at = |sign: f32| {
+        m.decoder.norm = n0.iter().zip(&v).map(|(w, v)| w + sign * eps * v).collect();
+        logp(&m, &p.feats)
+    };
+    let numeric = (at(1.0) - at(-1.0)) / (2.0 * eps as f64);
+    m.decoder.norm = n0;
+    compare("final norm", full.final_norm.as_ref().unwrap(), &v, numeric);
+    // the LM head and the embedding table
+    for which in ["lm_head", "embed"] {
+        let t0 = if which == "lm_head" {
+            m.decoder.lm_head.to_f32()
+        } else {
+            m.decoder.embed.to_f32()
+        };
+        let shape = be.mat_shape(if which == "lm_head" {
+            &m.decoder.lm_head
+        } else {
+            &m.decoder.embed
+        });
+        let v = dir_of(t0.len());
+        let mut at = |sign: f32| {
+            let w: Vec<f32> = t0.iter().zip(&v).map(|(w, v)| w + sign * eps * v).collect();
+            if which == "lm_head" {
+                m.decoder.lm_head = mat(which, shape, &w)
+            } else {
+                m.decoder.embed = mat(which, shape, &w)
+            }
+            logp(&m, &p.feats)
+        };
+        let numeric = (at(1.0) - at(-1.0)) / (2.0 * eps as f64);
+        if which == "lm_head" {
+            m.decoder.lm_head = mat(which, shape, &t0)
+        } else {
+            m.decoder.embed = mat(which, shape, &t0)
+        }
+        let g = if which == "lm_head" {
+            full.lm_head.as_ref()
+        } else {
+            full.embed.as_ref()
+        };
+        compare(which, g.unwrap(), &v, numeric);
+    }
+    // the image features (where the projector's backward will start)
+    let v = dir_of(p.feats.len());
+    let at = |sign: f32| {
+        let f: Vec<f32> = p.feats.iter().zip(&v).map(|(x, v)| x + sign * eps * v).collect();
+        logp(&m, &f)
+    };
+    let numeric = (at(1.0) - at(-1.0)) / (2.0 * eps as f64);
+    compare("image features", full.features.as_ref().unwrap(), &v, numeric);
+    assert!(lora.modules.is_empty(), "no adapter, no LoRA gradients");
+}

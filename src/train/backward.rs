@@ -83,6 +83,64 @@ impl<B: Backend> LoraGrads<B> {
     }
 }
 
+/// Gradients of the base weights, for full-parameter training (the SFT stage): every decoder linear,
+/// the norms, the LM head, the embedding rows of the text tokens, and the image-feature rows (whose
+/// gradient the projector's backward continues from).
+pub struct FullGrads<B: Backend> {
+    /// (layer, module) -> dW (out, in)
+    pub linears: Vec<((usize, Proj), B::Buf)>,
+    /// (layer, 0 = input_layernorm / 1 = post_attention_layernorm) -> dw (hidden)
+    pub norms: Vec<((usize, u8), B::Buf)>,
+    /// the final norm's dw (hidden)
+    pub final_norm: Option<B::Buf>,
+    /// dW of the LM head (vocab, hidden)
+    pub lm_head: Option<B::Buf>,
+    /// d embedding table (vocab, hidden), text rows only
+    pub embed: Option<B::Buf>,
+    /// d image features (image rows of the prompt in order, hidden), summed over calls
+    pub features: Option<B::Buf>,
+}
+
+impl<B: Backend> Default for FullGrads<B> {
+    fn default() -> Self {
+        FullGrads {
+            linears: Vec::new(),
+            norms: Vec::new(),
+            final_norm: None,
+            lm_head: None,
+            embed: None,
+            features: None,
+        }
+    }
+}
+
+/// `slot` of a keyed list of gradient buffers, created as zeros of `len` on first use.
+fn keyed<'a, B: Backend, K: PartialEq + Copy>(
+    be: &B,
+    list: &'a mut Vec<(K, B::Buf)>,
+    key: K,
+    len: usize,
+) -> &'a mut B::Buf {
+    let i = match list.iter().position(|(k, _)| *k == key) {
+        Some(i) => i,
+        None => {
+            list.push((key, be.upload(&vec![0.0; len])));
+            list.len() - 1
+        }
+    };
+    &mut list[i].1
+}
+
+fn zeros_or<'a, B: Backend>(be: &B, g: &'a mut Option<B::Buf>, len: usize) -> &'a mut B::Buf {
+    g.get_or_insert_with(|| be.upload(&vec![0.0; len]))
+}
+
+/// Where a backward pass puts its gradients: always the LoRA's, and the base weights' when asked.
+struct Sink<'a, B: Backend> {
+    lora: &'a mut LoraGrads<B>,
+    full: Option<&'a mut FullGrads<B>>,
+}
+
 /// The LoRA-dropout key of one module of one sequence: each module draws its own mask, like PEFT's
 /// separate dropout layers.
 fn module_key(seq_key: u64, layer: usize, proj: Proj) -> u64 {
@@ -113,7 +171,8 @@ fn lin_fwd<B: Backend>(
     (y, xa)
 }
 
-/// dy (t, out) -> dx (t, in); adds dA += s · (dy B)ᵀ drop(x) and dB += s · dyᵀ (drop(x) Aᵀ).
+/// dy (t, out) -> dx (t, in); adds dA += s · (dy B)ᵀ drop(x) and dB += s · dyᵀ (drop(x) Aᵀ), and
+/// dW += dyᵀ x when the sink takes base-weight gradients.
 #[allow(clippy::too_many_arguments)]
 fn lin_bwd<B: Backend>(
     be: &B,
@@ -124,12 +183,25 @@ fn lin_bwd<B: Backend>(
     t: usize,
     drop: (f32, u64),
     key: (usize, Proj),
-    grads: &mut LoraGrads<B>,
+    grads: &mut Sink<B>,
 ) -> B::Buf {
     let mut dx = be.linear_backward(dy, t, &l.w);
+    if let Some(full) = grads.full.as_deref_mut() {
+        // dW (out, in) += dyᵀ x
+        let (out, inp) = be.mat_shape(&l.w);
+        be.matmul_tn_acc(
+            keyed(be, &mut full.linears, key, out * inp),
+            1.0,
+            dy,
+            x,
+            t,
+            out,
+            inp,
+        );
+    }
     if let (Some(lp), Some(xa)) = (&l.lora, xa) {
         let ((r, inp), (out, _)) = (be.mat_shape(&lp.a), be.mat_shape(&lp.b));
-        let g = grads.slot(be, key, r * inp, out * r);
+        let g = grads.lora.slot(be, key, r * inp, out * r);
         be.matmul_tn_acc(&mut g.db, lp.scale, dy, xa, t, out, r);
         let dxa = be.linear_backward(dy, t, &lp.b); // (t, r), before the scale s
         let dropped;
@@ -291,7 +363,7 @@ fn layer_bwd<B: Backend>(
     lay: &Layout,
     o: PassOptions,
     key: u64,
-    grads: &mut LoraGrads<B>,
+    grads: &mut Sink<B>,
 ) -> B::Buf {
     let (be, c, l) = (&m.be, &m.cfg.text, &m.decoder.layers[li]);
     let (h, t, positions) = (c.hidden_size, lay.t, &lay.positions);
@@ -340,6 +412,12 @@ fn layer_bwd<B: Backend>(
         &mut dx2,
         &be.rms_norm_backward(&s.x2, h, &l.post_norm, &da2, c.rms_norm_eps),
     );
+    if let Some(full) = grads.full.as_deref_mut() {
+        be.add(
+            keyed(be, &mut full.norms, (li, 1), h),
+            &be.rms_norm_weight_grad(&s.x2, h, &da2, c.rms_norm_eps),
+        );
+    }
     // attention: x2 = x + o_proj(attention(rope(q(a1)), rope(k(a1)), v(a1)))
     let datt = lin_bwd(
         be,
@@ -399,6 +477,12 @@ fn layer_bwd<B: Backend>(
         &mut dx,
         &be.rms_norm_backward(x, h, &l.input_norm, &da1, c.rms_norm_eps),
     );
+    if let Some(full) = grads.full.as_deref_mut() {
+        be.add(
+            keyed(be, &mut full.norms, (li, 0), h),
+            &be.rms_norm_weight_grad(x, h, &da1, c.rms_norm_eps),
+        );
+    }
     dx
 }
 
@@ -489,6 +573,46 @@ pub fn backward<B: Backend>(
     o: PassOptions,
     grads: &mut LoraGrads<B>,
 ) {
+    backward_into(
+        m,
+        f,
+        scales,
+        o,
+        Sink {
+            lora: grads,
+            full: None,
+        },
+    );
+}
+
+/// [`backward`], and the base weights' gradients into `full` (full-parameter training).
+pub fn backward_full<B: Backend>(
+    m: &Llava<B>,
+    f: &SeqForward<B>,
+    scales: &[f64],
+    o: PassOptions,
+    lora: &mut LoraGrads<B>,
+    full: &mut FullGrads<B>,
+) {
+    backward_into(
+        m,
+        f,
+        scales,
+        o,
+        Sink {
+            lora,
+            full: Some(full),
+        },
+    );
+}
+
+fn backward_into<B: Backend>(
+    m: &Llava<B>,
+    f: &SeqForward<B>,
+    scales: &[f64],
+    o: PassOptions,
+    mut grads: Sink<B>,
+) {
     let (be, c) = (&m.be, &m.cfg.text);
     let (t, h) = (f.layout.t, c.hidden_size);
     assert_eq!(scales.len(), f.rows.len(), "one scale per response");
@@ -499,28 +623,64 @@ pub fn backward<B: Backend>(
         .flat_map(|((_, tg), &s)| std::iter::repeat_n(s as f32, tg.len()))
         .collect();
     let targets: Vec<u32> = f.rows.iter().flat_map(|(_, t)| t.iter().copied()).collect();
-    let drows = be.fused_logprobs_backward(
-        &f.rows_hidden,
-        targets.len(),
-        &m.decoder.lm_head,
-        &targets,
-        &f.lse,
-        &dlogp,
-    ); // (n, h)
-       // back to the rows of the sequence; the prompt's last row serves every response, so add
+    let lm = &m.decoder.lm_head;
+    let drows = be.fused_logprobs_backward(&f.rows_hidden, targets.len(), lm, &targets, &f.lse, &dlogp); // (n, h)
+    if let Some(full) = grads.full.as_deref_mut() {
+        let (vocab, _) = be.mat_shape(lm);
+        let g = zeros_or(be, &mut full.lm_head, vocab * h);
+        be.fused_logprobs_weight_grad(&f.rows_hidden, targets.len(), lm, &targets, &f.lse, &dlogp, g);
+    }
+    // back to the rows of the sequence; the prompt's last row serves every response, so add
     let mut dhidden = be.upload(&vec![0.0; t * h]);
     let rows: Vec<usize> = f.rows.iter().flat_map(|(idx, _)| idx.iter().copied()).collect();
     be.scatter_add_rows(&mut dhidden, h, &rows, &drows);
     let mut dx = be.rms_norm_backward(&f.x_last, h, &m.decoder.norm, &dhidden, c.rms_norm_eps);
+    if let Some(full) = grads.full.as_deref_mut() {
+        let g = zeros_or(be, &mut full.final_norm, h);
+        be.add(
+            g,
+            &be.rms_norm_weight_grad(&f.x_last, h, &dhidden, c.rms_norm_eps),
+        );
+    }
     for li in (0..c.num_layers).rev() {
         let x = &f.inputs[li];
         dx = if o.checkpointing {
             let (_, a) = layer_fwd(m, li, x, &f.layout, o, f.key);
-            layer_bwd(m, li, x, &a, dx, &f.layout, o, f.key, grads)
+            layer_bwd(m, li, x, &a, dx, &f.layout, o, f.key, &mut grads)
         } else {
-            layer_bwd(m, li, x, &f.acts[li], dx, &f.layout, o, f.key, grads)
+            layer_bwd(m, li, x, &f.acts[li], dx, &f.layout, o, f.key, &mut grads)
         };
     }
+    if let Some(full) = grads.full.as_deref_mut() {
+        // dx: the gradient of the input embeddings; text rows go to the table, image rows to the features
+        let image = m.cfg.image_token_id;
+        let (text, img): (Vec<usize>, Vec<usize>) = (0..t).partition(|&i| f.ids[i] != image);
+        let (vocab, _) = be.mat_shape(&m.decoder.embed);
+        let table = zeros_or(be, &mut full.embed, vocab * h);
+        let text_ids: Vec<usize> = text.iter().map(|&i| f.ids[i] as usize).collect();
+        be.scatter_add_rows(table, h, &text_ids, &gather_rows(be, &dx, h, &text));
+        if !img.is_empty() {
+            let feats = zeros_or(be, &mut full.features, img.len() * h);
+            be.add(feats, &gather_rows(be, &dx, h, &img));
+        }
+    }
+}
+
+/// The listed rows of x (rows, d), in order, copied run by run of consecutive rows.
+fn gather_rows<B: Backend>(be: &B, x: &B::Buf, d: usize, rows: &[usize]) -> B::Buf {
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < rows.len() {
+        let start = rows[i];
+        let mut end = start + 1;
+        while i + 1 < rows.len() && rows[i + 1] == end {
+            i += 1;
+            end += 1;
+        }
+        parts.push(be.slice_rows(x, d, start, end));
+        i += 1;
+    }
+    be.concat_rows(&parts)
 }
 
 /// Forward and backward of `prompt` + `response`: its summed log-prob, and `scale · ∂/∂θ` of it added
