@@ -804,3 +804,112 @@ fn full_parameter_gradients_match_finite_differences() {
     compare("image features", full.features.as_ref().unwrap(), &v, numeric);
     assert!(lora.modules.is_empty(), "no adapter, no LoRA gradients");
 }
+
+/// The projector's weight gradients (from the image-feature gradient of `backward_full`) against
+/// central finite differences of the log-prob along random directions.
+#[test]
+fn projector_gradients_match_finite_differences() {
+    use miadpo::backend::Backend;
+    use miadpo::model::weights::Tensor;
+    use miadpo::train::backward::{backward_full, forward, FullGrads, LoraGrads};
+    let dir = fixture_dir();
+    let mut m = Llava::load(&dir.join("model"), CpuBackend::new()).unwrap();
+    let case = &cases()["score"][0];
+    let paths: Vec<_> = case["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| dir.join("images").join(n.as_str().unwrap()))
+        .collect();
+    let prompt = m
+        .prompt(
+            Template::VicunaV1,
+            case["prompt"].as_str().unwrap(),
+            paths.len(),
+            "proj",
+        )
+        .unwrap()
+        .ids;
+    let resp = m.tokenizer.response(case["chosen"].as_str().unwrap()).unwrap();
+    let px: Vec<Vec<f32>> = paths
+        .iter()
+        .map(|p| m.pixels(p, AspectMode::Pad).unwrap())
+        .collect();
+    let v = m.vision_features(&px);
+    let rows = px.len() * m.cfg.image_seq_length;
+    let o = PassOptions::default();
+    let logp = |m: &Llava<CpuBackend>| {
+        forward(m, &prompt, &[&resp], &m.project(&v, rows), o, 0)
+            .unwrap()
+            .logps[0]
+    };
+    let f = forward(&m, &prompt, &[&resp], &m.project(&v, rows), o, 0).unwrap();
+    let (mut lora, mut full) = (LoraGrads::default(), FullGrads::default());
+    backward_full(&m, &f, &[1.0], o, &mut lora, &mut full);
+    let grads = m.projector_backward(&v, rows, full.features.as_ref().unwrap());
+    let be = CpuBackend::new();
+    let mut rng = 0xfeed_u64;
+    let eps = 5e-3f32; // as in the full-parameter test
+    for (i, name) in [
+        "linear_1.weight",
+        "linear_1.bias",
+        "linear_2.weight",
+        "linear_2.bias",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let (second, bias) = (i >= 2, i % 2 == 1);
+        let get = |m: &Llava<CpuBackend>| -> (Vec<f32>, (usize, usize)) {
+            let p = if second { &m.proj2 } else { &m.proj1 };
+            if bias {
+                let b = p.1.clone().unwrap();
+                let n = b.len();
+                (b, (n, 1))
+            } else {
+                (p.0.to_f32(), be.mat_shape(&p.0))
+            }
+        };
+        let (w0, shape) = get(&m);
+        let dirv: Vec<f32> = (0..w0.len())
+            .map(|_| {
+                rng = rng
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((rng >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect();
+        let set = |m: &mut Llava<CpuBackend>, w: Vec<f32>| {
+            let p = if second { &mut m.proj2 } else { &mut m.proj1 };
+            if bias {
+                p.1 = Some(w);
+            } else {
+                let t = Tensor::from_f32(name, vec![shape.0, shape.1], &w, std::path::Path::new("<test>"))
+                    .unwrap();
+                p.0 = be.matrix(&t).unwrap();
+            }
+        };
+        let mut at = |sign: f32| {
+            set(
+                &mut m,
+                w0.iter().zip(&dirv).map(|(w, d)| w + sign * eps * d).collect(),
+            );
+            logp(&m)
+        };
+        let numeric = (at(1.0) - at(-1.0)) / (2.0 * eps as f64);
+        set(&mut m, w0.clone());
+        let g = &grads[i];
+        let analytic: f64 = g.iter().zip(&dirv).map(|(g, d)| *g as f64 * *d as f64).sum();
+        let terms: f64 = g
+            .iter()
+            .zip(&dirv)
+            .map(|(g, d)| (*g as f64 * *d as f64).abs())
+            .sum();
+        let rel = (numeric - analytic).abs() / terms.max(1e-3);
+        // curvature O(ε²) and f32 rounding of the log-prob: 1e-2 of the terms
+        assert!(
+            rel < 1e-2,
+            "projector {name}: numeric {numeric} vs analytic {analytic} (rel {rel:.2e})"
+        );
+    }
+}

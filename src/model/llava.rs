@@ -21,8 +21,10 @@ pub struct Llava<B: Backend> {
     pub tokenizer: TextTokenizer,
     pub processor: ClipProcessor,
     pub vision: VisionTower<B>,
-    proj1: (B::Mat, Option<B::Buf>), // (text hidden, vision hidden)
-    proj2: (B::Mat, Option<B::Buf>), // (text hidden, text hidden)
+    /// the projector: linear_1 (text hidden, vision hidden) + bias, activation, linear_2 (text
+    /// hidden, text hidden) + bias
+    pub proj1: (B::Mat, Option<B::Buf>),
+    pub proj2: (B::Mat, Option<B::Buf>),
     pub decoder: Decoder<B>,
     pub adapter: Option<LoraAdapter>,
 }
@@ -167,13 +169,41 @@ impl<B: Backend> Llava<B> {
 
     /// images, each (3, S, S) -> projected features (n·image_seq_length, text hidden)
     pub fn image_features(&self, pixels: &[Vec<f32>]) -> B::Buf {
-        let be = &self.be;
-        let rows = pixels.len() * self.vision.tokens_per_image();
+        let v = self.vision_features(pixels);
+        self.project(&v, pixels.len() * self.vision.tokens_per_image())
+    }
+
+    /// The vision tower's selected features of the images: (n·image_seq_length, vision hidden).
+    pub fn vision_features(&self, pixels: &[Vec<f32>]) -> B::Buf {
         let images: Vec<&[f32]> = pixels.iter().map(Vec::as_slice).collect();
-        let v = self.vision.forward(be, &images); // (rows, vision hidden)
-        let mut h = be.linear(&v, rows, &self.proj1.0, self.proj1.1.as_ref());
+        self.vision.forward(&self.be, &images)
+    }
+
+    /// The projector: v (rows, vision hidden) -> (rows, text hidden).
+    pub fn project(&self, v: &B::Buf, rows: usize) -> B::Buf {
+        let be = &self.be;
+        let mut h = be.linear(v, rows, &self.proj1.0, self.proj1.1.as_ref());
         be.activation(&mut h, self.cfg.projector_act);
         be.linear(&h, rows, &self.proj2.0, self.proj2.1.as_ref())
+    }
+
+    /// The projector's weight gradients from the gradient of its output `dfeat` (rows, text hidden),
+    /// recomputing its forward from `v` (rows, vision hidden): (dW1, db1, dW2, db2).
+    pub fn projector_backward(&self, v: &B::Buf, rows: usize, dfeat: &B::Buf) -> [B::Buf; 4] {
+        let be = &self.be;
+        let ((th, vh), (th2, _)) = (be.mat_shape(&self.proj1.0), be.mat_shape(&self.proj2.0));
+        let pre = be.linear(v, rows, &self.proj1.0, self.proj1.1.as_ref()); // (rows, th)
+        let mut a = pre.clone();
+        be.activation(&mut a, self.cfg.projector_act);
+        let mut dw2 = be.upload(&vec![0.0; th2 * th]);
+        be.matmul_tn_acc(&mut dw2, 1.0, dfeat, &a, rows, th2, th);
+        let db2 = be.col_sum(dfeat, rows, th2);
+        let da = be.linear_backward(dfeat, rows, &self.proj2.0);
+        let dpre = be.activation_backward(&pre, &da, self.cfg.projector_act);
+        let mut dw1 = be.upload(&vec![0.0; th * vh]);
+        be.matmul_tn_acc(&mut dw1, 1.0, &dpre, v, rows, th, vh);
+        let db1 = be.col_sum(&dpre, rows, th);
+        [dw1, db1, dw2, db2]
     }
 
     /// Input embeddings of `ids` (t, hidden) with the image features written over the image tokens.
