@@ -317,6 +317,10 @@ impl Backend for CpuBackend {
         x.clone()
     }
 
+    fn len(&self, x: &Vec<f32>) -> usize {
+        x.len()
+    }
+
     fn matrix(&self, t: &Tensor) -> Result<CpuMat> {
         let shape = t.shape();
         if shape.is_empty() {

@@ -361,6 +361,10 @@ impl Backend for CudaBackend {
         v
     }
 
+    fn len(&self, x: &DBuf) -> usize {
+        x.n
+    }
+
     fn matrix(&self, t: &Tensor) -> Result<CudaMat> {
         let shape = t.shape();
         if shape.is_empty() {

@@ -81,6 +81,8 @@ pub trait Backend: Send + Sync {
     /// Waits until every op issued so far has finished (timing); the CPU's ops are synchronous.
     fn synchronize(&self) {}
     fn download(&self, x: &Self::Buf) -> Vec<f32>;
+    /// Elements in a buffer (without copying it to the host).
+    fn len(&self, x: &Self::Buf) -> usize;
     /// A checkpoint tensor as a matrix of `shape[0]` rows (later dims flattened).
     fn matrix(&self, t: &Tensor) -> Result<Self::Mat>;
     fn mat_shape(&self, m: &Self::Mat) -> (usize, usize);

@@ -217,7 +217,7 @@ impl<B: Backend> Llava<B> {
             .map(|(i, _)| i)
             .collect();
         let mut x = be.embed(ids, &self.decoder.embed);
-        let n_feat = be.download(features).len() / h;
+        let n_feat = be.len(features) / h;
         if rows.len() != n_feat {
             return Err(Error::Invalid(format!(
                 "the prompt has {} image tokens but the images give {n_feat} features",
