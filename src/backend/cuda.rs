@@ -37,6 +37,10 @@ impl DBuf {
     }
 }
 
+/// Consumer of one vocabulary chunk of d logits: (first row of the LM head, rows in the chunk, the
+/// hidden states in bf16, the d logits (rows, chunk) in bf16).
+type ChunkSink<'a> = dyn FnMut(usize, usize, &CudaSlice<u16>, &CudaSlice<u16>) + 'a;
+
 /// A weight matrix on the device in bf16: (rows, cols).
 pub struct CudaMat {
     w: CudaSlice<u16>,
@@ -314,6 +318,51 @@ impl CudaBackend {
         );
     }
 
+    /// token ids on the device (i32)
+    fn token_ids(&self, ids: &[u32]) -> CudaSlice<i32> {
+        self.ints(&ids.iter().map(|&x| x as usize).collect::<Vec<_>>())
+    }
+
+    /// For each vocabulary chunk c0..c0+n of the LM head w: the logits recomputed and turned into d
+    /// logits (rows, n) in bf16 of Σ_r dlogp[r] · logp_r; `each(c0, n, hidden in bf16, d logits)`
+    /// consumes them (the input gradient and the weight gradient share this loop).
+    #[allow(clippy::too_many_arguments)]
+    fn dlogits_chunks(
+        &self,
+        hidden: &DBuf,
+        rows: usize,
+        w: &CudaMat,
+        targets: &[u32],
+        lse: &[f32],
+        dlogp: &[f32],
+        each: &mut ChunkSink,
+    ) {
+        let hb = self.to_bf16(hidden, rows * w.cols);
+        let tv = self.token_ids(targets);
+        let (lse_d, g_d) = (self.upload(lse), self.upload(dlogp));
+        for c0 in (0..w.rows).step_by(VOCAB_CHUNK) {
+            let n = VOCAB_CHUNK.min(w.rows - c0);
+            let mut logits = self.poisoned(rows * n);
+            self.xwt(&hb, rows, w, c0, n, &mut logits, 0.0);
+            let mut dl = self
+                .stream
+                .alloc_zeros::<u16>(rows * n)
+                .expect("CUDA: out of memory");
+            let (nn, cc) = (n as i32, c0 as i32);
+            let mut b = self.stream.launch_builder(self.f("lse_chunk_bwd"));
+            b.arg(&logits.s)
+                .arg(&nn)
+                .arg(&cc)
+                .arg(&tv)
+                .arg(&lse_d.s)
+                .arg(&g_d.s)
+                .arg(&mut dl);
+            // SAFETY: one block per row of n logits.
+            unsafe { b.launch(per_row(rows, BLOCK, 0)) }.expect("CUDA: lse_chunk_bwd");
+            each(c0, n, &hb, &dl);
+        }
+    }
+
     fn launch_elementwise(&self, name: &str, bufs: &mut [&mut DBuf], consts: &[&DBuf], n: usize) {
         let nn = n as i64;
         let mut b = self.stream.launch_builder(self.f(name));
@@ -411,7 +460,7 @@ impl Backend for CudaBackend {
         }
         let d = table.cols;
         let mut out = self.poisoned(ids.len() * d);
-        let idv = self.ints(&ids.iter().map(|&i| i as usize).collect::<Vec<_>>());
+        let idv = self.token_ids(ids);
         let (n, dd) = (ids.len() as i32, d as i32);
         let mut b = self.stream.launch_builder(self.f("embed_gather"));
         b.arg(&table.w).arg(&idv).arg(&mut out.s).arg(&n).arg(&dd);
@@ -593,9 +642,9 @@ impl Backend for CudaBackend {
     }
 
     fn token_logprobs(&self, logits: &DBuf, vocab: usize, targets: &[u32]) -> Vec<f32> {
-        let rows = targets.len();
-        let (lp, _, _) = lse_rows(self, logits, rows, vocab, targets);
-        lp
+        let mut lse = OnlineLse::new(self, targets);
+        lse.fold(self, logits, 0, vocab);
+        lse.finish(self).0
     }
 
     fn linear_backward(&self, dy: &DBuf, m: usize, w: &CudaMat) -> DBuf {
@@ -706,29 +755,14 @@ impl Backend for CudaBackend {
         targets: &[u32],
     ) -> (Vec<f32>, Vec<f32>) {
         let hb = self.to_bf16(hidden, rows * w.cols);
-        let (mut run_max, mut run_sum, mut tgt) = (
-            self.upload(&vec![f32::NEG_INFINITY; rows]),
-            self.zeros(rows),
-            self.zeros(rows),
-        );
-        let tv = self.ints(&targets.iter().map(|&t| t as usize).collect::<Vec<_>>());
+        let mut lse = OnlineLse::new(self, targets);
         for c0 in (0..w.rows).step_by(VOCAB_CHUNK) {
             let n = VOCAB_CHUNK.min(w.rows - c0);
             let mut logits = self.poisoned(rows * n); // (rows, n) — never (rows, vocab)
             self.xwt(&hb, rows, w, c0, n, &mut logits, 0.0);
-            let (nn, cc) = (n as i32, c0 as i32);
-            let mut b = self.stream.launch_builder(self.f("lse_chunk"));
-            b.arg(&logits.s)
-                .arg(&nn)
-                .arg(&cc)
-                .arg(&tv)
-                .arg(&mut run_max.s)
-                .arg(&mut run_sum.s)
-                .arg(&mut tgt.s);
-            // SAFETY: one block per row of n logits.
-            unsafe { b.launch(per_row(rows, BLOCK, 0)) }.expect("CUDA: lse_chunk");
+            lse.fold(self, &logits, c0, n);
         }
-        let (lp, lse, _) = lse_finish(self, &run_max, &run_sum, &tgt, rows);
+        let (lp, lse, _) = lse.finish(self);
         (lp, lse)
     }
 
@@ -741,31 +775,11 @@ impl Backend for CudaBackend {
         lse: &[f32],
         dlogp: &[f32],
     ) -> DBuf {
-        let hb = self.to_bf16(hidden, rows * w.cols);
-        let tv = self.ints(&targets.iter().map(|&t| t as usize).collect::<Vec<_>>());
-        let (lse_d, g_d) = (self.upload(lse), self.upload(dlogp));
         let mut dh = self.zeros(rows * w.cols);
-        for c0 in (0..w.rows).step_by(VOCAB_CHUNK) {
-            let n = VOCAB_CHUNK.min(w.rows - c0);
-            let mut logits = self.poisoned(rows * n);
-            self.xwt(&hb, rows, w, c0, n, &mut logits, 0.0);
-            let mut dl = self
-                .stream
-                .alloc_zeros::<u16>(rows * n)
-                .expect("CUDA: out of memory");
-            let (nn, cc) = (n as i32, c0 as i32);
-            let mut b = self.stream.launch_builder(self.f("lse_chunk_bwd"));
-            b.arg(&logits.s)
-                .arg(&nn)
-                .arg(&cc)
-                .arg(&tv)
-                .arg(&lse_d.s)
-                .arg(&g_d.s)
-                .arg(&mut dl);
-            // SAFETY: one block per row of n logits.
-            unsafe { b.launch(per_row(rows, BLOCK, 0)) }.expect("CUDA: lse_chunk_bwd");
-            self.dyw(&dl, rows, w, c0, n, &mut dh, if c0 == 0 { 0.0 } else { 1.0 });
-        }
+        self.dlogits_chunks(hidden, rows, w, targets, lse, dlogp, &mut |c0, n, _, dl| {
+            // dh (rows, h) (+)= dl (rows, n) · W[c0..c0+n]
+            self.dyw(dl, rows, w, c0, n, &mut dh, if c0 == 0 { 0.0 } else { 1.0 });
+        });
         dh
     }
 
@@ -833,30 +847,9 @@ impl Backend for CudaBackend {
         g: &mut DBuf,
     ) {
         let h = w.cols;
-        let hb = self.to_bf16(hidden, rows * h);
-        let tv = self.ints(&targets.iter().map(|&t| t as usize).collect::<Vec<_>>());
-        let (lse_d, g_d) = (self.upload(lse), self.upload(dlogp));
-        for c0 in (0..w.rows).step_by(VOCAB_CHUNK) {
-            let n = VOCAB_CHUNK.min(w.rows - c0);
-            let mut logits = self.poisoned(rows * n);
-            self.xwt(&hb, rows, w, c0, n, &mut logits, 0.0);
-            let mut dl = self
-                .stream
-                .alloc_zeros::<u16>(rows * n)
-                .expect("CUDA: out of memory");
-            let (nn, cc) = (n as i32, c0 as i32);
-            let mut b = self.stream.launch_builder(self.f("lse_chunk_bwd"));
-            b.arg(&logits.s)
-                .arg(&nn)
-                .arg(&cc)
-                .arg(&tv)
-                .arg(&lse_d.s)
-                .arg(&g_d.s)
-                .arg(&mut dl);
-            // SAFETY: one block per row of n logits.
-            unsafe { b.launch(per_row(rows, BLOCK, 0)) }.expect("CUDA: lse_chunk_bwd");
-            // g rows c0..c0+n (n, h) += dlᵀ (n, rows) · hidden (rows, h); column-major: the (h, n) block
-            // = hiddenᵀ-view (h, rows) · dl-view (n, rows)ᵀ
+        self.dlogits_chunks(hidden, rows, w, targets, lse, dlogp, &mut |c0, n, hb, dl| {
+            // g rows c0..c0+n (n, h) += dlᵀ (n, rows) · hidden (rows, h); column-major: the (h, n)
+            // block = hiddenᵀ-view (h, rows) · dl-view (n, rows)ᵀ
             let (hp, _gh) = hb.device_ptr(&self.stream);
             let (dp, _gd) = dl.device_ptr(&self.stream);
             let (gp, _gg) = g.s.device_ptr(&self.stream);
@@ -871,7 +864,7 @@ impl Backend for CudaBackend {
                 1.0,
                 (gp + (c0 * h * 4) as u64, h),
             );
-        }
+        });
     }
 
     fn dropout(&self, x: &DBuf, p: f32, key: u64) -> DBuf {
@@ -909,54 +902,58 @@ fn rope_launch(
     unsafe { b.launch(grid1d(positions.len() * heads * hd / 2)) }.expect("CUDA: rope");
 }
 
-/// Finishes the online log-sum-exp: (log p, lse, max softmax prob) per row, on the host.
-fn lse_finish(
-    be: &CudaBackend,
-    run_max: &DBuf,
-    run_sum: &DBuf,
-    tgt: &DBuf,
+/// The running state of an online log-sum-exp over rows of logits seen one vocabulary chunk at a
+/// time: per row the running max, the sum of exp(logit − max), and the target's logit.
+struct OnlineLse {
     rows: usize,
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let (mut lp, mut lse, mut mp) = (be.poisoned(rows), be.poisoned(rows), be.poisoned(rows));
-    let r = rows as i32;
-    let mut b = be.stream.launch_builder(be.f("lse_finish"));
-    b.arg(&run_max.s)
-        .arg(&run_sum.s)
-        .arg(&tgt.s)
-        .arg(&r)
-        .arg(&mut lp.s)
-        .arg(&mut lse.s)
-        .arg(&mut mp.s);
-    // SAFETY: every buffer holds `rows` entries.
-    unsafe { b.launch(grid1d(rows)) }.expect("CUDA: lse_finish");
-    let d = |x: &DBuf| be.download(x)[..rows].to_vec();
-    (d(&lp), d(&lse), d(&mp))
+    targets: CudaSlice<i32>,
+    run_max: DBuf,
+    run_sum: DBuf,
+    target_logit: DBuf,
 }
 
-/// Log-probs of full logits rows (rows, vocab): one chunk of the online log-sum-exp.
-fn lse_rows(
-    be: &CudaBackend,
-    logits: &DBuf,
-    rows: usize,
-    vocab: usize,
-    targets: &[u32],
-) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
-    let (mut run_max, mut run_sum, mut tgt) = (
-        be.upload(&vec![f32::NEG_INFINITY; rows]),
-        be.zeros(rows),
-        be.zeros(rows),
-    );
-    let tv = be.ints(&targets.iter().map(|&t| t as usize).collect::<Vec<_>>());
-    let (n, c0) = (vocab as i32, 0i32);
-    let mut b = be.stream.launch_builder(be.f("lse_chunk"));
-    b.arg(&logits.s)
-        .arg(&n)
-        .arg(&c0)
-        .arg(&tv)
-        .arg(&mut run_max.s)
-        .arg(&mut run_sum.s)
-        .arg(&mut tgt.s);
-    // SAFETY: one block per row of vocab logits.
-    unsafe { b.launch(per_row(rows, BLOCK, 0)) }.expect("CUDA: lse_chunk");
-    lse_finish(be, &run_max, &run_sum, &tgt, rows)
+impl OnlineLse {
+    fn new(be: &CudaBackend, targets: &[u32]) -> Self {
+        let rows = targets.len();
+        OnlineLse {
+            rows,
+            targets: be.token_ids(targets),
+            run_max: be.upload(&vec![f32::NEG_INFINITY; rows]),
+            run_sum: be.zeros(rows),
+            target_logit: be.zeros(rows),
+        }
+    }
+
+    /// Folds in logits (rows, n) of vocabulary entries c0..c0+n.
+    fn fold(&mut self, be: &CudaBackend, logits: &DBuf, c0: usize, n: usize) {
+        let (nn, cc) = (n as i32, c0 as i32);
+        let mut b = be.stream.launch_builder(be.f("lse_chunk"));
+        b.arg(&logits.s)
+            .arg(&nn)
+            .arg(&cc)
+            .arg(&self.targets)
+            .arg(&mut self.run_max.s)
+            .arg(&mut self.run_sum.s)
+            .arg(&mut self.target_logit.s);
+        // SAFETY: one block per row of n logits.
+        unsafe { b.launch(per_row(self.rows, BLOCK, 0)) }.expect("CUDA: lse_chunk");
+    }
+
+    /// (log p, lse, max softmax prob) per row, on the host.
+    fn finish(&self, be: &CudaBackend) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+        let rows = self.rows;
+        let (mut lp, mut lse, mut mp) = (be.poisoned(rows), be.poisoned(rows), be.poisoned(rows));
+        let r = rows as i32;
+        let mut b = be.stream.launch_builder(be.f("lse_finish"));
+        b.arg(&self.run_max.s)
+            .arg(&self.run_sum.s)
+            .arg(&self.target_logit.s)
+            .arg(&r)
+            .arg(&mut lp.s)
+            .arg(&mut lse.s)
+            .arg(&mut mp.s);
+        // SAFETY: every buffer holds `rows` entries.
+        unsafe { b.launch(grid1d(rows)) }.expect("CUDA: lse_finish");
+        (be.download(&lp), be.download(&lse), be.download(&mp))
+    }
 }
