@@ -106,6 +106,44 @@ unsafe fn map_avx2<F: Fn(f32) -> f32>(x: &mut [f32], f: F) {
     x.iter_mut().for_each(|v| *v = f(*v));
 }
 
+/// The scores of one (head, query block): p (rows, tk) = q[i0..i0+rows, head h] · k[..tk, kv head kvh]ᵀ
+/// / √D, through sgemm (forward and backward compute them the same way).
+fn head_scores(
+    q: &[f32],
+    k: &[f32],
+    s: &AttnShape,
+    (h, kvh): (usize, usize),
+    (i0, rows, tk): (usize, usize, usize),
+    p: &mut [f32],
+) {
+    let d = s.head_dim;
+    let (qs, ks) = (s.heads * d, s.kv_heads * d);
+    assert!(
+        q.len() >= (i0 + rows) * qs && k.len() >= tk * ks && p.len() >= rows * tk,
+        "head_scores: shapes"
+    );
+    // SAFETY: q rows i0..i0+rows at column h·d (row stride qs); k (tk, kv_heads·d) read transposed
+    // at column kvh·d; p is (rows, tk) contiguous — all inside the buffers checked above.
+    unsafe {
+        matrixmultiply::sgemm(
+            rows,
+            d,
+            tk,
+            1.0 / (d as f32).sqrt(),
+            q.as_ptr().add(i0 * qs + h * d),
+            qs as isize,
+            1,
+            k.as_ptr().add(kvh * d),
+            1,
+            ks as isize,
+            0.0,
+            p.as_mut_ptr(),
+            tk as isize,
+            1,
+        )
+    };
+}
+
 /// The keys `[start, end)` that query row `i` of an attention call must not see, if any.
 fn hole_of(s: &AttnShape, i: usize) -> Option<(usize, usize)> {
     s.hole
@@ -512,26 +550,7 @@ impl Backend for CpuBackend {
                         }
                     }
                 } else {
-                    // SAFETY: q rows i0..i1 at column h·d (row stride qs); k (tk, kv_heads·d) read
-                    // transposed at column kvh·d; p is (rows, tk) contiguous.
-                    unsafe {
-                        matrixmultiply::sgemm(
-                            rows,
-                            d,
-                            tk,
-                            scale,
-                            q.as_ptr().add(i0 * qs + h * d),
-                            qs as isize,
-                            1,
-                            k.as_ptr().add(kvh * d),
-                            1,
-                            ks as isize,
-                            0.0,
-                            p.as_mut_ptr(),
-                            tk as isize,
-                            1,
-                        )
-                    };
+                    head_scores(q, k, &s, (h, kvh), (i0, rows, tk), &mut p);
                 }
                 let mut mass = vec![0f32; rows * n_spans];
                 for (r, row) in p.chunks_exact_mut(tk).enumerate() {
@@ -788,26 +807,11 @@ impl Backend for CpuBackend {
                     let tk = if s.causal { (s.q_pos0 + i1).min(s.tk) } else { s.tk };
                     let mut p = vec![0f32; rows * tk]; // (rows, tk): scores, then probabilities
                     let mut dp = vec![0f32; rows * tk]; // dO · Vᵀ, then dS
-                                                        // SAFETY (all four products): q/dout rows i0..i1 at column h·d with row stride qs;
-                                                        // k, v (tk, d) at column kvh·d with row stride ks; p, dp (rows, tk); dq (tq, d);
-                                                        // dk, dv (tk, d) — every pointer and extent is inside its buffer.
+                    head_scores(q, k, &s, (h, kvh), (i0, rows, tk), &mut p);
+                    // SAFETY (this product and the three further down): dout rows i0..i1 at column h·d with
+                    // row stride qs; k, v (tk, d) at column kvh·d with row stride ks; p, dp (rows, tk);
+                    // dq (tq, d); dk, dv (tk, d) — every pointer and extent is inside its buffer.
                     unsafe {
-                        matrixmultiply::sgemm(
-                            rows,
-                            d,
-                            tk,
-                            scale,
-                            q.as_ptr().add(i0 * qs + h * d),
-                            qs as isize,
-                            1,
-                            k.as_ptr().add(kvh * d),
-                            1,
-                            ks as isize,
-                            0.0,
-                            p.as_mut_ptr(),
-                            tk as isize,
-                            1,
-                        );
                         matrixmultiply::sgemm(
                             rows,
                             d,
