@@ -7,27 +7,11 @@
 //! relative, and the checks allow 2e-3. Inputs are random and non-zero, with odd sizes.
 mod common;
 
+use common::TestRng;
 use miadpo::backend::cpu::CpuBackend;
 use miadpo::backend::{AttnShape, Backend};
 use miadpo::model::config::Activation;
 use miadpo::model::weights::Tensor;
-
-struct Rng(u64);
-
-impl Rng {
-    /// uniform in [-1, 1), never exactly 0
-    fn next(&mut self) -> f32 {
-        self.0 = self
-            .0
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let u = ((self.0 >> 40) as f32 + 0.5) / (1u64 << 24) as f32;
-        2.0 * u - 1.0
-    }
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n).map(|_| scale * self.next()).collect()
-    }
-}
 
 const EPS: f32 = 1e-2;
 /// see the module comment
@@ -38,7 +22,7 @@ fn dot(a: &[f32], b: &[f32]) -> f64 {
 }
 
 /// Checks `grad` (∂(w·f)/∂x at x) along a random direction.
-fn check(name: &str, x: &[f32], w: &[f32], grad: &[f32], f: impl Fn(&[f32]) -> Vec<f32>, rng: &mut Rng) {
+fn check(name: &str, x: &[f32], w: &[f32], grad: &[f32], f: impl Fn(&[f32]) -> Vec<f32>, rng: &mut TestRng) {
     assert_eq!(grad.len(), x.len(), "{name}: gradient shape");
     let v = rng.vec(x.len(), 1.0);
     let at = |s: f32| {
@@ -46,19 +30,7 @@ fn check(name: &str, x: &[f32], w: &[f32], grad: &[f32], f: impl Fn(&[f32]) -> V
         dot(&f(&xs), w)
     };
     let numeric = (at(1.0) - at(-1.0)) / (2.0 * EPS as f64);
-    let analytic = dot(grad, &v);
-    // relative to Σ|g_i v_i| rather than |g·v|: the terms may cancel, and the rounding noise of the
-    // difference quotient scales with them, not with their sum
-    let terms: f64 = grad
-        .iter()
-        .zip(&v)
-        .map(|(g, v)| (*g as f64 * *v as f64).abs())
-        .sum();
-    let rel = (numeric - analytic).abs() / terms.max(1e-3);
-    assert!(
-        rel < TOL,
-        "{name}: analytic {analytic:.6} vs finite difference {numeric:.6} (relative {rel:.2e})"
-    );
+    common::assert_directional(name, grad, &v, numeric, TOL);
 }
 
 fn mat(be: &CpuBackend, name: &str, rows: usize, cols: usize, data: &[f32]) -> miadpo::backend::cpu::CpuMat {
@@ -68,7 +40,7 @@ fn mat(be: &CpuBackend, name: &str, rows: usize, cols: usize, data: &[f32]) -> m
 
 #[test]
 fn linear_backward_is_the_input_gradient() {
-    let (be, mut rng) = (CpuBackend::new(), Rng(1));
+    let (be, mut rng) = (CpuBackend::new(), TestRng(1));
     // 37 rows: the sgemm path (more than DOT_ROWS); 3 rows: the decode-sized dot path
     for m in [37, 3] {
         let (n, k) = (45, 29);
@@ -90,7 +62,7 @@ fn linear_backward_is_the_input_gradient() {
 
 #[test]
 fn matmul_tn_acc_accumulates_a_transposed_product() {
-    let (be, mut rng) = (CpuBackend::new(), Rng(2));
+    let (be, mut rng) = (CpuBackend::new(), TestRng(2));
     let (k, m, n) = (19, 7, 33);
     let (a, b) = (rng.vec(k * m, 1.0), rng.vec(k * n, 1.0));
     let g0 = rng.vec(m * n, 1.0);
@@ -115,7 +87,7 @@ fn matmul_tn_acc_accumulates_a_transposed_product() {
 
 #[test]
 fn rms_norm_backward() {
-    let (be, mut rng) = (CpuBackend::new(), Rng(3));
+    let (be, mut rng) = (CpuBackend::new(), TestRng(3));
     let (rows, d) = (5, 24);
     let x = rng.vec(rows * d, 1.5);
     let w = rng.vec(d, 1.0);
@@ -133,7 +105,7 @@ fn rms_norm_backward() {
 
 #[test]
 fn rope_backward_is_the_inverse_rotation() {
-    let (be, mut rng) = (CpuBackend::new(), Rng(4));
+    let (be, mut rng) = (CpuBackend::new(), TestRng(4));
     let (heads, hd) = (3, 8);
     let positions = [0, 1, 7, 300, 4095];
     let x = rng.vec(positions.len() * heads * hd, 1.0);
@@ -150,7 +122,7 @@ fn rope_backward_is_the_inverse_rotation() {
 
 #[test]
 fn swiglu_backward() {
-    let (be, mut rng) = (CpuBackend::new(), Rng(5));
+    let (be, mut rng) = (CpuBackend::new(), TestRng(5));
     let n = 5000; // more than one parallel chunk
     let (g, u, up) = (rng.vec(n, 3.0), rng.vec(n, 2.0), rng.vec(n, 1.0));
     let (dg, du) = be.swiglu_backward(&g, &u, &up);
@@ -166,7 +138,7 @@ fn swiglu_backward() {
 
 #[test]
 fn attention_backward_causal_and_not_with_gqa() {
-    let (be, mut rng) = (CpuBackend::new(), Rng(6));
+    let (be, mut rng) = (CpuBackend::new(), TestRng(6));
     // 70 rows: two query blocks of the backward, the second partial; 4 heads over 2 or 4 kv heads
     // and the prefix-shared DPO mask: rows from 45 on do not see keys 30..45
     for (causal, kv_heads, hole) in [
@@ -222,7 +194,7 @@ fn attention_backward_causal_and_not_with_gqa() {
 
 #[test]
 fn fused_logprobs_match_the_full_logits_and_their_gradient() {
-    let (be, mut rng) = (CpuBackend::new(), Rng(7));
+    let (be, mut rng) = (CpuBackend::new(), TestRng(7));
     // 70 rows: two blocks of LOGIT_ROWS
     let (rows, h, vocab) = (70, 16, 301);
     let w = mat(&be, "lm_head", vocab, h, &rng.vec(vocab * h, 0.5));
@@ -288,7 +260,7 @@ fn block_conversion_matches_whole_tensor_conversion() {
 
 #[test]
 fn rms_norm_weight_gradient() {
-    let (be, mut rng) = (CpuBackend::new(), Rng(8));
+    let (be, mut rng) = (CpuBackend::new(), TestRng(8));
     let (rows, d) = (5, 24);
     let x = rng.vec(rows * d, 1.5);
     let w = rng.vec(d, 1.0);
@@ -306,7 +278,7 @@ fn rms_norm_weight_gradient() {
 
 #[test]
 fn activation_backward_for_every_activation() {
-    let (be, mut rng) = (CpuBackend::new(), Rng(9));
+    let (be, mut rng) = (CpuBackend::new(), TestRng(9));
     let x = rng.vec(300, 3.0);
     let up = rng.vec(300, 1.0);
     for act in [
@@ -327,7 +299,7 @@ fn activation_backward_for_every_activation() {
 
 #[test]
 fn col_sum_and_scatter_add_rows_add_up() {
-    let (be, mut rng) = (CpuBackend::new(), Rng(10));
+    let (be, mut rng) = (CpuBackend::new(), TestRng(10));
     let x = rng.vec(7 * 5, 1.0);
     let s = be.col_sum(&x, 7, 5);
     for c in 0..5 {
@@ -350,7 +322,7 @@ fn col_sum_and_scatter_add_rows_add_up() {
 
 #[test]
 fn lm_head_weight_gradient() {
-    let (be, mut rng) = (CpuBackend::new(), Rng(11));
+    let (be, mut rng) = (CpuBackend::new(), TestRng(11));
     // 70 rows: two blocks
     let (rows, h, vocab) = (70, 8, 53);
     let wd = rng.vec(vocab * h, 0.5);

@@ -556,7 +556,7 @@ fn lora_dropout_gradients_match_finite_differences() {
     );
     let mut g = LoraGrads::default();
     backward(&m, &f, &[1.0, 0.5], o, &mut g);
-    let mut rng = 0x1234_5678_u64;
+    let mut rng = TestRng(0x1234_5678);
     for (layer, proj, which) in [(1, Proj::V, 'B'), (0, Proj::Up, 'A')] {
         let (da, db) = g.host(&m.be, layer, proj).unwrap();
         let grad = if which == 'A' { da } else { db };
@@ -565,14 +565,7 @@ fn lora_dropout_gradients_match_finite_differences() {
             .iter()
             .position(|mw| (mw.layer, mw.proj) == (layer, proj))
             .unwrap();
-        let dir_v: Vec<f32> = (0..grad.len())
-            .map(|_| {
-                rng = rng
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((rng >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect();
+        let dir_v = rng.vec(grad.len(), 0.5);
         let analytic: f64 = grad
             .iter()
             .zip(&dir_v)
@@ -678,17 +671,8 @@ fn full_parameter_gradients_match_finite_differences() {
     let logp = |m: &Llava<CpuBackend>, feats: &Vec<f32>| {
         forward(m, &p.prompt, &[&resp], feats, o, 0).unwrap().logps[0]
     };
-    let mut rng = 0x5eed_u64;
-    let mut dir_of = |n: usize| -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                rng = rng
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((rng >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect()
-    };
+    let mut rng = TestRng(0x5eed);
+    let mut dir_of = |n: usize| rng.vec(n, 0.5);
     let origin = std::path::Path::new("<test>");
     let be = CpuBackend::new(); // stateless: its matrices serve the model's backend
     let mat = |name: &str, shape: (usize, usize), v: &[f32]| {
@@ -697,20 +681,9 @@ fn full_parameter_gradients_match_finite_differences() {
     };
     // ε: f32 rounding of a ~-100 log-prob is ~1e-5, so the quotient carries ~1e-5/ε of noise
     let eps = 5e-3f32;
-    let compare = |name: &str, grad: &[f32], v: &[f32], numeric: f64| {
-        let analytic: f64 = grad.iter().zip(v).map(|(g, v)| *g as f64 * *v as f64).sum();
-        let terms: f64 = grad
-            .iter()
-            .zip(v)
-            .map(|(g, v)| (*g as f64 * *v as f64).abs())
-            .sum();
-        let rel = (numeric - analytic).abs() / terms.max(1e-3);
-        // curvature O(ε²) and rounding ~2e-3 absolute against sums of order 1–10
-        assert!(
-            rel < 1e-2,
-            "{name}: numeric {numeric} vs analytic {analytic} (rel {rel:.2e})"
-        );
-    };
+    // curvature O(ε²) and rounding ~2e-3 absolute against sums of order 1–10
+    let compare =
+        |name: &str, grad: &[f32], v: &[f32], numeric: f64| assert_directional(name, grad, v, numeric, 1e-2);
     // a decoder linear
     let w0 = m.decoder.layers[1].q.w.to_f32();
     let shape = be.mat_shape(&m.decoder.layers[1].q.w);
@@ -848,7 +821,7 @@ fn projector_gradients_match_finite_differences() {
     backward_full(&m, &f, &[1.0], o, &mut lora, &mut full);
     let grads = m.projector_backward(&v, rows, full.features.as_ref().unwrap());
     let be = CpuBackend::new();
-    let mut rng = 0xfeed_u64;
+    let mut rng = TestRng(0xfeed);
     let eps = 5e-3f32; // as in the full-parameter test
     for (i, name) in [
         "linear_1.weight",
@@ -871,14 +844,7 @@ fn projector_gradients_match_finite_differences() {
             }
         };
         let (w0, shape) = get(&m);
-        let dirv: Vec<f32> = (0..w0.len())
-            .map(|_| {
-                rng = rng
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((rng >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect();
+        let dirv = rng.vec(w0.len(), 0.5);
         let set = |m: &mut Llava<CpuBackend>, w: Vec<f32>| {
             let p = if second { &mut m.proj2 } else { &mut m.proj1 };
             if bias {
@@ -898,18 +864,7 @@ fn projector_gradients_match_finite_differences() {
         };
         let numeric = (at(1.0) - at(-1.0)) / (2.0 * eps as f64);
         set(&mut m, w0.clone());
-        let g = &grads[i];
-        let analytic: f64 = g.iter().zip(&dirv).map(|(g, d)| *g as f64 * *d as f64).sum();
-        let terms: f64 = g
-            .iter()
-            .zip(&dirv)
-            .map(|(g, d)| (*g as f64 * *d as f64).abs())
-            .sum();
-        let rel = (numeric - analytic).abs() / terms.max(1e-3);
         // curvature O(ε²) and f32 rounding of the log-prob: 1e-2 of the terms
-        assert!(
-            rel < 1e-2,
-            "projector {name}: numeric {numeric} vs analytic {analytic} (rel {rel:.2e})"
-        );
+        assert_directional(&format!("projector {name}"), &grads[i], &dirv, numeric, 1e-2);
     }
 }

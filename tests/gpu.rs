@@ -9,6 +9,7 @@
 //! poisoned with NaN before each launch (an element a kernel misses fails the comparison).
 mod common;
 
+use common::TestRng;
 use miadpo::backend::cpu::CpuBackend;
 use miadpo::backend::cuda::CudaBackend;
 use miadpo::backend::{AttnShape, Backend};
@@ -25,23 +26,6 @@ fn gpu() -> Option<CudaBackend> {
             eprintln!("skipped: no usable GPU here ({e})");
             None
         }
-    }
-}
-
-struct Rng(u64);
-
-impl Rng {
-    /// uniform in [-scale, scale), never exactly 0
-    fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
-        (0..n)
-            .map(|_| {
-                self.0 = self
-                    .0
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                scale * (2.0 * (((self.0 >> 40) as f32 + 0.5) / (1u64 << 24) as f32) - 1.0)
-            })
-            .collect()
     }
 }
 
@@ -77,7 +61,7 @@ const F32_TOL: f64 = 1e-4;
 fn linear_and_its_backward_at_llama_shapes() {
     let Some(g) = gpu() else { return };
     let c = CpuBackend::new();
-    let mut rng = Rng(1);
+    let mut rng = TestRng(1);
     // hidden 4096 -> 4096 (q_proj of LLaMA-7B), 300 rows; and 1 row (decode)
     for m in [300, 1] {
         let (n, k) = (4096, 4096);
@@ -106,7 +90,7 @@ fn linear_and_its_backward_at_llama_shapes() {
 fn elementwise_norm_rope_and_dropout() {
     let Some(g) = gpu() else { return };
     let c = CpuBackend::new();
-    let mut rng = Rng(2);
+    let mut rng = TestRng(2);
     let (rows, d) = (257, 4096);
     let x = rng.vec(rows * d, 2.0);
     let y = rng.vec(rows * d, 2.0);
@@ -199,7 +183,7 @@ fn elementwise_norm_rope_and_dropout() {
 fn attention_forward_backward_with_mass_gqa_and_the_dpo_hole() {
     let Some(g) = gpu() else { return };
     let c = CpuBackend::new();
-    let mut rng = Rng(3);
+    let mut rng = TestRng(3);
     // head dim 128, GQA 4 and 1, odd lengths, the prefix-shared hole
     for (t, heads, kv, hole) in [
         (333, 8, 2, None),
@@ -243,7 +227,7 @@ fn attention_forward_backward_with_mass_gqa_and_the_dpo_hole() {
 fn attention_forward_at_t_4097() {
     let Some(g) = gpu() else { return };
     let c = CpuBackend::new();
-    let mut rng = Rng(5);
+    let mut rng = TestRng(5);
     let (t, heads, kv) = (4097, 8, 2);
     let s = AttnShape {
         tq: t,
@@ -271,7 +255,7 @@ fn attention_forward_at_t_4097() {
 fn fused_logprobs_at_vocab_32000() {
     let Some(g) = gpu() else { return };
     let c = CpuBackend::new();
-    let mut rng = Rng(4);
+    let mut rng = TestRng(4);
     let (rows, h, vocab) = (97, 4096, 32000);
     let w = tensor("lm_head", vocab, h, &rng.vec(vocab * h, 0.02));
     let (wc, wg) = (c.matrix(&w).unwrap(), g.matrix(&w).unwrap());

@@ -79,3 +79,39 @@ pub fn rel_err_inf(a: &[f32], b: &[f32]) -> f64 {
         .fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()));
     diff / scale
 }
+
+/// A small deterministic generator of test inputs (an LCG): reproducible across runs and machines.
+pub struct TestRng(pub u64);
+
+impl TestRng {
+    /// n values uniform in [-scale, scale), never exactly 0
+    pub fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                self.0 = self
+                    .0
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                scale * (2.0 * (((self.0 >> 40) as f32 + 0.5) / (1u64 << 24) as f32) - 1.0)
+            })
+            .collect()
+    }
+}
+
+/// Asserts a directional derivative: the analytic g·v against a central finite difference `numeric`,
+/// relative to Σ|g_i v_i| rather than |g·v| — the terms may cancel, and the rounding noise of the
+/// difference quotient scales with them, not with their sum.
+pub fn assert_directional(name: &str, grad: &[f32], v: &[f32], numeric: f64, tol: f64) {
+    assert_eq!(grad.len(), v.len(), "{name}: gradient shape");
+    let analytic: f64 = grad.iter().zip(v).map(|(g, v)| *g as f64 * *v as f64).sum();
+    let terms: f64 = grad
+        .iter()
+        .zip(v)
+        .map(|(g, v)| (*g as f64 * *v as f64).abs())
+        .sum();
+    let rel = (numeric - analytic).abs() / terms.max(1e-3);
+    assert!(
+        rel < tol,
+        "{name}: analytic {analytic:.6} vs finite difference {numeric:.6} (relative {rel:.2e})"
+    );
+}
