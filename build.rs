@@ -21,6 +21,11 @@ fn main() {
             .lines()
             .filter_map(|l| {
                 let rest = l.trim_start().strip_prefix("extern \"C\" __global__ void ")?;
+                // `void __launch_bounds__(N) name(`: the name follows the bounds
+                let rest = match rest.strip_prefix("__launch_bounds__(") {
+                    Some(r) => r.split_once(')')?.1.trim_start(),
+                    None => rest,
+                };
                 Some(rest.split('(').next()?.trim().to_string())
             })
             .collect();

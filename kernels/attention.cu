@@ -1,8 +1,16 @@
-// Plain (unfused, correct) attention until the fused kernels of issue 7: one block per (query row,
-// head), the row's scores in shared memory (tk floats: dynamic shared memory), causal with q_pos0,
-// GQA, the prefix-shared DPO hole (queries at positions >= hole_first skip keys [hole_a, hole_b)),
-// and optional per-span attention mass (per row and head; the host averages heads).
-// CPU twins: attention, attention_backward in src/backend/cpu.rs.
+// Attention, in numbered variants (llm.c dev/cuda style; `miadpo bench --task ops --filter attention`
+// times them, MIADPO_ATTENTION=plain|fused picks one):
+//   1. attention_plain / attention_plain_bwd: one block per (query row, head), the row's scores in
+//      shared memory. Unfused and slow; kept as the first, obviously-correct version, for decode steps
+//      (one query row) and for head dims that are not a multiple of 16.
+//   2. attention_fwd_d{16,32,64,128}: flash attention (FlashAttention-2's loop order) on the tensor
+//      cores through mma.sync (sm_80+): 64 query rows per block, 16 per warp, key tiles of 64 in
+//      shared memory, online softmax in registers, the log-sum-exp per row saved for the backward, and
+//      the per-span attention mass accumulated per tile with the same running-max rescaling as the
+//      row sum (so it equals the row sums of the materialised softmax over each span).
+// Every variant: causal with q_pos0, GQA, the prefix-shared DPO hole (queries at positions >=
+// hole_first skip keys [hole_a, hole_b)), optional per-span mass per (row, head) (the host averages
+// heads). CPU twins: attention, attention_backward in src/backend/cpu.rs.
 
 __device__ __forceinline__ bool visible(int qpos, int j, int causal, int hole_first, int hole_a, int hole_b) {
     if (causal && j > qpos) return false;
@@ -106,4 +114,275 @@ extern "C" __global__ void attention_plain_bwd(const act* q, const act* k, const
             atomicAdd(&dv[ko + e], p[j] * ld(dout[qo + e]));
         }
     }
+}
+
+// ---- variant 2: flash attention forward on the tensor cores (mma.sync m16n8k16, bf16 in, f32 acc) ----
+
+#define FA_BM 64        // query rows per block: 4 warps of 16
+#define FA_BN 64        // keys per tile
+#define FA_MAX_SPANS 16 // key spans whose mass a block can accumulate
+
+// two floats -> one register of bf16x2 (the lower index in the low half, as mma.sync reads it)
+__device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
+    return (unsigned)f2bf(lo) | ((unsigned)f2bf(hi) << 16);
+}
+
+// c (16x8, f32) += a (16x16, bf16, row-major fragment) * b (16x8, bf16, column-major fragment).
+// Fragments (PTX ISA, mma.m16n8k16): lane = 4*g + t; a: {row g, k 2t..2t+1}, {row g+8, k 2t..},
+// {row g, k 2t+8..}, {row g+8, k 2t+8..}; b: {k 2t..2t+1, col g}, {k 2t+8.., col g};
+// c: {row g, cols 2t, 2t+1}, {row g+8, cols 2t, 2t+1}.
+__device__ __forceinline__ void mma_bf16_16816(float* c, const unsigned* a, unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// rows (r0 .. r0+rows) x D of a (rows_total, stride_rows*D) f32 tensor -> bf16 shared memory with
+// row stride S; rows past `limit` are zero. 16-byte loads (D is a multiple of 16).
+template <int D, int S>
+__device__ __forceinline__ void fa_load_rows(bf16* dst, const act* src, int r0, int rows, int limit, int stride) {
+    for (int idx = threadIdx.x; idx < rows * (D / 4); idx += blockDim.x) {
+        int r = idx / (D / 4), c = (idx % (D / 4)) * 4;
+        float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (r0 + r < limit) x = *(const float4*)(src + (long)(r0 + r) * stride + c);
+        *(uint2*)(dst + r * S + c) = make_uint2(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w));
+    }
+}
+
+template <int D, bool MASS>
+__device__ __forceinline__ void flash_fwd(const act* q, const act* k, const act* v, act* out, float* lse, int tq,
+                                          int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
+                                          int hole_a, int hole_b, const int* spans, int n_spans, float* mass) {
+    static_assert(sizeof(act) == 4, "the tile loads read f32 activations");
+    constexpr int S = D + 8;      // row stride (bf16) of Q and K tiles: the 16-byte pad spreads rows over banks
+    constexpr int SV = FA_BN + 8; // row stride of the transposed V tile
+    extern __shared__ __align__(16) unsigned char fa_smem[];
+    bf16* sq = (bf16*)fa_smem;    // (BM, S)
+    bf16* sk = sq + FA_BM * S;    // (BN, S)
+    bf16* svt = sk + FA_BN * S;   // (D, SV): V transposed, so P·V's b fragments are 32-bit loads
+    __shared__ int ssp[2 * FA_MAX_SPANS];
+    // heaviest (latest, under the causal mask) query blocks first
+    int m0 = (gridDim.x - 1 - blockIdx.x) * FA_BM, h = blockIdx.y, kvh = h / (heads / kv_heads);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const float scale = rsqrtf((float)D) * 1.4426950408889634f; // scores in log2 units, for exp2f
+    int ns = MASS ? min(n_spans, FA_MAX_SPANS) : 0;
+    if (threadIdx.x < 2 * ns) ssp[threadIdx.x] = spans[threadIdx.x];
+    fa_load_rows<D, S>(sq, q + h * D, m0, FA_BM, tq, heads * D);
+    __syncthreads();
+    unsigned qf[D / 16][4];
+    {
+        const bf16* qw = sq + warp * 16 * S;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            qf[kk][0] = *(const unsigned*)(qw + g * S + kk * 16 + 2 * t);
+            qf[kk][1] = *(const unsigned*)(qw + (g + 8) * S + kk * 16 + 2 * t);
+            qf[kk][2] = *(const unsigned*)(qw + g * S + kk * 16 + 2 * t + 8);
+            qf[kk][3] = *(const unsigned*)(qw + (g + 8) * S + kk * 16 + 2 * t + 8);
+        }
+    }
+    // this thread's two rows: g and g + 8 of its warp's 16
+    int qpos[2] = {q_pos0 + m0 + warp * 16 + g, q_pos0 + m0 + warp * 16 + g + 8};
+    float o[D / 8][4];
+#pragma unroll
+    for (int dt = 0; dt < D / 8; dt++) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
+    float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.0f, 0.0f}; // lrow: this thread's columns only
+    float macc[2][MASS ? FA_MAX_SPANS : 1];
+#pragma unroll
+    for (int sp = 0; sp < (MASS ? FA_MAX_SPANS : 1); sp++) macc[0][sp] = macc[1][sp] = 0.0f;
+    int last = min(tq, m0 + FA_BM) - 1 + q_pos0; // the block's last query position
+    int kend = causal ? min(tk, last + 1) : tk;
+    int first = m0 + q_pos0;
+    for (int n0 = 0; n0 < kend; n0 += FA_BN) {
+        // a tile inside the hole for every row of the block
+        if (hole_first >= 0 && first >= hole_first && n0 >= hole_a && n0 + FA_BN <= hole_b) continue;
+        __syncthreads(); // the previous tile's readers are done
+        fa_load_rows<D, S>(sk, k + kvh * D, n0, FA_BN, tk, kv_heads * D);
+        // V transposed: consecutive threads take consecutive keys, so the 2-byte smem stores of a warp
+        // fall in distinct banks
+        for (int idx = threadIdx.x; idx < FA_BN * (D / 4); idx += blockDim.x) {
+            int r = idx % FA_BN, c = (idx / FA_BN) * 4;
+            float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (n0 + r < tk) x = *(const float4*)(v + ((long)(n0 + r) * kv_heads + kvh) * D + c);
+            svt[(c + 0) * SV + r] = f2bf(x.x);
+            svt[(c + 1) * SV + r] = f2bf(x.y);
+            svt[(c + 2) * SV + r] = f2bf(x.z);
+            svt[(c + 3) * SV + r] = f2bf(x.w);
+        }
+        __syncthreads();
+        // S = Q Kᵀ for this warp's 16 rows and the tile's 64 keys
+        float sc[FA_BN / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < FA_BN / 8; nt++) {
+            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+            const bf16* kr = sk + (nt * 8 + g) * S + 2 * t;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++)
+                mma_bf16_16816(sc[nt], qf[kk], *(const unsigned*)(kr + kk * 16), *(const unsigned*)(kr + kk * 16 + 8));
+        }
+        // scale, mask, new running max (over the 4 threads that share a row)
+        float mnew[2] = {mrow[0], mrow[1]};
+#pragma unroll
+        for (int nt = 0; nt < FA_BN / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int r = e >> 1, j = n0 + nt * 8 + 2 * t + (e & 1);
+                bool ok = j < tk && (!causal || j <= qpos[r]) &&
+                          !(hole_first >= 0 && qpos[r] >= hole_first && j >= hole_a && j < hole_b);
+                sc[nt][e] = ok ? sc[nt][e] * scale : -INFINITY;
+                mnew[r] = fmaxf(mnew[r], sc[nt][e]);
+            }
+        }
+        float alpha[2], base[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            mnew[r] = fmaxf(mnew[r], __shfl_xor_sync(0xffffffffu, mnew[r], 1));
+            mnew[r] = fmaxf(mnew[r], __shfl_xor_sync(0xffffffffu, mnew[r], 2));
+            base[r] = mnew[r] == -INFINITY ? 0.0f : mnew[r]; // a row with nothing visible yet
+            alpha[r] = exp2f(mrow[r] - base[r]);
+            mrow[r] = mnew[r];
+        }
+        float rs[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int nt = 0; nt < FA_BN / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float p = exp2f(sc[nt][e] - base[e >> 1]);
+                sc[nt][e] = p;
+                rs[e >> 1] += p;
+            }
+        }
+        lrow[0] = lrow[0] * alpha[0] + rs[0];
+        lrow[1] = lrow[1] * alpha[1] + rs[1];
+        // per-span mass, rescaled like the row sum; only spans that meet this tile add
+#pragma unroll
+        for (int sp = 0; sp < (MASS ? FA_MAX_SPANS : 0); sp++) {
+            if (sp < ns) {
+                macc[0][sp] *= alpha[0];
+                macc[1][sp] *= alpha[1];
+                int a = ssp[2 * sp], b = ssp[2 * sp + 1];
+                if (a <= n0 && n0 + FA_BN <= b) {
+                    // the tile lies inside the span (most tiles of an image span): the row sums
+                    macc[0][sp] += rs[0];
+                    macc[1][sp] += rs[1];
+                } else if (a < n0 + FA_BN && b > n0) {
+#pragma unroll
+                    for (int nt = 0; nt < FA_BN / 8; nt++) {
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            int j = n0 + nt * 8 + 2 * t + (e & 1);
+                            if (j >= a && j < b) macc[e >> 1][sp] += sc[nt][e];
+                        }
+                    }
+                }
+            }
+        }
+        // O = O·alpha + P V, P from the score registers (the c fragment of S is the a fragment of P)
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt++) {
+            o[dt][0] *= alpha[0];
+            o[dt][1] *= alpha[0];
+            o[dt][2] *= alpha[1];
+            o[dt][3] *= alpha[1];
+        }
+#pragma unroll
+        for (int kk = 0; kk < FA_BN / 16; kk++) {
+            unsigned pa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]), pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
+                              pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                              pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+#pragma unroll
+            for (int dt = 0; dt < D / 8; dt++) {
+                const bf16* vr = svt + (dt * 8 + g) * SV + kk * 16 + 2 * t;
+                mma_bf16_16816(o[dt], pa, *(const unsigned*)vr, *(const unsigned*)(vr + 8));
+            }
+        }
+    }
+    // row sums over the quad, then normalise and store
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 1);
+        lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 2);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int row = m0 + warp * 16 + g + 8 * r;
+        float inv = lrow[r] > 0.0f ? 1.0f / lrow[r] : 0.0f;
+        if (row < tq) {
+            act* orow = out + ((long)row * heads + h) * D + 2 * t;
+#pragma unroll
+            for (int dt = 0; dt < D / 8; dt++)
+                *(float2*)(orow + dt * 8) = make_float2(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
+            if (t == 0 && lse != 0) lse[(long)row * heads + h] = (mrow[r] + log2f(lrow[r])) * 0.6931471805599453f;
+        }
+#pragma unroll
+        for (int sp = 0; sp < (MASS ? FA_MAX_SPANS : 0); sp++) {
+            if (sp < ns) {
+                float m = macc[r][sp];
+                m += __shfl_xor_sync(0xffffffffu, m, 1);
+                m += __shfl_xor_sync(0xffffffffu, m, 2);
+                if (t == 0 && row < tq) mass[((long)row * heads + h) * n_spans + sp] = m * inv;
+            }
+        }
+    }
+}
+
+// q (tq, H*D), k v (tk, KV*D), out (tq, H*D); lse (tq, H) or null; spans (n_spans, 2) ints, at most
+// 16, and mass (tq, H, n_spans): read and written by the _mass kernels only (the others keep fewer
+// registers). Grid (ceil(tq / 64), H), 128 threads, dynamic shared memory
+// (64 + 64) * (D + 8) * 2 + D * 72 * 2 bytes.
+
+extern "C" __global__ void __launch_bounds__(128) attention_fwd_d16(const act* q, const act* k, const act* v, act* out,
+        float* lse, int tq, int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first, int hole_a,
+        int hole_b, const int* spans, int n_spans, float* mass) {
+    flash_fwd<16, false>(q, k, v, out, lse, tq, tk, heads, kv_heads, causal, q_pos0, hole_first,
+                   hole_a, hole_b, spans, n_spans, mass);
+}
+
+extern "C" __global__ void __launch_bounds__(128) attention_fwd_d32(const act* q, const act* k, const act* v, act* out,
+        float* lse, int tq, int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first, int hole_a,
+        int hole_b, const int* spans, int n_spans, float* mass) {
+    flash_fwd<32, false>(q, k, v, out, lse, tq, tk, heads, kv_heads, causal, q_pos0, hole_first,
+                   hole_a, hole_b, spans, n_spans, mass);
+}
+
+extern "C" __global__ void __launch_bounds__(128) attention_fwd_d64(const act* q, const act* k, const act* v, act* out,
+        float* lse, int tq, int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first, int hole_a,
+        int hole_b, const int* spans, int n_spans, float* mass) {
+    flash_fwd<64, false>(q, k, v, out, lse, tq, tk, heads, kv_heads, causal, q_pos0, hole_first,
+                   hole_a, hole_b, spans, n_spans, mass);
+}
+
+extern "C" __global__ void __launch_bounds__(128) attention_fwd_d128(const act* q, const act* k, const act* v, act* out,
+        float* lse, int tq, int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first, int hole_a,
+        int hole_b, const int* spans, int n_spans, float* mass) {
+    flash_fwd<128, false>(q, k, v, out, lse, tq, tk, heads, kv_heads, causal, q_pos0, hole_first,
+                   hole_a, hole_b, spans, n_spans, mass);
+}
+
+extern "C" __global__ void __launch_bounds__(128) attention_fwd_mass_d16(const act* q, const act* k, const act* v, act* out,
+        float* lse, int tq, int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first, int hole_a,
+        int hole_b, const int* spans, int n_spans, float* mass) {
+    flash_fwd<16, true>(q, k, v, out, lse, tq, tk, heads, kv_heads, causal, q_pos0, hole_first,
+                   hole_a, hole_b, spans, n_spans, mass);
+}
+
+extern "C" __global__ void __launch_bounds__(128) attention_fwd_mass_d32(const act* q, const act* k, const act* v, act* out,
+        float* lse, int tq, int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first, int hole_a,
+        int hole_b, const int* spans, int n_spans, float* mass) {
+    flash_fwd<32, true>(q, k, v, out, lse, tq, tk, heads, kv_heads, causal, q_pos0, hole_first,
+                   hole_a, hole_b, spans, n_spans, mass);
+}
+
+extern "C" __global__ void __launch_bounds__(128) attention_fwd_mass_d64(const act* q, const act* k, const act* v, act* out,
+        float* lse, int tq, int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first, int hole_a,
+        int hole_b, const int* spans, int n_spans, float* mass) {
+    flash_fwd<64, true>(q, k, v, out, lse, tq, tk, heads, kv_heads, causal, q_pos0, hole_first,
+                   hole_a, hole_b, spans, n_spans, mass);
+}
+
+extern "C" __global__ void __launch_bounds__(128) attention_fwd_mass_d128(const act* q, const act* k, const act* v, act* out,
+        float* lse, int tq, int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first, int hole_a,
+        int hole_b, const int* spans, int n_spans, float* mass) {
+    flash_fwd<128, true>(q, k, v, out, lse, tq, tk, heads, kv_heads, causal, q_pos0, hole_first,
+                   hole_a, hole_b, spans, n_spans, mass);
 }

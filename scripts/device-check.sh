@@ -5,7 +5,7 @@
 # Here, before the call:   scripts/build-device-bundle.sh        (writes target/device/, ~30 MiB)
 # Device tool call:        command "bash scripts/device-check.sh", carry ["target/device"],
 #                          timeout_s 420 (the whole script stays under ~5 minutes)
-# Output:                  $OUT/device-check.md (table), $OUT/gpu-tests.log, $OUT/kernels-check.log
+# Output:                  $OUT/device-check.md (table), $OUT/logs.tgz (gpu-tests.log, kernels-check.log, jsonl)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device-check}
@@ -19,7 +19,8 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda-13.0/lib64 "$nv/cu13/lib" "$nv"/*
     fi
 done
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" > "$OUT/env.txt"
-export MIADPO_REPO="$PWD" MIADPO_KERNEL_CACHE="$OUT/kernel-cache"
+# the kernel cache outside $OUT: at most 8 files come back from a device call
+export MIADPO_REPO="$PWD" MIADPO_KERNEL_CACHE=/tmp/miadpo-kernel-cache
 card=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)
 {
     echo "# miadpo device check"
@@ -51,9 +52,10 @@ if nvidia-smi > /dev/null 2>&1 && grep -q 'skipped: no usable GPU' "$OUT/gpu-tes
     status=1; echo "FAILED: a GPU is present but the tests found none usable (see gpu-tests.log)" >> "$md"
 fi
 echo >> "$md"
-echo '| check | relative error | tolerance |' >> "$md"
-echo '|---|---:|---:|' >> "$md"
-grep -E 'rel err' "$OUT/gpu-tests.log" | sed -E 's/^(.*[^ ]) +rel err ([^ ]+) \(tol ([^)]+)\)$/| \1 | \2 | \3 |/' >> "$md"
+echo '| check | relative error | tolerance | cosine |' >> "$md"
+echo '|---|---:|---:|---:|' >> "$md"
+grep -E 'rel err' "$OUT/gpu-tests.log" \
+    | sed -E 's/^(.*[^ ]) +rel err ([^ ]+) \(tol ([^)]+)\)(  cosine ([^ ]+))?$/| \1 | \2 | \3 | \5 |/' >> "$md"
 grep -E '^test |panicked|skipped' "$OUT/gpu-tests.log" | sed 's/^/    /' >> "$md"
 echo >> "$md"
 echo "## Commands on the GPU vs the CPU (fixture, then the random small LLaVA)" >> "$md"
@@ -81,25 +83,41 @@ for dev in cpu cuda; do
 done
 echo '```' >> "$md"
 echo >> "$md"
-echo "## Ops: miadpo CUDA backend vs PyTorch (same shapes, attention T=1024, 512 rows)" >> "$md"
+echo "## Ops: miadpo CUDA backend vs PyTorch (same shapes: 4096 rows of hidden 4096; attention 32 heads of 128)" >> "$md"
 echo >> "$md"
-timeout 150 target/device/miadpo bench --task ops --device cuda --seq-len 1024 --rows 512 --repeats 5 --json \
-    > "$OUT/ops-miadpo.jsonl" 2>> "$OUT/commands.log" || status=1
-timeout 150 python3 benches/torch_compare.py --device cuda --seq-len 1024 --rows 512 --repeats 5 \
-    > "$OUT/ops-torch.jsonl" 2>> "$OUT/commands.log" || status=1
-python3 - "$OUT/ops-miadpo.jsonl" "$OUT/ops-torch.jsonl" >> "$md" <<'PY'
-import json, sys
-load = lambda p: {r["name"]: r for r in map(json.loads, open(p)) if r.get("name")}
-m, t = load(sys.argv[1]), load(sys.argv[2])
-print("| op | miadpo ms | torch ms | miadpo / torch speed | miadpo of ceiling | torch of ceiling |")
+B="target/device/miadpo bench --task ops --device cuda --json"
+T="python3 benches/torch_compare.py --device cuda"
+timeout 120 $B --seq-len 4096 --rows 4096 --repeats 7 > "$OUT/ops-miadpo.jsonl" 2>> "$OUT/commands.log" || status=1
+timeout 120 $T --seq-len 4096 --rows 4096 --repeats 7 > "$OUT/ops-torch.jsonl" 2>> "$OUT/commands.log" || status=1
+for t in 1024 16384; do
+    timeout 90 $B --filter attention --seq-len $t --repeats 3 > "$OUT/attn-miadpo-$t.jsonl" 2>> "$OUT/commands.log" || status=1
+    timeout 60 $T --filter attention --seq-len $t --repeats 3 > "$OUT/attn-torch-$t.jsonl" 2>> "$OUT/commands.log" || status=1
+done
+MIADPO_ATTENTION=plain timeout 90 $B --filter attention --seq-len 4096 --repeats 3 > "$OUT/attn-plain-4096.jsonl" 2>> "$OUT/commands.log" || status=1
+python3 - "$OUT" >> "$md" <<'PY'
+import json, os, sys
+d = sys.argv[1]
+def load(name):
+    p = os.path.join(d, name)
+    return {r["name"]: r for r in map(json.loads, open(p)) if r.get("name")} if os.path.exists(p) else {}
+def table(m, t, label=""):
+    for name, r in m.items():
+        if name.startswith("ceiling/") and label:
+            continue
+        o, ms = t.get(name), r["ms"]["median"]
+        unit = "GB/s" if r["bound"] == "memory" else "TFLOP/s"
+        if o:
+            print(f"| {name}{label} | {ms:.3f} | {o['ms']:.3f} | {o['ms'] / ms:.2f}x | {r['achieved']:.0f} {unit} ({100 * r['of_ceiling']:.0f}%) | {o['achieved']:.0f} {unit} ({100 * o['of_ceiling']:.0f}%) |")
+        else:
+            print(f"| {name}{label} | {ms:.3f} | - | - | {r['achieved']:.0f} {unit} ({100 * r['of_ceiling']:.0f}%) | - |")
+print("| op | miadpo ms | torch ms | miadpo speed / torch | miadpo (of ceiling) | torch (of ceiling) |")
 print("|---|---:|---:|---:|---:|---:|")
-for name, r in m.items():
-    o = t.get(name)
-    ms = r["ms"]["median"]
-    if o:
-        print(f"| {name} | {ms:.3f} | {o['ms']:.3f} | {o['ms'] / ms:.2f}x | {100 * r['of_ceiling']:.0f}% | {100 * o['of_ceiling']:.0f}% |")
-    else:
-        print(f"| {name} | {ms:.3f} | - | - | {100 * r['of_ceiling']:.0f}% | - |")
+table(load("ops-miadpo.jsonl"), load("ops-torch.jsonl"), "")
+for t in (1024, 16384):
+    table(load(f"attn-miadpo-{t}.jsonl"), load(f"attn-torch-{t}.jsonl"), f" T={t}")
+table(load("attn-plain-4096.jsonl"), load("ops-torch.jsonl"), " variant 1 (plain) T=4096")
 PY
 cat "$md"
+# everything but the table in one archive (at most 8 files come back from a device call)
+(cd "$OUT" && tar czf /tmp/logs.tgz --exclude device-check.md . && mv /tmp/logs.tgz . && find . -type f ! -name device-check.md ! -name logs.tgz -delete)
 exit $status

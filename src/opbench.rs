@@ -46,7 +46,7 @@ struct Case<'a> {
 }
 
 /// The op names, in order (`--list`).
-pub const OPS: [&str; 16] = [
+pub const OPS: [&str; 17] = [
     "ceiling/copy",
     "ceiling/gemm",
     "linear/forward",
@@ -59,21 +59,30 @@ pub const OPS: [&str; 16] = [
     "elementwise/add",
     "elementwise/dropout",
     "attention/causal",
+    "attention/causal_mass",
     "attention/causal_backward",
     "attention/bidirectional",
     "logprob/fused",
     "logprob/fused_backward",
 ];
 
+/// Median per-call time over `repeats` timed batches after one warm-up call. A batch runs the op
+/// enough times back to back to last ~2 ms before its synchronisation, so that launch and
+/// synchronisation latency (~10 µs on a GPU) do not dominate ops that take a few microseconds.
 fn time(run: &mut Run, sync: &dyn Fn(), repeats: usize) -> Stats {
+    let t0 = Instant::now();
     run();
     sync();
+    let once = t0.elapsed().as_secs_f64() * 1e3;
+    let inner = ((2.0 / once.max(1e-6)).ceil() as usize).clamp(1, 200);
     let mut ms = Vec::with_capacity(repeats);
     for _ in 0..repeats {
         let t0 = Instant::now();
-        run();
+        for _ in 0..inner {
+            run();
+        }
         sync();
-        ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        ms.push(t0.elapsed().as_secs_f64() * 1e3 / inner as f64);
     }
     Stats::of(ms)
 }
@@ -106,12 +115,30 @@ pub fn run<B: Backend>(
         None
     };
     let x = be.upload(&rand(rows * h, 1.0));
+    // the compute ceiling: a product large enough to fill a GPU (8192³, 1.1 TFLOP); on the CPU the
+    // linear op's own shape (the large one would take minutes)
+    let (gm, gk) = if be.name() == "cpu" {
+        (rows, h)
+    } else {
+        (8192, 8192)
+    };
+    let gw = if be.name() == "cpu" {
+        None
+    } else {
+        Some(mat("w8192", gk, gk, rand(gk * gk, 0.02))?)
+    };
+    let gx = if be.name() == "cpu" {
+        x.clone()
+    } else {
+        be.upload(&rand(gm * gk, 1.0))
+    };
     let mid = be.upload(&rand(rows * inter, 1.0));
     let norm_w = be.upload(&rand(h, 1.0));
     let big = be.upload(&rand(64 << 20, 1.0)); // 256 MB: past every cache
     let q = be.upload(&rand(t * heads * hd, 1.0));
     let kv = be.upload(&rand(t * heads * hd, 1.0));
     let positions: Vec<usize> = (0..rows).collect();
+    let mass_spans: Vec<(usize, usize)> = (0..5).map(|i| (1 + i * t / 6, (i + 1) * t / 6)).collect();
     let targets: Vec<u32> = (0..64).map(|i| (i * 7919 % vocab) as u32).collect();
     let shape = |causal| AttnShape {
         tq: t,
@@ -143,11 +170,11 @@ pub fn run<B: Backend>(
         },
         Case {
             name: "ceiling/gemm",
-            shape: format!("{rows}x{h} · {h}x{h}"),
+            shape: format!("{gm}x{gk} · {gk}x{gk}"),
             bound: Bound::Compute,
-            work: 2.0 * n * h as f64,
+            work: 2.0 * (gm * gk * gk) as f64,
             run: Box::new(|| {
-                std::hint::black_box(be.linear(&x, rows, &w, None));
+                std::hint::black_box(be.linear(&gx, gm, gw.as_ref().unwrap_or(&w), None));
             }),
         },
         Case {
@@ -244,6 +271,16 @@ pub fn run<B: Backend>(
             work: attn_flops / 2.0,
             run: Box::new(|| {
                 std::hint::black_box(be.attention(&q, &kv, &kv, shape(true), None));
+            }),
+        },
+        Case {
+            // the same with the per-image attention mass of five image spans (MIA-DPO's selection)
+            name: "attention/causal_mass",
+            shape: format!("T={t} H={heads} D={hd} 5 spans"),
+            bound: Bound::Compute,
+            work: attn_flops / 2.0,
+            run: Box::new(|| {
+                std::hint::black_box(be.attention(&q, &kv, &kv, shape(true), Some(&mass_spans)));
             }),
         },
         Case {

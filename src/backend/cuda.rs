@@ -56,12 +56,50 @@ pub struct CudaBackend {
     arch: String,
     /// dynamic shared memory a block may opt into (the plain attention kernels keep a row of scores)
     smem_optin: usize,
+    /// Fill every op's output with NaN before its kernel runs, so an element a kernel misses fails the
+    /// comparison with the CPU twin instead of passing as stale memory: on for the GPU tests
+    /// (`with_poison`) or with `MIADPO_POISON=1`; off otherwise, as it costs a write pass per output.
+    poison: bool,
+    /// The attention kernel family: `Fused` (mma.sync flash attention, the default where the head dim
+    /// is a multiple of 16 and there are 16+ query rows) or `Plain` (`MIADPO_ATTENTION=plain`), the
+    /// first, unfused version kept as variant 1 for the benchmarks and as a second opinion.
+    attn: AttnKernel,
+}
+
+/// The attention kernels (numbered variants in kernels/attention.cu).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnKernel {
+    Plain,
+    Fused,
 }
 
 // SAFETY: cuBLAS handles may be used from any thread as long as calls do not overlap; the backend's
 // ops are issued from one thread at a time (rayon is not used on this side).
 unsafe impl Send for CudaBackend {}
 unsafe impl Sync for CudaBackend {}
+
+/// Makes the device's default memory pool keep freed memory instead of handing it back to the driver
+/// at every synchronisation (its default release threshold is 0): each op allocates its output with
+/// `cuMemAllocAsync`, and re-mapping those pages every step cost ~4x on a 256 MB copy (H100).
+fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
+    use cudarc::driver::sys;
+    let mut pool = std::mem::MaybeUninit::<sys::CUmemoryPool>::uninit();
+    let mut threshold = u64::MAX;
+    // SAFETY: the pool handle is written by the driver before it is read; the attribute takes a u64.
+    unsafe {
+        sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), ctx.cu_device())
+            .result()
+            .map_err(|e| dev_err("default memory pool", e))?;
+        sys::cuMemPoolSetAttribute(
+            pool.assume_init(),
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .result()
+        .map_err(|e| dev_err("memory pool release threshold", e))?;
+    }
+    Ok(())
+}
 
 /// Whether the CUDA driver library can be loaded (probed without cudarc's panic).
 pub fn driver_present() -> bool {
@@ -126,6 +164,9 @@ impl CudaBackend {
             return Err(Error::Invalid(format!("CUDA: no GPU {ordinal} ({n} found)")));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| dev_err("creating the context", e))?;
+        if ctx.has_async_alloc() {
+            keep_freed_memory(&ctx)?;
+        }
         let (major, minor) = ctx
             .compute_capability()
             .map_err(|e| dev_err("compute capability", e))?;
@@ -165,7 +206,28 @@ impl CudaBackend {
             device,
             arch,
             smem_optin,
+            poison: std::env::var("MIADPO_POISON").is_ok_and(|v| v == "1"),
+            attn: match std::env::var("MIADPO_ATTENTION").as_deref() {
+                Ok("plain") => AttnKernel::Plain,
+                Ok("fused") | Err(_) => AttnKernel::Fused,
+                Ok(other) => {
+                    return Err(Error::Invalid(format!(
+                        "MIADPO_ATTENTION={other}: expected `plain` or `fused`"
+                    )))
+                }
+            },
         })
+    }
+
+    /// Poisons every op's output with NaN before its kernel runs (the GPU tests).
+    pub fn with_poison(mut self, on: bool) -> Self {
+        self.poison = on;
+        self
+    }
+
+    /// Picks the attention kernels (benchmarks of the numbered variants, tests of both).
+    pub fn set_attention(&mut self, k: AttnKernel) {
+        self.attn = k;
     }
 
     /// "NVIDIA H100 80GB HBM3 (sm_90a)"
@@ -189,9 +251,15 @@ impl CudaBackend {
         }
     }
 
-    /// A buffer of NaN: for outputs that a kernel must write in full (an element it misses stays NaN
-    /// and fails the comparison with the CPU twin instead of passing as zero).
+    /// An output buffer that a kernel writes in full: NaN when poisoning is on (an element the kernel
+    /// misses then stays NaN and fails the comparison with the CPU twin), else left uninitialised.
     fn poisoned(&self, n: usize) -> DBuf {
+        if !self.poison {
+            // SAFETY: every caller hands the buffer to a kernel that writes all n elements before any
+            // read (the poisoned GPU tests check exactly that).
+            let s = unsafe { self.stream.alloc::<f32>(n.max(1)) }.expect("CUDA: out of memory");
+            return DBuf { s, n };
+        }
         let mut x = self.zeros(n);
         let (nn, v) = (n.max(1) as i64, f32::NAN);
         let mut b = self.stream.launch_builder(self.f("fill_f32"));
@@ -545,27 +613,67 @@ impl Backend for CudaBackend {
         s: AttnShape,
         spans: Option<&[KeySpan]>,
     ) -> (DBuf, Option<Vec<f32>>) {
-        let smem = s.tk * 4;
-        assert!(
-            smem + 1024 <= self.smem_optin,
-            "the plain attention kernel holds a row of {} keys in shared memory (at most {} on this GPU); the fused kernels of issue 7 lift this",
-            s.tk,
-            (self.smem_optin - 1024) / 4
-        );
-        let mut out = self.poisoned(s.tq * s.heads * s.head_dim);
         let n_spans = spans.map_or(0, |x| x.len());
+        let d = s.head_dim;
+        let fused = self.attn == AttnKernel::Fused
+            && matches!(d, 16 | 32 | 64 | 128)
+            && s.tq >= 16 // decode steps: the plain kernel (a 64-row tile would be 63/64 idle)
+            && n_spans <= 16;
+        let (name, cfg) = if fused {
+            let name = match (n_spans > 0, d) {
+                (false, 16) => "attention_fwd_d16",
+                (false, 32) => "attention_fwd_d32",
+                (false, 64) => "attention_fwd_d64",
+                (false, _) => "attention_fwd_d128",
+                (true, 16) => "attention_fwd_mass_d16",
+                (true, 32) => "attention_fwd_mass_d32",
+                (true, 64) => "attention_fwd_mass_d64",
+                (true, _) => "attention_fwd_mass_d128",
+            };
+            // Q and K tiles of 64 rows (row stride D + 8), V transposed (D rows of 64 + 8), bf16
+            let smem = ((64 + 64) * (d + 8) + d * 72) * 2;
+            let cfg = LaunchConfig {
+                grid_dim: (s.tq.div_ceil(64) as u32, s.heads as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
+            (name, cfg)
+        } else {
+            let smem = s.tk * 4;
+            assert!(
+                smem + 1024 <= self.smem_optin,
+                "the plain attention kernel holds a row of {} keys in shared memory (at most {} on this GPU)",
+                s.tk,
+                (self.smem_optin - 1024) / 4
+            );
+            let cfg = LaunchConfig {
+                grid_dim: (s.tq as u32, s.heads as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
+            ("attention_plain", cfg)
+        };
+        let mut out = self.poisoned(s.tq * s.heads * s.head_dim);
         let flat: Vec<usize> = spans.unwrap_or(&[]).iter().flat_map(|&(a, b)| [a, b]).collect();
         let spans_dev = self.ints(if flat.is_empty() { &[0, 0] } else { &flat });
         let mut mass = self.zeros(s.tq * s.heads * n_spans.max(1));
         let (hf, ha, hb) = s
             .hole
             .map_or((-1, 0, 0), |(f, a, b)| (f as i32, a as i32, b as i32));
-        let ints = [s.tq, s.tk, s.heads, s.kv_heads, s.head_dim].map(|x| x as i32);
-        let (causal, q0, ns) = (s.causal as i32, s.q_pos0 as i32, n_spans as i32);
-        let mut b = self.stream.launch_builder(self.f("attention_plain"));
+        let ints = [s.tq, s.tk, s.heads, s.kv_heads].map(|x| x as i32);
+        let (causal, q0, ns, dd) = (s.causal as i32, s.q_pos0 as i32, n_spans as i32, d as i32);
+        // a null pointer for the outputs not asked for (mass without spans; the log-sum-exp for now)
+        let null: u64 = 0;
+        let mut b = self.stream.launch_builder(self.f(name));
         b.arg(&q.s).arg(&k.s).arg(&v.s).arg(&mut out.s);
+        if fused {
+            b.arg(&null); // lse: the backward recomputes it (plain backward)
+        }
         for x in &ints {
             b.arg(x);
+        }
+        if !fused {
+            b.arg(&dd);
         }
         b.arg(&causal)
             .arg(&q0)
@@ -574,20 +682,14 @@ impl Backend for CudaBackend {
             .arg(&hb)
             .arg(&spans_dev)
             .arg(&ns);
-        // a null mass pointer when no spans are asked for
-        let null: u64 = 0;
         if n_spans > 0 {
             b.arg(&mut mass.s);
         } else {
             b.arg(&null);
         }
-        let cfg = LaunchConfig {
-            grid_dim: (s.tq as u32, s.heads as u32, 1),
-            block_dim: (128, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
-        // SAFETY: shapes asserted by the callers (AttnShape); smem holds one row of tk scores.
-        unsafe { b.launch(cfg) }.expect("CUDA: attention_plain");
+        // SAFETY: shapes asserted by the callers (AttnShape); the kernels' argument lists are the ones
+        // pushed above (kernels/attention.cu), smem sized for the chosen kernel.
+        unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("CUDA: {name}: {e:?}"));
         let mass = spans.map(|_| {
             let per_head = self.download(&mass); // (tq, heads, n_spans)
             let mut m = vec![0f32; s.tq * n_spans];
