@@ -386,3 +386,228 @@ extern "C" __global__ void __launch_bounds__(128) attention_fwd_mass_d128(const 
     flash_fwd<128, true>(q, k, v, out, lse, tq, tk, heads, kv_heads, causal, q_pos0, hole_first,
                    hole_a, hole_b, spans, n_spans, mass);
 }
+
+// ---- variant 2 backward: FlashAttention-2's backward on the tensor cores ----
+//
+// One block per (64-key tile, kv head); 4 warps, each owning 16 keys. For every query head of the kv
+// head's group and every 64-row query tile that can see the keys, with the forward's log-sum-exp:
+//   Sᵀ = K Qᵀ, Pᵀ = exp(Sᵀ/√D − lse), dVᵀ-rows += Pᵀ dO, dPᵀ = V dOᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − Δ),
+//   dK-rows += dSᵀ Q / √D   (registers, per warp: no atomics, GQA heads summed in place)
+//   dQ += dS K / √D         (dS through shared memory, warps split over query rows, f32 atomics)
+// with Δ = rowsum(dO ∘ O) from attention_bwd_delta. bf16 operands, f32 accumulation.
+
+// delta (tq, H) = rowsum over D of dout ∘ out; one warp per (row, head)
+extern "C" __global__ void attention_bwd_delta(const act* dout, const act* out, float* delta, int rows, int d) {
+    int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (r >= rows) return;
+    float s = 0.0f;
+    for (int e = lane; e < d; e += 32) s += ld(dout[(long)r * d + e]) * ld(out[(long)r * d + e]);
+    s = warp_sum(s);
+    if (lane == 0) delta[r] = s;
+}
+
+// rows (r0 .. r0+rows) of a strided f32 tensor -> bf16 shared memory twice: row-major (stride S) and
+// transposed (stride ST, column r); rows past `limit` are zero
+template <int D, int S, int ST>
+__device__ __forceinline__ void fa_load_both(bf16* dst, bf16* dst_t, const act* src, int r0, int rows, int limit,
+                                             int stride) {
+    for (int idx = threadIdx.x; idx < rows * (D / 4); idx += blockDim.x) {
+        int r = idx % rows, c = (idx / rows) * 4; // consecutive threads: consecutive rows (transposed stores)
+        float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+        if (r0 + r < limit) x = *(const float4*)(src + (long)(r0 + r) * stride + c);
+        *(uint2*)(dst + r * S + c) = make_uint2(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w));
+        dst_t[(c + 0) * ST + r] = f2bf(x.x);
+        dst_t[(c + 1) * ST + r] = f2bf(x.y);
+        dst_t[(c + 2) * ST + r] = f2bf(x.z);
+        dst_t[(c + 3) * ST + r] = f2bf(x.w);
+    }
+}
+
+template <int D>
+__device__ __forceinline__ void flash_bwd(const act* q, const act* k, const act* v, const act* dout,
+                                          const float* lse, const float* delta, float* dq, act* dk, act* dv, int tq,
+                                          int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
+                                          int hole_a, int hole_b) {
+    static_assert(sizeof(act) == 4, "the tile loads read f32 activations");
+    constexpr int S = D + 8, ST = FA_BN + 8;
+    extern __shared__ __align__(16) unsigned char fa_smem[];
+    bf16* sk = (bf16*)fa_smem;     // (BN keys, S)
+    bf16* skt = sk + FA_BN * S;    // (D, ST): K transposed
+    bf16* sv = skt + D * ST;       // (BN, S)
+    bf16* sq = sv + FA_BN * S;     // (BM queries, S)
+    bf16* sqt = sq + FA_BM * S;    // (D, ST)
+    bf16* sdo = sqt + D * ST;      // (BM, S)
+    bf16* sdot = sdo + FA_BM * S;  // (D, ST)
+    bf16* sds = sdot + D * ST;     // (BM, ST): dS, queries x keys
+    float* slse = (float*)(sds + FA_BM * ST); // (BM) lse in log2 units
+    float* sdel = slse + FA_BM;    // (BM)
+    int n0 = blockIdx.x * FA_BN, kvh = blockIdx.y, group = heads / kv_heads;
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const float scale = rsqrtf((float)D), scale2 = scale * 1.4426950408889634f;
+    fa_load_both<D, S, ST>(sk, skt, k + kvh * D, n0, FA_BN, tk, kv_heads * D);
+    fa_load_rows<D, S>(sv, v + kvh * D, n0, FA_BN, tk, kv_heads * D);
+    // this thread's keys: rows g and g + 8 of the warp's 16
+    int key[2] = {n0 + warp * 16 + g, n0 + warp * 16 + g + 8};
+    float dka[D / 8][4], dva[D / 8][4]; // (16 keys, D) per warp, c-fragment layout
+#pragma unroll
+    for (int dt = 0; dt < D / 8; dt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dka[dt][e] = dva[dt][e] = 0.0f;
+    // query rows that can see this tile: causal from the tile's first key; past the hole's first
+    // position, none when the whole tile lies in the hole
+    int i_begin = causal ? max(0, n0 - q_pos0) / FA_BM * FA_BM : 0;
+    int i_end = tq;
+    if (hole_first >= 0 && n0 >= hole_a && n0 + FA_BN <= hole_b) i_end = min(tq, max(0, hole_first - q_pos0));
+    for (int hh = 0; hh < group; hh++) {
+        int h = kvh * group + hh;
+        for (int i0 = i_begin; i0 < i_end; i0 += FA_BM) {
+            __syncthreads(); // the previous tile's readers are done
+            fa_load_both<D, S, ST>(sq, sqt, q + h * D, i0, FA_BM, tq, heads * D);
+            fa_load_both<D, S, ST>(sdo, sdot, dout + h * D, i0, FA_BM, tq, heads * D);
+            for (int r = threadIdx.x; r < FA_BM; r += blockDim.x) {
+                bool in = i0 + r < tq;
+                slse[r] = in ? lse[(long)(i0 + r) * heads + h] * 1.4426950408889634f : 0.0f;
+                sdel[r] = in ? delta[(long)(i0 + r) * heads + h] : 0.0f;
+            }
+            __syncthreads();
+            // Sᵀ (16 keys x 64 queries) and dPᵀ = V dOᵀ, both with this warp's keys as rows
+            float pt[FA_BM / 8][4], dpt[FA_BM / 8][4];
+            const bf16* kw = sk + (warp * 16) * S;
+            const bf16* vw = sv + (warp * 16) * S;
+#pragma unroll
+            for (int nt = 0; nt < FA_BM / 8; nt++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) pt[nt][e] = dpt[nt][e] = 0.0f;
+                const bf16* qr = sq + (nt * 8 + g) * S + 2 * t;
+                const bf16* dor = sdo + (nt * 8 + g) * S + 2 * t;
+#pragma unroll
+                for (int kk = 0; kk < D / 16; kk++) {
+                    unsigned a[4], b[4];
+                    a[0] = *(const unsigned*)(kw + g * S + kk * 16 + 2 * t);
+                    a[1] = *(const unsigned*)(kw + (g + 8) * S + kk * 16 + 2 * t);
+                    a[2] = *(const unsigned*)(kw + g * S + kk * 16 + 2 * t + 8);
+                    a[3] = *(const unsigned*)(kw + (g + 8) * S + kk * 16 + 2 * t + 8);
+                    b[0] = *(const unsigned*)(vw + g * S + kk * 16 + 2 * t);
+                    b[1] = *(const unsigned*)(vw + (g + 8) * S + kk * 16 + 2 * t);
+                    b[2] = *(const unsigned*)(vw + g * S + kk * 16 + 2 * t + 8);
+                    b[3] = *(const unsigned*)(vw + (g + 8) * S + kk * 16 + 2 * t + 8);
+                    mma_bf16_16816(pt[nt], a, *(const unsigned*)(qr + kk * 16), *(const unsigned*)(qr + kk * 16 + 8));
+                    mma_bf16_16816(dpt[nt], b, *(const unsigned*)(dor + kk * 16), *(const unsigned*)(dor + kk * 16 + 8));
+                }
+            }
+            // Pᵀ and dSᵀ in place (pt, dpt); masked entries are 0
+#pragma unroll
+            for (int nt = 0; nt < FA_BM / 8; nt++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int ql = nt * 8 + 2 * t + (e & 1), qi = i0 + ql, qpos = q_pos0 + qi, j = key[e >> 1];
+                    bool ok = qi < tq && j < tk && (!causal || j <= qpos) &&
+                              !(hole_first >= 0 && qpos >= hole_first && j >= hole_a && j < hole_b);
+                    float p = ok ? exp2f(pt[nt][e] * scale2 - slse[ql]) : 0.0f;
+                    pt[nt][e] = p;
+                    dpt[nt][e] = p * (dpt[nt][e] - sdel[ql]);
+                }
+            }
+            // dV += Pᵀ dO, dK += dSᵀ Q (the c fragments of Pᵀ, dSᵀ are the a fragments, k = queries)
+#pragma unroll
+            for (int kk = 0; kk < FA_BM / 16; kk++) {
+                unsigned pa[4] = {pack_bf16(pt[2 * kk][0], pt[2 * kk][1]), pack_bf16(pt[2 * kk][2], pt[2 * kk][3]),
+                                  pack_bf16(pt[2 * kk + 1][0], pt[2 * kk + 1][1]),
+                                  pack_bf16(pt[2 * kk + 1][2], pt[2 * kk + 1][3])};
+                unsigned da[4] = {pack_bf16(dpt[2 * kk][0], dpt[2 * kk][1]), pack_bf16(dpt[2 * kk][2], dpt[2 * kk][3]),
+                                  pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
+                                  pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
+#pragma unroll
+                for (int dt = 0; dt < D / 8; dt++) {
+                    const bf16* dr = sdot + (dt * 8 + g) * ST + kk * 16 + 2 * t;
+                    const bf16* qr = sqt + (dt * 8 + g) * ST + kk * 16 + 2 * t;
+                    mma_bf16_16816(dva[dt], pa, *(const unsigned*)dr, *(const unsigned*)(dr + 8));
+                    mma_bf16_16816(dka[dt], da, *(const unsigned*)qr, *(const unsigned*)(qr + 8));
+                }
+            }
+            // dS to shared memory as (queries, keys), for dQ = dS K with the warps over query rows
+#pragma unroll
+            for (int nt = 0; nt < FA_BM / 8; nt++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int ql = nt * 8 + 2 * t + (e & 1), kl = warp * 16 + g + 8 * (e >> 1);
+                    sds[ql * ST + kl] = f2bf(dpt[nt][e]);
+                }
+            }
+            __syncthreads();
+            {
+                const bf16* dsw = sds + (warp * 16) * ST; // this warp's 16 query rows
+                unsigned af[FA_BN / 16][4];
+#pragma unroll
+                for (int kk = 0; kk < FA_BN / 16; kk++) {
+                    af[kk][0] = *(const unsigned*)(dsw + g * ST + kk * 16 + 2 * t);
+                    af[kk][1] = *(const unsigned*)(dsw + (g + 8) * ST + kk * 16 + 2 * t);
+                    af[kk][2] = *(const unsigned*)(dsw + g * ST + kk * 16 + 2 * t + 8);
+                    af[kk][3] = *(const unsigned*)(dsw + (g + 8) * ST + kk * 16 + 2 * t + 8);
+                }
+                int r0 = i0 + warp * 16 + g, r1 = r0 + 8;
+#pragma unroll
+                for (int dt = 0; dt < D / 8; dt++) {
+                    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+                    for (int kk = 0; kk < FA_BN / 16; kk++) {
+                        const bf16* kr = skt + (dt * 8 + g) * ST + kk * 16 + 2 * t;
+                        mma_bf16_16816(c, af[kk], *(const unsigned*)kr, *(const unsigned*)(kr + 8));
+                    }
+                    int col = dt * 8 + 2 * t;
+                    if (r0 < tq) {
+                        atomicAdd(dq + ((long)r0 * heads + h) * D + col, c[0] * scale);
+                        atomicAdd(dq + ((long)r0 * heads + h) * D + col + 1, c[1] * scale);
+                    }
+                    if (r1 < tq) {
+                        atomicAdd(dq + ((long)r1 * heads + h) * D + col, c[2] * scale);
+                        atomicAdd(dq + ((long)r1 * heads + h) * D + col + 1, c[3] * scale);
+                    }
+                }
+            }
+        }
+    }
+    // this warp's 16 keys of dK (scaled) and dV, every head of the group summed
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        if (key[r] >= tk) continue;
+        long base = ((long)key[r] * kv_heads + kvh) * D + 2 * t;
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt++) {
+            *(float2*)(dk + base + dt * 8) = make_float2(dka[dt][2 * r] * scale, dka[dt][2 * r + 1] * scale);
+            *(float2*)(dv + base + dt * 8) = make_float2(dva[dt][2 * r], dva[dt][2 * r + 1]);
+        }
+    }
+}
+
+// q, dout (tq, H*D), k v (tk, KV*D), lse delta (tq, H); dq (tq, H*D) zeroed by the host (atomics);
+// dk dv (tk, KV*D) written in full. Grid (ceil(tk / 64), KV), 128 threads, dynamic shared memory
+// (4 * 64 * (D + 8) + 3 * D * 72 + 64 * 72) * 2 + 2 * 64 * 4 bytes.
+
+extern "C" __global__ void __launch_bounds__(128) attention_bwd_d16(const act* q, const act* k, const act* v,
+        const act* dout, const float* lse, const float* delta, float* dq, act* dk, act* dv, int tq, int tk, int heads,
+        int kv_heads, int causal, int q_pos0, int hole_first, int hole_a, int hole_b) {
+    flash_bwd<16>(q, k, v, dout, lse, delta, dq, dk, dv, tq, tk, heads, kv_heads, causal, q_pos0, hole_first, hole_a,
+                   hole_b);
+}
+
+extern "C" __global__ void __launch_bounds__(128) attention_bwd_d32(const act* q, const act* k, const act* v,
+        const act* dout, const float* lse, const float* delta, float* dq, act* dk, act* dv, int tq, int tk, int heads,
+        int kv_heads, int causal, int q_pos0, int hole_first, int hole_a, int hole_b) {
+    flash_bwd<32>(q, k, v, dout, lse, delta, dq, dk, dv, tq, tk, heads, kv_heads, causal, q_pos0, hole_first, hole_a,
+                   hole_b);
+}
+
+extern "C" __global__ void __launch_bounds__(128) attention_bwd_d64(const act* q, const act* k, const act* v,
+        const act* dout, const float* lse, const float* delta, float* dq, act* dk, act* dv, int tq, int tk, int heads,
+        int kv_heads, int causal, int q_pos0, int hole_first, int hole_a, int hole_b) {
+    flash_bwd<64>(q, k, v, dout, lse, delta, dq, dk, dv, tq, tk, heads, kv_heads, causal, q_pos0, hole_first, hole_a,
+                   hole_b);
+}
+
+extern "C" __global__ void __launch_bounds__(128) attention_bwd_d128(const act* q, const act* k, const act* v,
+        const act* dout, const float* lse, const float* delta, float* dq, act* dk, act* dv, int tq, int tk, int heads,
+        int kv_heads, int causal, int q_pos0, int hole_first, int hole_a, int hole_b) {
+    flash_bwd<128>(q, k, v, dout, lse, delta, dq, dk, dv, tq, tk, heads, kv_heads, causal, q_pos0, hole_first, hole_a,
+                   hole_b);
+}

@@ -132,6 +132,13 @@ fn per_row(rows: usize, threads: u32, smem: u32) -> LaunchConfig {
     }
 }
 
+/// The prefix-shared DPO hole as kernel arguments: (first query position, key start, key end), or
+/// first = -1 for none.
+fn hole_args(s: AttnShape) -> (i32, i32, i32) {
+    s.hole
+        .map_or((-1, 0, 0), |(f, a, b)| (f as i32, a as i32, b as i32))
+}
+
 /// f32 -> bf16 bits, round to nearest even (the kernels' `f2bf`).
 fn f32_to_bf16(x: f32) -> u16 {
     half::bf16::from_f32(x).to_bits()
@@ -228,6 +235,163 @@ impl CudaBackend {
     /// Picks the attention kernels (benchmarks of the numbered variants, tests of both).
     pub fn set_attention(&mut self, k: AttnKernel) {
         self.attn = k;
+    }
+
+    /// Whether the tensor-core kernels (variant 2) serve this shape: a head dim they are built for.
+    fn fused_attention(&self, s: AttnShape) -> bool {
+        self.attn == AttnKernel::Fused && matches!(s.head_dim, 16 | 32 | 64 | 128)
+    }
+
+    /// One attention forward launch: `fused` picks variant 2 (which can also write the log-sum-exp
+    /// per row and head, for the backward) over the plain kernel. Returns the output, the per-head
+    /// span mass (tq, heads, n_spans) when spans are given, and the log-sum-exp (tq, heads) if asked.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_fwd(
+        &self,
+        q: &DBuf,
+        k: &DBuf,
+        v: &DBuf,
+        s: AttnShape,
+        spans: Option<&[KeySpan]>,
+        fused: bool,
+        want_lse: bool,
+    ) -> (DBuf, Option<DBuf>, Option<DBuf>) {
+        let n_spans = spans.map_or(0, |x| x.len());
+        let d = s.head_dim;
+        assert!(
+            fused || !want_lse,
+            "only the fused forward writes the log-sum-exp"
+        );
+        let (name, cfg) = if fused {
+            let name = match (n_spans > 0, d) {
+                (false, 16) => "attention_fwd_d16",
+                (false, 32) => "attention_fwd_d32",
+                (false, 64) => "attention_fwd_d64",
+                (false, _) => "attention_fwd_d128",
+                (true, 16) => "attention_fwd_mass_d16",
+                (true, 32) => "attention_fwd_mass_d32",
+                (true, 64) => "attention_fwd_mass_d64",
+                (true, _) => "attention_fwd_mass_d128",
+            };
+            // Q and K tiles of 64 rows (row stride D + 8), V transposed (D rows of 64 + 8), bf16
+            let smem = ((64 + 64) * (d + 8) + d * 72) * 2;
+            let cfg = LaunchConfig {
+                grid_dim: (s.tq.div_ceil(64) as u32, s.heads as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
+            (name, cfg)
+        } else {
+            let smem = s.tk * 4;
+            assert!(
+                smem + 1024 <= self.smem_optin,
+                "the plain attention kernel holds a row of {} keys in shared memory (at most {} on this GPU)",
+                s.tk,
+                (self.smem_optin - 1024) / 4
+            );
+            let cfg = LaunchConfig {
+                grid_dim: (s.tq as u32, s.heads as u32, 1),
+                block_dim: (128, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
+            ("attention_plain", cfg)
+        };
+        let mut out = self.poisoned(s.tq * s.heads * d);
+        let mut lse = want_lse.then(|| self.poisoned(s.tq * s.heads));
+        let flat: Vec<usize> = spans.unwrap_or(&[]).iter().flat_map(|&(a, b)| [a, b]).collect();
+        let spans_dev = self.ints(if flat.is_empty() { &[0, 0] } else { &flat });
+        let mut mass = (n_spans > 0).then(|| self.zeros(s.tq * s.heads * n_spans));
+        let (hf, ha, hb) = hole_args(s);
+        let ints = [s.tq, s.tk, s.heads, s.kv_heads].map(|x| x as i32);
+        let (causal, q0, ns, dd) = (s.causal as i32, s.q_pos0 as i32, n_spans as i32, d as i32);
+        let null: u64 = 0; // for the outputs not asked for
+        let mut b = self.stream.launch_builder(self.f(name));
+        b.arg(&q.s).arg(&k.s).arg(&v.s).arg(&mut out.s);
+        if fused {
+            match lse.as_mut() {
+                Some(l) => b.arg(&mut l.s),
+                None => b.arg(&null),
+            };
+        }
+        for x in &ints {
+            b.arg(x);
+        }
+        if !fused {
+            b.arg(&dd);
+        }
+        b.arg(&causal)
+            .arg(&q0)
+            .arg(&hf)
+            .arg(&ha)
+            .arg(&hb)
+            .arg(&spans_dev)
+            .arg(&ns);
+        match mass.as_mut() {
+            Some(m) => b.arg(&mut m.s),
+            None => b.arg(&null),
+        };
+        // SAFETY: shapes asserted by the callers (AttnShape); the kernels' argument lists are the ones
+        // pushed above (kernels/attention.cu), smem sized for the chosen kernel.
+        unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("CUDA: {name}: {e:?}"));
+        (out, mass, lse)
+    }
+
+    /// Variant 2's backward: the log-sum-exp from a forward launch (the trait hands the backward the
+    /// output, not the statistics), Δ = rowsum(dO ∘ O), then one block per (64-key tile, kv head).
+    fn attention_bwd_fused(
+        &self,
+        q: &DBuf,
+        k: &DBuf,
+        v: &DBuf,
+        out: &DBuf,
+        dout: &DBuf,
+        s: AttnShape,
+    ) -> (DBuf, DBuf, DBuf) {
+        let d = s.head_dim;
+        let (_, _, lse) = self.attention_fwd(q, k, v, s, None, true, true);
+        let lse = lse.expect("asked for");
+        let rows = s.tq * s.heads;
+        let mut delta = self.poisoned(rows);
+        let (r, dd) = (rows as i32, d as i32);
+        let mut b = self.stream.launch_builder(self.f("attention_bwd_delta"));
+        b.arg(&dout.s).arg(&out.s).arg(&mut delta.s).arg(&r).arg(&dd);
+        // SAFETY: dout and out hold rows · d elements, delta rows; a warp per row, 8 warps per block.
+        unsafe { b.launch(per_row(rows.div_ceil(8), 256, 0)) }.expect("CUDA: attention_bwd_delta");
+        let mut dq = self.zeros(q.len()); // accumulated by atomics
+        let (mut dk, mut dv) = (self.poisoned(k.len()), self.poisoned(v.len()));
+        let name = match d {
+            16 => "attention_bwd_d16",
+            32 => "attention_bwd_d32",
+            64 => "attention_bwd_d64",
+            _ => "attention_bwd_d128",
+        };
+        let (hf, ha, hb) = hole_args(s);
+        let ints = [s.tq, s.tk, s.heads, s.kv_heads].map(|x| x as i32);
+        let (causal, q0) = (s.causal as i32, s.q_pos0 as i32);
+        let mut b = self.stream.launch_builder(self.f(name));
+        b.arg(&q.s)
+            .arg(&k.s)
+            .arg(&v.s)
+            .arg(&dout.s)
+            .arg(&lse.s)
+            .arg(&delta.s)
+            .arg(&mut dq.s)
+            .arg(&mut dk.s)
+            .arg(&mut dv.s);
+        for x in &ints {
+            b.arg(x);
+        }
+        b.arg(&causal).arg(&q0).arg(&hf).arg(&ha).arg(&hb);
+        // K, Kᵀ, V, Q, Qᵀ, dO, dOᵀ, dS tiles in bf16, then lse and Δ for 64 rows
+        let smem = (4 * 64 * (d + 8) + 3 * d * 72 + 64 * 72) * 2 + 2 * 64 * 4;
+        let cfg = LaunchConfig {
+            grid_dim: (s.tk.div_ceil(64) as u32, s.kv_heads as u32, 1),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        // SAFETY: shapes of AttnShape; dq zeroed for the atomics, dk and dv written for every key.
+        unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("CUDA: {name}: {e:?}"));
+        (dq, dk, dv)
     }
 
     /// "NVIDIA H100 80GB HBM3 (sm_90a)"
@@ -614,83 +778,9 @@ impl Backend for CudaBackend {
         spans: Option<&[KeySpan]>,
     ) -> (DBuf, Option<Vec<f32>>) {
         let n_spans = spans.map_or(0, |x| x.len());
-        let d = s.head_dim;
-        let fused = self.attn == AttnKernel::Fused
-            && matches!(d, 16 | 32 | 64 | 128)
-            && s.tq >= 16 // decode steps: the plain kernel (a 64-row tile would be 63/64 idle)
-            && n_spans <= 16;
-        let (name, cfg) = if fused {
-            let name = match (n_spans > 0, d) {
-                (false, 16) => "attention_fwd_d16",
-                (false, 32) => "attention_fwd_d32",
-                (false, 64) => "attention_fwd_d64",
-                (false, _) => "attention_fwd_d128",
-                (true, 16) => "attention_fwd_mass_d16",
-                (true, 32) => "attention_fwd_mass_d32",
-                (true, 64) => "attention_fwd_mass_d64",
-                (true, _) => "attention_fwd_mass_d128",
-            };
-            // Q and K tiles of 64 rows (row stride D + 8), V transposed (D rows of 64 + 8), bf16
-            let smem = ((64 + 64) * (d + 8) + d * 72) * 2;
-            let cfg = LaunchConfig {
-                grid_dim: (s.tq.div_ceil(64) as u32, s.heads as u32, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: smem as u32,
-            };
-            (name, cfg)
-        } else {
-            let smem = s.tk * 4;
-            assert!(
-                smem + 1024 <= self.smem_optin,
-                "the plain attention kernel holds a row of {} keys in shared memory (at most {} on this GPU)",
-                s.tk,
-                (self.smem_optin - 1024) / 4
-            );
-            let cfg = LaunchConfig {
-                grid_dim: (s.tq as u32, s.heads as u32, 1),
-                block_dim: (128, 1, 1),
-                shared_mem_bytes: smem as u32,
-            };
-            ("attention_plain", cfg)
-        };
-        let mut out = self.poisoned(s.tq * s.heads * s.head_dim);
-        let flat: Vec<usize> = spans.unwrap_or(&[]).iter().flat_map(|&(a, b)| [a, b]).collect();
-        let spans_dev = self.ints(if flat.is_empty() { &[0, 0] } else { &flat });
-        let mut mass = self.zeros(s.tq * s.heads * n_spans.max(1));
-        let (hf, ha, hb) = s
-            .hole
-            .map_or((-1, 0, 0), |(f, a, b)| (f as i32, a as i32, b as i32));
-        let ints = [s.tq, s.tk, s.heads, s.kv_heads].map(|x| x as i32);
-        let (causal, q0, ns, dd) = (s.causal as i32, s.q_pos0 as i32, n_spans as i32, d as i32);
-        // a null pointer for the outputs not asked for (mass without spans; the log-sum-exp for now)
-        let null: u64 = 0;
-        let mut b = self.stream.launch_builder(self.f(name));
-        b.arg(&q.s).arg(&k.s).arg(&v.s).arg(&mut out.s);
-        if fused {
-            b.arg(&null); // lse: the backward recomputes it (plain backward)
-        }
-        for x in &ints {
-            b.arg(x);
-        }
-        if !fused {
-            b.arg(&dd);
-        }
-        b.arg(&causal)
-            .arg(&q0)
-            .arg(&hf)
-            .arg(&ha)
-            .arg(&hb)
-            .arg(&spans_dev)
-            .arg(&ns);
-        if n_spans > 0 {
-            b.arg(&mut mass.s);
-        } else {
-            b.arg(&null);
-        }
-        // SAFETY: shapes asserted by the callers (AttnShape); the kernels' argument lists are the ones
-        // pushed above (kernels/attention.cu), smem sized for the chosen kernel.
-        unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("CUDA: {name}: {e:?}"));
-        let mass = spans.map(|_| {
+        let fused = self.fused_attention(s) && s.tq >= 16 && n_spans <= 16; // decode: plain
+        let (out, mass, _) = self.attention_fwd(q, k, v, s, spans, fused, false);
+        let mass = mass.map(|mass| {
             let per_head = self.download(&mass); // (tq, heads, n_spans)
             let mut m = vec![0f32; s.tq * n_spans];
             for i in 0..s.tq {
@@ -814,6 +904,9 @@ impl Backend for CudaBackend {
         dout: &DBuf,
         s: AttnShape,
     ) -> (DBuf, DBuf, DBuf) {
+        if self.fused_attention(s) {
+            return self.attention_bwd_fused(q, k, v, out, dout, s);
+        }
         let smem = 2 * s.tk * 4;
         assert!(
             smem <= 48 * 1024,
@@ -821,9 +914,7 @@ impl Backend for CudaBackend {
         );
         let mut dq = self.poisoned(q.len());
         let (mut dk, mut dv) = (self.zeros(k.len()), self.zeros(v.len()));
-        let (hf, ha, hb) = s
-            .hole
-            .map_or((-1, 0, 0), |(f, a, b)| (f as i32, a as i32, b as i32));
+        let (hf, ha, hb) = hole_args(s);
         let ints = [s.tq, s.tk, s.heads, s.kv_heads, s.head_dim].map(|x| x as i32);
         let (causal, q0) = (s.causal as i32, s.q_pos0 as i32);
         let mut b = self.stream.launch_builder(self.f("attention_plain_bwd"));

@@ -46,6 +46,8 @@ pub struct KernelStats {
     pub smem: u32,
     pub spill_stores: u32,
     pub spill_loads: u32,
+    /// local memory per thread (a register array indexed at run time, or spills)
+    pub stack: u32,
 }
 
 /// A compiled family.
@@ -140,6 +142,9 @@ pub fn parse_ptxas(log: &str) -> Vec<KernelStats> {
                 ..Default::default()
             });
         } else if let Some(k) = out.last_mut() {
+            if line.contains("stack frame") {
+                k.stack = num_before(line, " bytes stack frame").unwrap_or(0);
+            }
             if line.contains("spill stores") {
                 k.spill_stores = num_before(line, " bytes spill stores").unwrap_or(0);
                 k.spill_loads = num_before(line, " bytes spill loads").unwrap_or(0);
@@ -196,7 +201,7 @@ mod tests {
         let log = "ptxas info    : 0 bytes gmem\n\
 ptxas info    : Compiling entry function 'rms_norm_fwd' for 'sm_90a'\n\
 ptxas info    : Function properties for rms_norm_fwd\n\
-    0 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n\
+    16 bytes stack frame, 8 bytes spill stores, 4 bytes spill loads\n\
 ptxas info    : Used 18 registers, used 1 barriers, 128 bytes smem, 380 bytes cmem[0]\n\
 ptxas info    : Compiling entry function 'add_bf16' for 'sm_90a'\n\
 ptxas info    : Function properties for add_bf16\n\
@@ -211,14 +216,16 @@ ptxas info    : Used 10 registers, used 0 barriers, 372 bytes cmem[0]\n";
                     regs: 18,
                     smem: 128,
                     spill_stores: 8,
-                    spill_loads: 4
+                    spill_loads: 4,
+                    stack: 16
                 },
                 KernelStats {
                     name: "add_bf16".into(),
                     regs: 10,
                     smem: 0,
                     spill_stores: 0,
-                    spill_loads: 0
+                    spill_loads: 0,
+                    stack: 0
                 },
             ]
         );
