@@ -12,6 +12,7 @@ pub mod bench;
 pub mod cuda;
 pub mod data;
 pub mod demo;
+pub mod eval;
 pub mod plot;
 pub mod select;
 pub mod text;
