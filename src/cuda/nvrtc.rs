@@ -237,7 +237,13 @@ ptxas info    : Used 10 registers, used 0 barriers, 372 bytes cmem[0]\n";
         for f in super::super::FAMILIES {
             assert!(!f.kernels.is_empty(), "{}", f.name);
             for k in f.kernels {
-                assert!(f.source.contains(&format!("void {k}(")), "{}: {k}", f.name);
+                let plain = format!("void {k}(");
+                let bounded = format!(") {k}("); // `void __launch_bounds__(N) name(`
+                assert!(
+                    f.source.contains(&plain) || f.source.contains(&bounded),
+                    "{}: {k}",
+                    f.name
+                );
             }
         }
     }
