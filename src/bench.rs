@@ -224,16 +224,18 @@ pub fn run_train<B: Backend>(
     let total = o.warmup + o.repeats;
     let cfg = TrainConfig {
         dpo: Default::default(),
-        optim: Default::default(),
-        lr: 5e-5,
-        schedule: crate::train::optim::Schedule::Constant,
-        warmup_ratio: 0.0,
-        max_grad_norm: 1.0,
-        batch_size: 1,
-        grad_accum: 1,
-        steps: total,
-        seed: 0,
         pass: o.pass,
+        run: crate::train::trainer::LoopConfig {
+            optim: Default::default(),
+            lr: 5e-5,
+            schedule: crate::train::optim::Schedule::Constant,
+            warmup_ratio: 0.0,
+            max_grad_norm: 1.0,
+            batch_size: 1,
+            grad_accum: 1,
+            steps: total,
+            seed: 0,
+        },
     };
     let (mut times, mut tokens) = (Vec::new(), Vec::new());
     let never = std::sync::atomic::AtomicBool::new(false);

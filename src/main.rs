@@ -43,7 +43,8 @@ enum Cmd {
     Augment(AugmentArgs),
     /// Answer augmented prompts greedily and keep low-attention wrong answers as DPO rejected answers.
     Select(SelectArgs),
-    /// DPO with LoRA on preference pairs (the output of `select`); writes a PEFT adapter.
+    /// DPO with LoRA on preference pairs (the output of `select`), writing a PEFT adapter; or, with
+    /// `--stage sft`, full-parameter fine-tuning on LLaVA conversations, writing a llava-hf model.
     Train(TrainArgs),
     /// Greedy answer to a question about one or more images, with MIA-DPO's attention statistics.
     Generate(GenerateArgs),
@@ -51,7 +52,6 @@ enum Cmd {
     Score(ScoreArgs),
     /// Prefill and decode throughput on a checkpoint (by default a random "small" LLaVA).
     Bench(BenchArgs),
-    /// Draw the curves of a training run (OUT/metrics.jsonl) to a PNG.
     /// List the CUDA kernels, or compile them all through NVRTC and report their resources
     #[command(subcommand)]
     Kernels(KernelsCmd),
@@ -60,6 +60,7 @@ enum Cmd {
     /// Build the demo's synthetic world: shape pictures, single-image instruction data, held-out
     /// single- and multi-image questions
     World(WorldArgs),
+    /// Draw the curves of a training run (OUT/metrics.jsonl, DPO or SFT) to a PNG.
     Plot(PlotArgs),
 }
 
@@ -147,57 +148,83 @@ struct SelectArgs {
     skip_bad: bool,
 }
 
+/// `--stage`: what `train` trains.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum TrainStage {
+    /// DPO with LoRA on preference pairs; writes OUT/adapter (PEFT)
+    Dpo,
+    /// Full-parameter supervised fine-tuning of the projector and decoder on LLaVA conversations;
+    /// writes OUT/model (llava-hf)
+    Sft,
+}
+
 #[derive(Args)]
 struct TrainArgs {
+    /// What to train
+    #[arg(long, value_enum, default_value = "dpo")]
+    stage: TrainStage,
     #[command(flatten)]
     m: ModelArgs,
-    #[command(flatten)]
-    pairs: PairData,
-    /// Output folder: metrics.jsonl and adapter/ (a PEFT adapter)
+    /// dpo: preference pairs, a JSON list or JSONL of {"id", "image", "prompt", "chosen", "rejected"};
+    /// sft: LLaVA conversations, a JSON list (or JSONL) of {"id", "image", "conversations"}
+    #[arg(long)]
+    data: PathBuf,
+    /// Folder that relative image paths are resolved against; repeat to try several in order
+    #[arg(long = "image-root")]
+    image_roots: Vec<PathBuf>,
+    /// Output folder: metrics.jsonl, checkpoints, and adapter/ (dpo: a PEFT adapter) or model/ (sft: a
+    /// llava-hf checkpoint)
     #[arg(long)]
     out: PathBuf,
-    /// Start from this PEFT adapter instead of a fresh LoRA
+    /// dpo: start from this PEFT adapter instead of a fresh LoRA
     #[arg(long)]
     adapter_init: Option<PathBuf>,
+    /// dpo: LoRA rank
     #[arg(long, default_value_t = 128)]
     lora_r: usize,
+    /// dpo: LoRA alpha
     #[arg(long, default_value_t = 256.0)]
     lora_alpha: f64,
-    /// Decoder linears that get LoRA, comma-separated
+    /// dpo: decoder linears that get LoRA, comma-separated
     #[arg(
         long,
         value_delimiter = ',',
         default_value = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     )]
     lora_targets: Vec<String>,
-    /// sigmoid, hinge, ipo, robust, bco_pair, sppo_hard or nca_pair
+    /// dpo: sigmoid, hinge, ipo, robust, bco_pair, sppo_hard or nca_pair
     #[arg(long, default_value = "sigmoid")]
     loss: LossType,
+    /// dpo: the DPO temperature
     #[arg(long, default_value_t = 0.1)]
     beta: f64,
+    /// dpo: label smoothing of the sigmoid/robust losses
     #[arg(long, default_value_t = 0.0)]
     label_smoothing: f64,
-    /// Weight of the NLL of the chosen answers (MIA-DPO's gamma)
+    /// dpo: weight of the NLL of the chosen answers (MIA-DPO's gamma)
     #[arg(long, default_value_t = 0.0)]
     sft_weight: f64,
     #[arg(long, default_value = "adamw")]
     optimizer: OptimizerKind,
-    #[arg(long, default_value_t = 5e-5)]
-    lr: f64,
+    /// Peak learning rate [default: 5e-5 for dpo, 2e-5 for sft (LLaVA-1.5's recipes)]
+    #[arg(long)]
+    lr: Option<f64>,
     /// Optimizer steps [default: --epochs over the data]
     #[arg(long, conflicts_with = "epochs")]
     steps: Option<usize>,
     #[arg(long, default_value_t = 1)]
     epochs: usize,
+    /// Examples (pairs, conversations) per micro-batch
     #[arg(long, default_value_t = 1)]
     batch_size: usize,
     #[arg(long, default_value_t = 1)]
     grad_accum: usize,
-    /// linear, cosine or constant (after warmup)
-    #[arg(long, default_value = "linear")]
-    schedule: Schedule,
-    #[arg(long, default_value_t = 0.1)]
-    warmup_ratio: f64,
+    /// linear, cosine or constant after the warmup [default: linear for dpo, cosine for sft]
+    #[arg(long)]
+    schedule: Option<Schedule>,
+    /// Share of the steps spent warming up [default: 0.1 for dpo, 0.03 for sft]
+    #[arg(long)]
+    warmup_ratio: Option<f64>,
     /// Clip the global gradient norm (0 = off)
     #[arg(long, default_value_t = 1.0)]
     max_grad_norm: f64,
@@ -212,30 +239,49 @@ struct TrainArgs {
     /// AdamW's epsilon
     #[arg(long, default_value_t = 1e-8)]
     adam_eps: f32,
-    /// Prompt + answer tokens; longer pairs are skipped
+    /// Prompt + answer tokens; longer examples are skipped
     #[arg(long, default_value_t = 4096)]
     max_length: usize,
-    /// LoRA init and data order
+    /// Data order (and the LoRA init for dpo)
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Write OUT/checkpoint-STEP every N steps (0 = only at the end)
     #[arg(long, default_value_t = 0)]
     save_every: usize,
+    /// Keep only the newest N checkpoints (0 = keep all); an SFT checkpoint holds the whole model and
+    /// twice its size of optimizer state
+    #[arg(long, default_value_t = 0)]
+    save_total_limit: usize,
     /// Continue from the newest complete checkpoint in --out
     #[arg(long)]
     resume: bool,
-    /// Dropout on the input of every LoRA A while training (PEFT's lora_dropout)
+    /// dpo: dropout on the input of every LoRA A while training (PEFT's lora_dropout)
     #[arg(long, default_value_t = 0.0)]
     lora_dropout: f32,
     /// Keep only each layer's input in the forward and recompute the layer in the backward (less
     /// memory, about a third more compute)
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "true|false")]
     gradient_checkpointing: bool,
-    /// Encode each pair's prompt once for both answers ([prompt | chosen | rejected], rejected not
-    /// seeing chosen) instead of as two sequences
+    /// dpo: encode each pair's prompt once for both answers ([prompt | chosen | rejected], rejected
+    /// not seeing chosen) instead of as two sequences
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "true|false")]
     prefix_sharing: bool,
 }
+
+/// The `train` flags that only the DPO stage reads (clap ids, i.e. field names).
+const DPO_ONLY: [&str; 11] = [
+    "adapter",
+    "adapter_init",
+    "lora_r",
+    "lora_alpha",
+    "lora_targets",
+    "loss",
+    "beta",
+    "label_smoothing",
+    "sft_weight",
+    "lora_dropout",
+    "prefix_sharing",
+];
 
 #[derive(Args)]
 struct ModelArgs {
@@ -251,8 +297,8 @@ struct ModelArgs {
     /// Non-square images: `pad` to a square of the mean colour (LLaVA-1.5) or centre `crop` (HF default)
     #[arg(long, default_value = "pad")]
     aspect: AspectMode,
-    /// auto, cpu or cuda
-    #[arg(long, default_value = "auto")]
+    /// auto, cpu or cuda (default from MIADPO_DEVICE, else auto)
+    #[arg(long, default_value = "auto", env = "MIADPO_DEVICE")]
     device: Device,
 }
 
@@ -325,7 +371,8 @@ struct BenchArgs {
     /// Untimed warm-up runs
     #[arg(long, default_value_t = 1)]
     warmup: usize,
-    #[arg(long)]
+    /// auto, cpu or cuda (default from MIADPO_DEVICE, else auto)
+    #[arg(long, env = "MIADPO_DEVICE")]
     device: Option<Device>,
     /// Print one JSON line
     #[arg(long)]
@@ -416,8 +463,7 @@ struct PlotArgs {
 }
 
 /// Runs `$call` with `$be` bound to the backend `--device` picks: `cuda` the CUDA backend (an error
-/// without a usable GPU), `cpu` the CPU; `auto` takes the CPU until the CUDA backend has passed its
-/// first device check (scripts/device-check.sh).
+/// without a usable GPU), `cpu` the CPU; `auto` the GPU when the CUDA backend starts, else the CPU.
 macro_rules! on_device {
     ($dev:expr, |$be:ident| $call:expr) => {
         match $dev {
@@ -426,10 +472,20 @@ macro_rules! on_device {
                 eprintln!("device: {}", $be.device());
                 $call
             }
-            Device::Auto | Device::Cpu => {
-                if $dev == Device::Auto && miadpo::backend::cuda::driver_present() {
-                    eprintln!("--device auto: using the CPU (the CUDA backend has not passed its device check yet; --device cuda uses it)");
+            Device::Auto if miadpo::backend::cuda::driver_present() => {
+                match miadpo::backend::cuda::CudaBackend::new(0) {
+                    Ok($be) => {
+                        eprintln!("device: {}", $be.device());
+                        $call
+                    }
+                    Err(e) => {
+                        eprintln!("--device auto: using the CPU ({e})");
+                        let $be = CpuBackend::new();
+                        $call
+                    }
                 }
+            }
+            Device::Auto | Device::Cpu => {
                 let $be = CpuBackend::new();
                 $call
             }
@@ -438,14 +494,26 @@ macro_rules! on_device {
 }
 
 fn main() {
-    let cli = Cli::parse();
-    if let Err(e) = run(cli) {
+    use clap::{CommandFactory, FromArgMatches};
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // the train flags given on the command line (not defaults): the SFT stage refuses DPO-only ones
+    let given: Vec<String> = matches
+        .subcommand_matches("train")
+        .map(|t| {
+            t.ids()
+                .filter(|id| t.value_source(id.as_str()) == Some(clap::parser::ValueSource::CommandLine))
+                .map(|id| id.to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    if let Err(e) = run(cli, &given) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
 }
 
-fn run(cli: Cli) -> Result<()> {
+fn run(cli: Cli, given: &[String]) -> Result<()> {
     if let Some(n) = cli.threads {
         rayon::ThreadPoolBuilder::new()
             .num_threads(n)
@@ -455,7 +523,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Augment(a) => augment(a),
         Cmd::Select(a) => on_device!(a.m.device, |be| select(a, be)),
-        Cmd::Train(a) => on_device!(a.m.device, |be| train_cmd(a, be)),
+        Cmd::Train(a) => on_device!(a.m.device, |be| train_cmd(a, given, be)),
         Cmd::Generate(a) => on_device!(a.m.device, |be| generate(a, be)),
         Cmd::Score(a) => on_device!(a.m.device, |be| score(a, be)),
         Cmd::Bench(a) => on_device!(a.device.unwrap_or_default(), |be| bench_cmd(a, be)),
@@ -617,10 +685,50 @@ fn select<B: Backend>(a: SelectArgs, be: B) -> Result<()> {
     Ok(())
 }
 
-fn train_cmd<B: Backend>(a: TrainArgs, be: B) -> Result<()> {
-    use miadpo::model::lora::Proj;
-    use miadpo::train::adapter::LoraWeights;
-    use miadpo::train::checkpoint;
+/// What both training stages resolve from the flags before they differ.
+struct TrainCommon {
+    lr: f64,
+    schedule: Schedule,
+    warmup_ratio: f64,
+    /// the settings a resume must keep that every stage has (--steps/--epochs may grow, the data file
+    /// may move)
+    run: miadpo::train::checkpoint::RunSettings,
+}
+
+fn train_cmd<B: Backend>(a: TrainArgs, given: &[String], be: B) -> Result<()> {
+    let sft = a.stage == TrainStage::Sft;
+    if sft {
+        let dpo_only: Vec<String> = DPO_ONLY
+            .iter()
+            .filter(|id| given.iter().any(|g| g == *id))
+            .map(|id| format!("--{}", id.replace('_', "-")))
+            .collect();
+        if !dpo_only.is_empty() {
+            bail!(
+                "{} only appl{} to --stage dpo: --stage sft trains every weight of the projector and decoder (no LoRA, reference or DPO loss){}",
+                dpo_only.join(", "),
+                if dpo_only.len() == 1 { "ies" } else { "y" },
+                if given.iter().any(|g| g == "adapter") {
+                    "; to fine-tune an adapted model, merge the adapter into it first"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
+    let (lr, schedule, warmup_ratio) = if sft {
+        (
+            a.lr.unwrap_or(2e-5),
+            a.schedule.unwrap_or(Schedule::Cosine),
+            a.warmup_ratio.unwrap_or(0.03),
+        )
+    } else {
+        (
+            a.lr.unwrap_or(5e-5),
+            a.schedule.unwrap_or(Schedule::Linear),
+            a.warmup_ratio.unwrap_or(0.1),
+        )
+    };
     for (ok, what) in [
         (
             (0.0..1.0).contains(&a.lora_dropout),
@@ -635,12 +743,9 @@ fn train_cmd<B: Backend>(a: TrainArgs, be: B) -> Result<()> {
             "--adam-beta2 must be in [0, 1)",
         ),
         (a.adam_eps > 0.0, "--adam-eps must be positive"),
+        (lr >= 0.0 && lr.is_finite(), "--lr must be a finite number >= 0"),
         (
-            a.lr >= 0.0 && a.lr.is_finite(),
-            "--lr must be a finite number >= 0",
-        ),
-        (
-            (0.0..=1.0).contains(&a.warmup_ratio),
+            (0.0..=1.0).contains(&warmup_ratio),
             "--warmup-ratio must be in [0, 1]",
         ),
         (a.lora_r > 0, "--lora-r must be at least 1"),
@@ -653,13 +758,156 @@ fn train_cmd<B: Backend>(a: TrainArgs, be: B) -> Result<()> {
             bail!("{what}");
         }
     }
-    let metrics_path = a.out.join("metrics.jsonl");
-    if metrics_path.exists() && !a.resume {
+    if a.out.join("metrics.jsonl").exists() && !a.resume {
         bail!(
             "{} already holds a run: pass --resume to continue it, or choose another --out",
             a.out.display()
         );
     }
+    let mut run: miadpo::train::checkpoint::RunSettings = [
+        ("--stage", format!("{:?}", a.stage).to_lowercase()),
+        ("--template", format!("{:?}", a.m.template)),
+        ("--aspect", format!("{:?}", a.m.aspect)),
+        ("--max-length", a.max_length.to_string()),
+        ("--optimizer", format!("{:?}", a.optimizer)),
+        ("--lr", lr.to_string()),
+        ("--adam-beta1", a.adam_beta1.to_string()),
+        ("--adam-beta2", a.adam_beta2.to_string()),
+        ("--adam-eps", a.adam_eps.to_string()),
+        ("--weight-decay", a.weight_decay.to_string()),
+        ("--schedule", format!("{schedule:?}")),
+        ("--warmup-ratio", warmup_ratio.to_string()),
+        ("--max-grad-norm", a.max_grad_norm.to_string()),
+        ("--batch-size", a.batch_size.to_string()),
+        ("--grad-accum", a.grad_accum.to_string()),
+        ("--seed", a.seed.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    if !sft {
+        run.extend(
+            [
+                ("--adapter-init", format!("{:?}", a.adapter_init)),
+                ("--lora-r", a.lora_r.to_string()),
+                ("--lora-alpha", a.lora_alpha.to_string()),
+                ("--lora-targets", a.lora_targets.join(",")),
+                ("--lora-dropout", a.lora_dropout.to_string()),
+                ("--loss", a.loss.to_string()),
+                ("--beta", a.beta.to_string()),
+                ("--label-smoothing", a.label_smoothing.to_string()),
+                ("--sft-weight", a.sft_weight.to_string()),
+                ("--prefix-sharing", a.prefix_sharing.to_string()),
+            ]
+            .map(|(k, v)| (k.to_string(), v)),
+        );
+    }
+    let common = TrainCommon {
+        lr,
+        schedule,
+        warmup_ratio,
+        run,
+    };
+    if sft {
+        train_sft(a, common, be)
+    } else {
+        train_dpo(a, common, be)
+    }
+}
+
+impl TrainArgs {
+    /// The loop settings of `--steps` steps (or `--epochs` over `n` examples).
+    fn loop_config(&self, c: &TrainCommon, n: usize) -> miadpo::train::trainer::LoopConfig {
+        let per_step = self.batch_size * self.grad_accum;
+        miadpo::train::trainer::LoopConfig {
+            optim: OptimConfig {
+                kind: self.optimizer,
+                weight_decay: self.weight_decay,
+                beta1: self.adam_beta1,
+                beta2: self.adam_beta2,
+                eps: self.adam_eps,
+            },
+            lr: c.lr,
+            schedule: c.schedule,
+            warmup_ratio: c.warmup_ratio,
+            max_grad_norm: self.max_grad_norm,
+            batch_size: self.batch_size,
+            grad_accum: self.grad_accum,
+            steps: self.steps.unwrap_or(self.epochs * n.div_ceil(per_step.max(1))),
+            seed: self.seed,
+        }
+    }
+}
+
+/// OUT/metrics.jsonl opened for appending, with only the lines of the steps up to `step` (those the
+/// checkpoint being resumed holds) kept.
+fn open_metrics(out: &Path, step: usize) -> Result<std::fs::File> {
+    let path = out.join("metrics.jsonl");
+    let kept: String = std::fs::read_to_string(&path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v["step"].as_u64())
+                .is_some_and(|s| s as usize <= step)
+        })
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&path, kept).with_context(|| path.display().to_string())?;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&path)
+        .with_context(|| path.display().to_string())
+}
+
+/// SIGINT/SIGTERM: the first asks the loop to stop at the next sequence boundary (the step in
+/// progress is abandoned, then a checkpoint is written); a second one exits at once.
+fn stop_flag() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            eprintln!("second interrupt: exiting without a checkpoint");
+            std::process::exit(130);
+        }
+        eprintln!("interrupt: stopping after the current sequence and writing a checkpoint (interrupt again to exit now)");
+    })
+    .context("installing the SIGINT/SIGTERM handler")?;
+    Ok(stop)
+}
+
+/// What every stage does after a step: the metrics line (OUT/metrics.jsonl), the step line (stdout),
+/// and a checkpoint every `--save-every` steps (`save` writes it; older ones beyond
+/// `--save-total-limit` are removed).
+fn after_step<X: Serialize>(
+    metrics: &mut std::fs::File,
+    a: &TrainArgs,
+    steps: usize,
+    s: &miadpo::train::trainer::StepMetrics<X>,
+    line: String,
+    st: &miadpo::train::trainer::TrainState,
+    save: &mut dyn FnMut() -> miadpo::Result<PathBuf>,
+) -> miadpo::Result<()> {
+    let path = a.out.join("metrics.jsonl");
+    if s.skipped {
+        eprintln!("step {}: loss or gradient not finite, update skipped", s.step);
+    }
+    let json = serde_json::to_string(s).expect("metrics serialize");
+    writeln!(metrics, "{json}").map_err(|e| miadpo::Error::io(&path, e))?;
+    println!("step {:>5}/{steps}  {line}", s.step);
+    if a.save_every > 0 && st.step.is_multiple_of(a.save_every) && st.step < steps {
+        let dir = save()?;
+        eprintln!("checkpoint {}", dir.display());
+        miadpo::train::checkpoint::prune(&a.out, a.save_total_limit)?;
+    }
+    Ok(())
+}
+
+fn train_dpo<B: Backend>(a: TrainArgs, c: TrainCommon, be: B) -> Result<()> {
+    use miadpo::model::lora::Proj;
+    use miadpo::train::adapter::LoraWeights;
+    use miadpo::train::checkpoint;
     let targets = a
         .lora_targets
         .iter()
@@ -681,8 +929,8 @@ fn train_cmd<B: Backend>(a: TrainArgs, be: B) -> Result<()> {
     let pb = bar(0, "reference log-probs");
     let prepared = miadpo::train::data::prepare_pairs(
         &model,
-        &a.pairs.data,
-        &a.pairs.image_roots,
+        &a.data,
+        &a.image_roots,
         a.m.template,
         a.m.aspect,
         a.max_length,
@@ -699,7 +947,7 @@ fn train_cmd<B: Backend>(a: TrainArgs, be: B) -> Result<()> {
         eprintln!("skipped `{id}`: {why}");
     }
     if prepared.pairs.is_empty() {
-        bail!("{}: no usable pair", a.pairs.data.display());
+        bail!("{}: no usable pair", a.data.display());
     }
     if prepared.cached > 0 {
         eprintln!(
@@ -708,37 +956,7 @@ fn train_cmd<B: Backend>(a: TrainArgs, be: B) -> Result<()> {
             miadpo::train::data::cache_path(&a.out).display()
         );
     }
-    // what a resume must keep (--steps/--epochs may grow, the data file may move)
-    let run: checkpoint::RunSettings = [
-        ("--template", format!("{:?}", a.m.template)),
-        ("--aspect", format!("{:?}", a.m.aspect)),
-        ("--max-length", a.max_length.to_string()),
-        ("--adapter-init", format!("{:?}", a.adapter_init)),
-        ("--lora-r", a.lora_r.to_string()),
-        ("--lora-alpha", a.lora_alpha.to_string()),
-        ("--lora-targets", a.lora_targets.join(",")),
-        ("--lora-dropout", a.lora_dropout.to_string()),
-        ("--loss", a.loss.to_string()),
-        ("--beta", a.beta.to_string()),
-        ("--label-smoothing", a.label_smoothing.to_string()),
-        ("--sft-weight", a.sft_weight.to_string()),
-        ("--optimizer", format!("{:?}", a.optimizer)),
-        ("--lr", a.lr.to_string()),
-        ("--adam-beta1", a.adam_beta1.to_string()),
-        ("--adam-beta2", a.adam_beta2.to_string()),
-        ("--adam-eps", a.adam_eps.to_string()),
-        ("--weight-decay", a.weight_decay.to_string()),
-        ("--schedule", format!("{:?}", a.schedule)),
-        ("--warmup-ratio", a.warmup_ratio.to_string()),
-        ("--max-grad-norm", a.max_grad_norm.to_string()),
-        ("--batch-size", a.batch_size.to_string()),
-        ("--grad-accum", a.grad_accum.to_string()),
-        ("--seed", a.seed.to_string()),
-        ("--prefix-sharing", a.prefix_sharing.to_string()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_string(), v))
-    .collect();
+    let run = &c.run;
     let resumed = if a.resume {
         checkpoint::latest(&a.out)
     } else {
@@ -747,7 +965,7 @@ fn train_cmd<B: Backend>(a: TrainArgs, be: B) -> Result<()> {
     let mut state = miadpo::train::trainer::TrainState::default();
     let mut w = match (&resumed, &a.adapter_init) {
         (Some(dir), _) => {
-            let (w, st) = checkpoint::load(dir, model.cfg.text.num_layers, &base, &run)?;
+            let (w, st) = checkpoint::load(dir, model.cfg.text.num_layers, &base, run)?;
             eprintln!("resuming from {} (step {})", dir.display(), st.step);
             state = st;
             w
@@ -774,10 +992,6 @@ fn train_cmd<B: Backend>(a: TrainArgs, be: B) -> Result<()> {
             )
         }
     };
-    let per_step = a.batch_size * a.grad_accum;
-    let steps = a
-        .steps
-        .unwrap_or(a.epochs * prepared.pairs.len().div_ceil(per_step.max(1)));
     let cfg = miadpo::train::trainer::TrainConfig {
         dpo: DpoConfig {
             loss: a.loss,
@@ -785,63 +999,22 @@ fn train_cmd<B: Backend>(a: TrainArgs, be: B) -> Result<()> {
             label_smoothing: a.label_smoothing,
             sft_weight: a.sft_weight,
         },
-        optim: OptimConfig {
-            kind: a.optimizer,
-            weight_decay: a.weight_decay,
-            beta1: a.adam_beta1,
-            beta2: a.adam_beta2,
-            eps: a.adam_eps,
-        },
-        lr: a.lr,
-        schedule: a.schedule,
-        warmup_ratio: a.warmup_ratio,
-        max_grad_norm: a.max_grad_norm,
-        batch_size: a.batch_size,
-        grad_accum: a.grad_accum,
-        steps,
-        seed: a.seed,
         pass,
+        run: a.loop_config(&c, prepared.pairs.len()),
     };
-    // keep the metrics of the steps the checkpoint holds, drop those of later steps
-    let kept: String = std::fs::read_to_string(&metrics_path)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v["step"].as_u64())
-                .is_some_and(|s| s as usize <= state.step)
-        })
-        .map(|l| format!("{l}\n"))
-        .collect();
-    std::fs::write(&metrics_path, kept).with_context(|| metrics_path.display().to_string())?;
-    let mut metrics = std::fs::OpenOptions::new()
-        .append(true)
-        .open(&metrics_path)
-        .with_context(|| metrics_path.display().to_string())?;
+    let steps = cfg.run.steps;
+    let mut metrics = open_metrics(&a.out, state.step)?;
     eprintln!(
-        "train: {} pairs ({} skipped), {steps} steps of {per_step} pairs, {} loss, beta {}, LoRA r={} alpha={}",
+        "train: {} pairs ({} skipped), {steps} steps of {} pairs, {} loss, beta {}, LoRA r={} alpha={}",
         prepared.pairs.len(),
         prepared.skipped.len(),
+        a.batch_size * a.grad_accum,
         a.loss,
         a.beta,
         w.r,
         w.alpha
     );
-    let save_every = a.save_every;
-    let out_dir = a.out.clone();
-    // SIGINT/SIGTERM: the first asks the loop to stop at the next sequence boundary (the step in
-    // progress is abandoned, then a checkpoint is written); a second one exits at once.
-    let stop = Arc::new(AtomicBool::new(false));
-    let flag = stop.clone();
-    ctrlc::set_handler(move || {
-        if flag.swap(true, Ordering::SeqCst) {
-            eprintln!("second interrupt: exiting without a checkpoint");
-            std::process::exit(130);
-        }
-        eprintln!("interrupt: stopping after the current sequence and writing a checkpoint (interrupt again to exit now)");
-    })
-    .context("installing the SIGINT/SIGTERM handler")?;
+    let stop = stop_flag()?;
     let outcome = miadpo::train::trainer::train(
         &mut model,
         &mut w,
@@ -850,23 +1023,18 @@ fn train_cmd<B: Backend>(a: TrainArgs, be: B) -> Result<()> {
         &cfg,
         &stop,
         &mut |s, st, w| {
-            let line = serde_json::to_string(s).expect("metrics serialize");
-            if s.skipped {
-                eprintln!("step {}: loss or gradient not finite, update skipped", s.step);
-            }
-            writeln!(metrics, "{line}").map_err(|e| miadpo::Error::io(&metrics_path, e))?;
-            println!(
-            "step {:>5}/{steps}  loss {:.4}  acc {:.2}  margin {:+.4}  chosen {:+.4}  rejected {:+.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s",
-            s.step, s.loss, s.accuracies, s.margins, s.rewards_chosen, s.rewards_rejected, s.lr, s.grad_norm, s.tokens_per_s
-        );
-            if save_every > 0 && st.step % save_every == 0 && st.step < steps {
-                let dir = checkpoint::save(&out_dir, w, st, &base, &run)?;
-                eprintln!("checkpoint {}", dir.display());
-            }
-            Ok(())
+            let g = &s.stage;
+            let line = format!(
+                "loss {:.4}  acc {:.2}  margin {:+.4}  chosen {:+.4}  rejected {:+.4}  lr {:.2e}  |g| {:.3}  {:.0} tok/s",
+                s.loss, g.accuracies, g.margins, g.rewards_chosen, g.rewards_rejected, s.lr, s.grad_norm, s.tokens_per_s
+            );
+            after_step(&mut metrics, &a, steps, s, line, st, &mut || {
+                checkpoint::save(&a.out, w, st, &base, run)
+            })
         },
     )?;
-    let dir = checkpoint::save(&a.out, &w, &state, &base, &run)?;
+    let dir = checkpoint::save(&a.out, &w, &state, &base, run)?;
+    checkpoint::prune(&a.out, a.save_total_limit)?;
     if outcome.interrupted {
         eprintln!(
             "interrupted after step {}/{steps}: checkpoint {}; continue with the same command plus --resume",
@@ -880,6 +1048,117 @@ fn train_cmd<B: Backend>(a: TrainArgs, be: B) -> Result<()> {
     eprintln!(
         "adapter written to {} (load it with --adapter)",
         adapter_dir.display()
+    );
+    Ok(())
+}
+
+fn train_sft<B: Backend>(a: TrainArgs, c: TrainCommon, be: B) -> Result<()> {
+    use miadpo::train::checkpoint::{self, Slots};
+    use miadpo::train::sft::{prepare_samples, SftStage};
+    let mut model = Llava::load(&a.m.model, be)?;
+    let base = checkpoint::base_fingerprint(&a.m.model)?;
+    let pass = PassOptions {
+        checkpointing: a.gradient_checkpointing,
+        ..Default::default()
+    };
+    std::fs::create_dir_all(&a.out).with_context(|| a.out.display().to_string())?;
+    let pb = bar(0, "image features");
+    let data = prepare_samples(
+        &model,
+        &a.data,
+        &a.image_roots,
+        a.m.template,
+        a.m.aspect,
+        a.max_length,
+        &mut |i, n| {
+            pb.set_length(n as u64);
+            pb.set_position(i as u64);
+        },
+    )?;
+    pb.finish_and_clear();
+    for (id, why) in &data.skipped {
+        eprintln!("skipped `{id}`: {why}");
+    }
+    if data.samples.is_empty() {
+        bail!("{}: no usable conversation", a.data.display());
+    }
+    if data.later_turns > 0 {
+        eprintln!(
+            "note: {} conversations have more turns after the first answer; only the first question and answer of each are trained",
+            data.later_turns
+        );
+    }
+    let run = &c.run;
+    let resumed = if a.resume {
+        checkpoint::latest(&a.out)
+    } else {
+        None
+    };
+    let (mut stage, mut state) = match &resumed {
+        Some(dir) => {
+            checkpoint::verify(dir, &base, run)?;
+            let stage = SftStage::new(&model, &dir.join("model"), pass)?;
+            let st = checkpoint::load_named(dir, &stage.names(), &base, run)?;
+            eprintln!("resuming from {} (step {})", dir.display(), st.step);
+            (stage, st)
+        }
+        None => (
+            SftStage::new(&model, &a.m.model, pass)?,
+            miadpo::train::trainer::TrainState::default(),
+        ),
+    };
+    let cfg = a.loop_config(&c, data.samples.len());
+    let steps = cfg.steps;
+    let mut metrics = open_metrics(&a.out, state.step)?;
+    let tokens: usize = data.samples.iter().map(|s| s.answer.len()).sum();
+    eprintln!(
+        "train --stage sft: {} conversations ({} skipped, {tokens} answer tokens), {steps} steps of {} conversations, {:.1}M parameters (projector + decoder), lr {:e} {} after {:.0}% warmup",
+        data.samples.len(),
+        data.skipped.len(),
+        a.batch_size * a.grad_accum,
+        stage.num_params() as f64 / 1e6,
+        c.lr,
+        c.schedule,
+        c.warmup_ratio * 100.0,
+    );
+    let names = stage.names();
+    let write = |stage: &SftStage<B>, st: &miadpo::train::trainer::TrainState| {
+        checkpoint::save_with(&a.out, st, Slots::Named(&names), &base, run, &mut |tmp| {
+            stage.write_model(&a.m.model, &tmp.join("model"))
+        })
+    };
+    let stop = stop_flag()?;
+    let outcome = miadpo::train::trainer::run_steps(
+        &mut model,
+        &mut stage,
+        &mut state,
+        &data.samples,
+        &cfg,
+        &stop,
+        &mut |s, st, stage| {
+            let line = format!(
+                "loss {:.4}  acc {:.3}  lr {:.2e}  |g| {:.3}  {:.0} tok/s",
+                s.loss, s.stage.mean_token_accuracy, s.lr, s.grad_norm, s.tokens_per_s
+            );
+            after_step(&mut metrics, &a, steps, s, line, st, &mut || write(stage, st))
+        },
+    )?;
+    let dir = write(&stage, &state)?;
+    checkpoint::prune(&a.out, a.save_total_limit)?;
+    if outcome.interrupted {
+        eprintln!(
+            "interrupted after step {}/{steps}: checkpoint {}; continue with the same command plus --resume",
+            state.step,
+            dir.display()
+        );
+        return Ok(());
+    }
+    let model_dir = a.out.join("model");
+    stage.save_model(&a.m.model, &model_dir)?;
+    eprintln!(
+        "model written to {} (a llava-hf checkpoint: --model {} loads it)",
+        model_dir.display(),
+        model_dir.display()
     );
     Ok(())
 }
@@ -1181,16 +1460,24 @@ fn kernels_cmd(k: KernelsCmd) -> Result<()> {
                         continue;
                     };
                     let spill = s.spill_stores + s.spill_loads;
-                    let verdict = if spill == 0 { "ok" } else { "SPILL" };
+                    let verdict = match (spill, s.stack) {
+                        (0, 0) => "ok",
+                        (0, _) => "STACK",
+                        _ => "SPILL",
+                    };
                     println!(
-                        "{:<34} regs={:<4} smem={:<6} spill={:<4} {verdict}",
+                        "{:<34} regs={:<4} smem={:<6} spill={:<4} stack={:<4} {verdict}",
                         format!("{}/{name}", f.name),
                         s.regs,
                         s.smem,
-                        spill
+                        spill,
+                        s.stack
                     );
                     if spill > 0 {
                         bad.push(format!("{}/{name}: {spill} bytes of spills", f.name));
+                    } else if s.stack > 0 {
+                        // local memory: a register array indexed at run time (slow, like a spill)
+                        bad.push(format!("{}/{name}: {} bytes of stack frame", f.name, s.stack));
                     }
                 }
             }

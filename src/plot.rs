@@ -1,7 +1,9 @@
 //! `miadpo plot`: the curves of a training run (`OUT/metrics.jsonl`, one JSON object per optimizer
-//! step, written by `miadpo train`) drawn to one PNG with plotters: a 3x2 grid of panels (loss; the
-//! rewards of the chosen and rejected answers and their margin; the reward accuracy; the log-probs of
-//! the chosen and rejected answers; the learning rate; the gradient norm).
+//! step, written by `miadpo train`) drawn to one PNG with plotters: a 3x2 grid of panels. A DPO run:
+//! loss; the rewards of the chosen and rejected answers and their margin; the reward accuracy; the
+//! log-probs of the chosen and rejected answers; the learning rate; the gradient norm. An SFT run
+//! (its lines carry `mean_token_accuracy` and no DPO reward): loss; token accuracy; answer tokens per
+//! step; throughput; the learning rate; the gradient norm.
 //!
 //! Text is drawn with the DejaVu Sans Bold font embedded in the binary (the one the augment labels
 //! use), registered with plotters' `ab_glyph` backend, so no system font is needed. Values that are
@@ -45,8 +47,9 @@ pub struct PlotSummary {
     pub panels: usize,
 }
 
-/// The keys of metrics.jsonl that are plotted; every other key is ignored.
-const KEYS: [&str; 8] = [
+/// The keys of metrics.jsonl that are plotted (by one of the two panel sets); every other key is
+/// ignored.
+const KEYS: [&str; 11] = [
     "loss",
     "rewards/chosen",
     "rewards/rejected",
@@ -55,7 +58,12 @@ const KEYS: [&str; 8] = [
     "logps/chosen",
     "logps/rejected",
     "lr",
+    SFT_ACCURACY,
+    "answer_tokens",
+    "tokens_per_s",
 ];
+/// The key that marks an SFT run's metrics.
+const SFT_ACCURACY: &str = "mean_token_accuracy";
 const GRAD_NORM: &str = "grad_norm";
 
 /// One panel: its caption, its y-axis label and its series (legend label, metrics key).
@@ -109,6 +117,58 @@ const PANELS: [Panel; 6] = [
         y_range: None,
     },
 ];
+
+/// The panels of an SFT run (`train --stage sft`).
+const SFT_PANELS: [Panel; 6] = [
+    Panel {
+        caption: "SFT loss (cross-entropy per answer token)",
+        y_label: "loss",
+        series: &[("loss", "loss")],
+        y_range: None,
+    },
+    Panel {
+        caption: "Token accuracy (greedy = answer)",
+        y_label: "accuracy",
+        series: &[("accuracy", SFT_ACCURACY)],
+        y_range: Some((-0.05, 1.05)),
+    },
+    Panel {
+        caption: "Answer tokens per step",
+        y_label: "tokens",
+        series: &[("answer tokens", "answer_tokens")],
+        y_range: None,
+    },
+    Panel {
+        caption: "Throughput",
+        y_label: "tokens/s",
+        series: &[("tokens/s", "tokens_per_s")],
+        y_range: None,
+    },
+    Panel {
+        caption: "Learning rate",
+        y_label: "lr",
+        series: &[("lr", "lr")],
+        y_range: None,
+    },
+    Panel {
+        caption: "Gradient norm",
+        y_label: "norm",
+        series: &[("grad norm", GRAD_NORM)],
+        y_range: None,
+    },
+];
+
+/// The panel set for these records: SFT's when some line has a token accuracy and none a DPO
+/// reward or log-prob, DPO's otherwise.
+fn panels_for(records: &[Record]) -> &'static [Panel; 6] {
+    let has = |key: &str| records.iter().any(|r| r.get(key).is_some());
+    let dpo = KEYS[1..7].iter().any(|k| has(k));
+    if has(SFT_ACCURACY) && !dpo {
+        &SFT_PANELS
+    } else {
+        &PANELS
+    }
+}
 
 /// One line of metrics.jsonl: the step, whether its update was skipped, and the plotted values
 /// (None where the key is missing, null or not finite).
@@ -224,7 +284,7 @@ fn draw(records: &[Record], buf: &mut [u8], title: &str) -> DrawResult {
             .pos(Pos::new(HPos::Center, VPos::Center)),
     ))?;
     let areas = body.split_evenly(GRID);
-    for (panel, area) in PANELS.iter().zip(&areas) {
+    for (panel, area) in panels_for(records).iter().zip(&areas) {
         draw_panel(panel, records, area)?;
     }
     root.present()?;

@@ -9,6 +9,8 @@ use serde_json::Value;
 
 fn miadpo(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_miadpo"))
+        // the CPU, whose numbers the fixtures hold, also on a machine with a GPU
+        .env("MIADPO_DEVICE", "cpu")
         .args(args)
         .output()
         .expect("run miadpo")
@@ -450,6 +452,8 @@ fn run_result(out: &Path) -> (Vec<u8>, Vec<Value>) {
 fn spawn_train_until(args: &[String], lines: usize) -> std::process::Child {
     use std::io::{BufRead, BufReader};
     let mut child = Command::new(env!("CARGO_BIN_EXE_miadpo"))
+        // the CPU, whose numbers the fixtures hold, also on a machine with a GPU
+        .env("MIADPO_DEVICE", "cpu")
         .args(args)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())

@@ -327,7 +327,7 @@ fn a_short_training_run_learns_the_preferences() {
     use miadpo::model::lora::Proj;
     use miadpo::train::adapter::LoraWeights;
     use miadpo::train::optim::{OptimConfig, Schedule};
-    use miadpo::train::trainer::{train, TrainConfig, TrainPair, TrainState};
+    use miadpo::train::trainer::{train, LoopConfig, TrainConfig, TrainPair, TrainState};
     let dir = fixture_dir();
     let mut m = Llava::load(&dir.join("model"), CpuBackend::new()).unwrap();
     let prepared = prepare(&m);
@@ -361,16 +361,18 @@ fn a_short_training_run_learns_the_preferences() {
     let mut w = LoraWeights::init(t.num_layers, &Proj::ALL, 4, 8.0, 1, dims);
     let cfg = TrainConfig {
         dpo: DpoConfig::default(),
-        optim: OptimConfig::default(),
-        lr: 5e-3,
-        schedule: Schedule::Constant,
-        warmup_ratio: 0.0,
-        max_grad_norm: 1.0,
-        batch_size: 3,
-        grad_accum: 1,
-        steps: 8,
-        seed: 0,
         pass: PassOptions::default(),
+        run: LoopConfig {
+            optim: OptimConfig::default(),
+            lr: 5e-3,
+            schedule: Schedule::Constant,
+            warmup_ratio: 0.0,
+            max_grad_norm: 1.0,
+            batch_size: 3,
+            grad_accum: 1,
+            steps: 8,
+            seed: 0,
+        },
     };
     let mut seen = 0;
     let mut state = TrainState::default();
@@ -394,7 +396,7 @@ fn a_short_training_run_learns_the_preferences() {
     // B = 0 adds exact zeros: the policy's log-probs are the reference's bits, so the loss is
     // -log σ(0) up to the rounding of ln 2 itself
     assert!(
-        (h[0].loss - std::f64::consts::LN_2).abs() < 1e-15 && h[0].margins == 0.0,
+        (h[0].loss - std::f64::consts::LN_2).abs() < 1e-15 && h[0].stage.margins == 0.0,
         "step 1 starts at ln 2: {}",
         h[0].loss
     );
@@ -406,12 +408,12 @@ fn a_short_training_run_learns_the_preferences() {
         last.loss
     );
     assert!(
-        last.accuracies > h[0].accuracies,
+        last.stage.accuracies > h[0].stage.accuracies,
         "accuracy {} -> {}",
-        h[0].accuracies,
-        last.accuracies
+        h[0].stage.accuracies,
+        last.stage.accuracies
     );
-    assert!(last.margins > 0.0 && h.iter().all(|s| s.grad_norm.is_finite() && s.lr == 5e-3));
+    assert!(last.stage.margins > 0.0 && h.iter().all(|s| s.grad_norm.is_finite() && s.lr == 5e-3));
 }
 
 /// A non-finite loss skips the update (weights unchanged) and three in a row stop the run.
@@ -420,7 +422,7 @@ fn non_finite_steps_are_skipped_then_stop_the_run() {
     use miadpo::model::lora::Proj;
     use miadpo::train::adapter::LoraWeights;
     use miadpo::train::optim::{OptimConfig, Schedule};
-    use miadpo::train::trainer::{train, TrainConfig, TrainPair, TrainState};
+    use miadpo::train::trainer::{train, LoopConfig, TrainConfig, TrainPair, TrainState};
     let dir = fixture_dir();
     let mut m = Llava::load(&dir.join("model"), CpuBackend::new()).unwrap();
     let prepared = prepare(&m);
@@ -443,16 +445,18 @@ fn non_finite_steps_are_skipped_then_stop_the_run() {
     let before = w.clone();
     let cfg = TrainConfig {
         dpo: DpoConfig::default(),
-        optim: OptimConfig::default(),
-        lr: 1e-2,
-        schedule: Schedule::Constant,
-        warmup_ratio: 0.0,
-        max_grad_norm: 1.0,
-        batch_size: 1,
-        grad_accum: 1,
-        steps: 10,
-        seed: 0,
         pass: PassOptions::default(),
+        run: LoopConfig {
+            optim: OptimConfig::default(),
+            lr: 1e-2,
+            schedule: Schedule::Constant,
+            warmup_ratio: 0.0,
+            max_grad_norm: 1.0,
+            batch_size: 1,
+            grad_accum: 1,
+            steps: 10,
+            seed: 0,
+        },
     };
     let mut logged = Vec::new();
     let err = train(

@@ -17,7 +17,7 @@ use crate::Result;
 /// `--device`: where the model runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Device {
-    /// the CPU for now; the GPU once the CUDA backend has passed its first device check
+    /// GPU 0 when a driver and a GPU are there (the CUDA backend), else the CPU with one line saying why
     #[default]
     Auto,
     Cpu,

@@ -83,12 +83,14 @@ impl<B: Backend> LoraGrads<B> {
     }
 }
 
-/// Gradients of the base weights, for full-parameter training (the SFT stage): every decoder linear,
-/// the norms, the LM head, the embedding rows of the text tokens, and the image-feature rows (whose
-/// gradient the projector's backward continues from).
+/// Gradients of the base weights, for full-parameter training (the SFT stage): every decoder linear
+/// (and its bias where the config has one), the norms, the LM head, the embedding rows of the text
+/// tokens, and the image-feature rows (whose gradient the projector's backward continues from).
 pub struct FullGrads<B: Backend> {
     /// (layer, module) -> dW (out, in)
     pub linears: Vec<((usize, Proj), B::Buf)>,
+    /// (layer, module) -> d bias (out), for the linears that have one (`attention_bias`, `mlp_bias`)
+    pub biases: Vec<((usize, Proj), B::Buf)>,
     /// (layer, 0 = input_layernorm / 1 = post_attention_layernorm) -> dw (hidden)
     pub norms: Vec<((usize, u8), B::Buf)>,
     /// the final norm's dw (hidden)
@@ -105,6 +107,7 @@ impl<B: Backend> Default for FullGrads<B> {
     fn default() -> Self {
         FullGrads {
             linears: Vec::new(),
+            biases: Vec::new(),
             norms: Vec::new(),
             final_norm: None,
             lm_head: None,
@@ -198,6 +201,10 @@ fn lin_bwd<B: Backend>(
             out,
             inp,
         );
+        if l.bias.is_some() {
+            // d bias (out) += Σ_rows dy
+            be.add(keyed(be, &mut full.biases, key, out), &be.col_sum(dy, t, out));
+        }
     }
     if let (Some(lp), Some(xa)) = (&l.lora, xa) {
         let ((r, inp), (out, _)) = (be.mat_shape(&lp.a), be.mat_shape(&lp.b));
@@ -563,6 +570,29 @@ pub fn forward<B: Backend>(
         lse,
         logps,
     })
+}
+
+impl<B: Backend> SeqForward<B> {
+    /// Per response: how many of its tokens are the model's greedy choice (argmax of the logits,
+    /// first index on ties) — the SFT stage's token accuracy. Recomputes the logits of the response
+    /// rows only.
+    pub fn greedy_hits(&self, m: &Llava<B>) -> Vec<usize> {
+        let be = &m.be;
+        let n: usize = self.rows.iter().map(|(_, t)| t.len()).sum();
+        let vocab = m.cfg.text.vocab_size;
+        let logits = be.download(&m.decoder.logits(be, &self.rows_hidden, n)); // (n, vocab)
+        let mut rows = logits.chunks_exact(vocab);
+        self.rows
+            .iter()
+            .map(|(_, targets)| {
+                targets
+                    .iter()
+                    .zip(rows.by_ref())
+                    .filter(|(&t, row)| crate::model::llava::greedy(row).0 == t)
+                    .count()
+            })
+            .collect()
+    }
 }
 
 /// Adds `Σ_r scales[r] · ∂logp_r/∂θ` of the responses to `grads` (every LoRA A and B).

@@ -1,6 +1,10 @@
-//! The DPO training loop, on any backend: policy forward, DPO loss, hand-written backward into the
-//! LoRA weights, gradient accumulation and clipping, optimizer and schedule, and a clean stop between
-//! (or inside) steps when asked to. Checkpoints are the caller's (`on_step`).
+//! The training loop, on any backend, shared by the two stages: [`run_steps`] owns the data order over
+//! epochs, gradient accumulation, clipping, the schedule, the optimizer update on f32 masters,
+//! non-finite steps and a clean stop between (or inside) steps when asked to; a [`Stage`] owns what a
+//! micro-batch computes and which tensors it trains. [`DpoStage`] (here: policy forward, DPO loss,
+//! hand-written backward into the LoRA weights) and `super::sft::SftStage` (full-parameter
+//! cross-entropy on the answers) are the two. Checkpoints are the caller's (`on_step`).
+use std::fmt;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
@@ -8,6 +12,7 @@ use std::time::Instant;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
 use serde::Serialize;
 
 use super::adapter::LoraWeights;
@@ -58,29 +63,52 @@ pub struct TrainPair {
     pub ref_rejected: f64,
 }
 
+/// The settings of the step loop, shared by every stage.
 #[derive(Clone, Debug)]
-pub struct TrainConfig {
-    pub dpo: DpoConfig,
+pub struct LoopConfig {
     pub optim: OptimConfig,
     pub lr: f64,
     pub schedule: Schedule,
     pub warmup_ratio: f64,
     /// 0 = no clipping
     pub max_grad_norm: f64,
+    /// examples per micro-batch
     pub batch_size: usize,
     pub grad_accum: usize,
     /// optimizer steps
     pub steps: usize,
-    /// data order and LoRA-dropout masks
+    /// data order (and the stage's own draws, e.g. LoRA-dropout masks)
     pub seed: u64,
-    pub pass: PassOptions,
 }
 
-/// TRL's metric names, per optimizer step.
+/// A DPO run: the loss, how the policy pass runs, and the loop.
+#[derive(Clone, Debug)]
+pub struct TrainConfig {
+    pub dpo: DpoConfig,
+    pub pass: PassOptions,
+    pub run: LoopConfig,
+}
+
+/// Per optimizer step: the loop's metrics around the stage's own (`X`, flattened into the same JSON
+/// object, so a metrics.jsonl line reads `step, loss, <stage metrics>, lr, grad_norm, ...`).
 #[derive(Clone, Debug, Serialize, PartialEq)]
-pub struct StepMetrics {
+pub struct StepMetrics<X = DpoMetrics> {
     pub step: usize,
     pub loss: f64,
+    #[serde(flatten)]
+    pub stage: X,
+    pub lr: f64,
+    pub grad_norm: f64,
+    pub tokens_per_s: f64,
+    pub step_time_s: f64,
+    /// the update was skipped: the loss or the gradient was not finite
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
+}
+
+/// DPO's metrics of a step, with TRL's names.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct DpoMetrics {
     #[serde(rename = "rewards/chosen")]
     pub rewards_chosen: f64,
     #[serde(rename = "rewards/rejected")]
@@ -93,28 +121,23 @@ pub struct StepMetrics {
     pub logps_chosen: f64,
     #[serde(rename = "logps/rejected")]
     pub logps_rejected: f64,
-    pub lr: f64,
-    pub grad_norm: f64,
-    pub tokens_per_s: f64,
-    pub step_time_s: f64,
-    /// the update was skipped: the loss or the gradient was not finite
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    pub skipped: bool,
 }
 
-/// Everything besides the LoRA weights that the next step depends on: with it (and the weights) a run
-/// continues bit for bit. The data order of epoch e is a shuffle seeded by (seed, e), so only the
+/// Everything besides the trained weights that the next step depends on: with it (and the weights) a
+/// run continues bit for bit. The data order of epoch e is a shuffle seeded by (seed, e), so only the
 /// position in it is state.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct TrainState {
     /// optimizer steps done
     pub step: usize,
     pub epoch: usize,
-    /// pairs of the current epoch already used
+    /// examples of the current epoch already used
     pub cursor: usize,
+    /// the running mean some DPO losses carry (robust, bco_pair); unused by SFT
     pub running: RunningMean,
-    /// per LoRA module (in `LoraWeights::modules` order): A's and B's optimizer state
-    pub optim: Vec<(ParamState, ParamState)>,
+    /// the optimizer state of every trained tensor, in the stage's slot order (DPO: A then B of each
+    /// LoRA module, in `LoraWeights::modules` order)
+    pub optim: Vec<ParamState>,
     /// consecutive steps skipped for a non-finite loss or gradient
     pub bad_steps: usize,
 }
@@ -122,7 +145,7 @@ pub struct TrainState {
 /// Consecutive non-finite steps that stop a run.
 pub const MAX_BAD_STEPS: usize = 3;
 
-/// The order of the pairs in epoch `epoch`.
+/// The order of the examples in epoch `epoch`.
 pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
     order.shuffle(&mut ChaCha8Rng::seed_from_u64(
@@ -131,51 +154,90 @@ pub fn epoch_order(n: usize, seed: u64, epoch: usize) -> Vec<usize> {
     order
 }
 
-/// How a call to [`train`] ended.
+/// How a call to [`train`] or [`run_steps`] ended.
 #[derive(Debug)]
-pub struct TrainOutcome {
+pub struct TrainOutcome<X = DpoMetrics> {
     /// metrics of the steps done by this call
-    pub history: Vec<StepMetrics>,
+    pub history: Vec<StepMetrics<X>>,
     /// `stop` was raised: the state is that of the last finished step (a step in progress was
     /// abandoned and will be redone, identically, on resume)
     pub interrupted: bool,
 }
 
-/// The LoRA-dropout key of one pair: a function of the seed and the sequence's place in the run,
-/// so a resumed run draws the masks the uninterrupted one would have.
-fn sequence_key(seed: u64, step: usize, micro: usize, pair: usize) -> u64 {
-    let mut k = seed ^ 0x6D69_6164_706F_0001; // "miadpo"
-    for v in [step, micro, pair] {
-        k = (k ^ v as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
-    }
-    k
+/// Where a micro-batch sits in the run: draws keyed by it (LoRA-dropout masks) are what the
+/// uninterrupted run would draw, so a resumed run continues bit for bit.
+#[derive(Clone, Copy, Debug)]
+pub struct MicroAt {
+    /// 0-based optimizer step
+    pub step: usize,
+    /// micro-batch within the step
+    pub micro: usize,
+    pub grad_accum: usize,
+    pub seed: u64,
 }
 
-/// Runs optimizer steps from `state.step` to `cfg.steps` over `pairs`, updating `w`, `state` and the
-/// model's LoRA in place. After each step `on_step` sees its metrics and the state (to checkpoint it).
-/// When `stop` is raised, returns between sequences with the state of the last finished step.
-pub fn train<B: Backend>(
+/// One kind of training: what a micro-batch computes and which tensors it trains. [`run_steps`] does
+/// the rest. Gradients are those of the step's loss, the mean of its micro-batches' losses.
+pub trait Stage<B: Backend> {
+    /// one training example (a preference pair, an SFT sample)
+    type Item;
+    /// the stage's own metrics of a step
+    type Metrics: Serialize + Clone + fmt::Debug + PartialEq;
+    /// Puts the trained weights on the model, before the first step.
+    fn attach(&mut self, m: &mut Llava<B>) -> Result<()>;
+    /// The number of trained tensors (optimizer slots).
+    fn slots(&self) -> usize;
+    /// Starts a step: gradient and metric accumulators from zero.
+    fn begin_step(&mut self);
+    /// Forward, loss and backward of one micro-batch: adds the gradient of its loss / grad_accum to
+    /// the step's accumulators. Returns the sequence rows the forward ran over, or None when `stop`
+    /// was raised (checked between sequences; the step is then abandoned).
+    fn micro_batch(
+        &mut self,
+        m: &Llava<B>,
+        batch: &[&Self::Item],
+        at: MicroAt,
+        running: &mut RunningMean,
+        stop: &AtomicBool,
+    ) -> Result<Option<usize>>;
+    /// Ends the step: its loss, its metrics, and its gradients on the host, one per slot.
+    fn end_step(&mut self, m: &Llava<B>) -> Result<(f64, Self::Metrics, Vec<Vec<f32>>)>;
+    /// The trained tensors' f32 masters, one per slot (in the order of `end_step`'s gradients).
+    fn params(&mut self) -> Vec<&mut [f32]>;
+    /// Writes the updated masters into the model.
+    fn apply(&mut self, m: &mut Llava<B>) -> Result<()>;
+}
+
+/// What [`run_steps`] calls after each step: the step's metrics, the state, the stage.
+pub type OnStep<'a, B, S> =
+    dyn FnMut(&StepMetrics<<S as Stage<B>>::Metrics>, &TrainState, &S) -> Result<()> + 'a;
+
+/// Runs optimizer steps from `state.step` to `cfg.steps` over `items`, updating the stage's weights,
+/// `state` and the model in place. After each step `on_step` sees its metrics, the state and the stage
+/// (to checkpoint them). When `stop` is raised, returns between sequences with the state of the last
+/// finished step.
+pub fn run_steps<B: Backend, S: Stage<B>>(
     m: &mut Llava<B>,
-    w: &mut LoraWeights,
+    stage: &mut S,
     state: &mut TrainState,
-    pairs: &[TrainPair],
-    cfg: &TrainConfig,
+    items: &[S::Item],
+    cfg: &LoopConfig,
     stop: &AtomicBool,
-    on_step: &mut dyn FnMut(&StepMetrics, &TrainState, &LoraWeights) -> Result<()>,
-) -> Result<TrainOutcome> {
-    if pairs.is_empty() || cfg.batch_size == 0 || cfg.grad_accum == 0 {
+    on_step: &mut OnStep<B, S>,
+) -> Result<TrainOutcome<S::Metrics>> {
+    if items.is_empty() || cfg.batch_size == 0 || cfg.grad_accum == 0 {
         return Err(Error::Invalid(
-            "training needs pairs, --batch-size >= 1 and --grad-accum >= 1".into(),
+            "training needs examples, --batch-size >= 1 and --grad-accum >= 1".into(),
         ));
     }
-    set_lora(m, w)?;
+    stage.attach(m)?;
     let warmup = Schedule::warmup_steps(cfg.steps, cfg.warmup_ratio);
-    if state.optim.len() != w.modules.len() {
-        state.optim = vec![Default::default(); w.modules.len()];
+    if state.optim.len() != stage.slots() {
+        state.optim = vec![Default::default(); stage.slots()];
     }
-    let mut order = epoch_order(pairs.len(), cfg.seed, state.epoch);
+    let mut order = epoch_order(items.len(), cfg.seed, state.epoch);
     let mut history = Vec::with_capacity(cfg.steps.saturating_sub(state.step));
-    let stopped = |history: Vec<StepMetrics>| TrainOutcome {
+    let stopped = |history| TrainOutcome {
         history,
         interrupted: true,
     };
@@ -187,71 +249,43 @@ pub fn train<B: Backend>(
         // restored if the step is abandoned (the optimizer state changes only at the update)
         let before = (state.epoch, state.cursor, state.running);
         let t0 = Instant::now();
-        let mut grads = LoraGrads::<B>::default();
-        let (mut loss, mut rc, mut rr, mut acc, mut lpc, mut lpr, mut tokens) =
-            (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0usize);
+        stage.begin_step();
+        let mut tokens = 0usize;
         for micro in 0..cfg.grad_accum {
             let mut batch = Vec::with_capacity(cfg.batch_size);
             while batch.len() < cfg.batch_size {
                 if state.cursor == order.len() {
                     state.epoch += 1;
                     state.cursor = 0;
-                    order = epoch_order(pairs.len(), cfg.seed, state.epoch);
+                    order = epoch_order(items.len(), cfg.seed, state.epoch);
                 }
-                batch.push(&pairs[order[state.cursor]]);
+                batch.push(&items[order[state.cursor]]);
                 state.cursor += 1;
             }
-            // policy forward of both answers of every pair (kept for the backward)
-            let mut fwds = Vec::with_capacity(batch.len());
-            let mut logps = Vec::with_capacity(batch.len());
-            for (i, p) in batch.iter().enumerate() {
-                if stop.load(Ordering::Relaxed) {
+            let at = MicroAt {
+                step,
+                micro,
+                grad_accum: cfg.grad_accum,
+                seed: cfg.seed,
+            };
+            match stage.micro_batch(m, &batch, at, &mut state.running, stop)? {
+                Some(rows) => tokens += rows,
+                None => {
                     (state.epoch, state.cursor, state.running) = before;
                     return Ok(stopped(history));
                 }
-                let features = m.be.upload(&p.features);
-                let key = sequence_key(cfg.seed, step, micro, i);
-                let f = pair_forward(m, &p.prompt, &p.chosen, &p.rejected, &features, cfg.pass, key)?;
-                let (policy_chosen, policy_rejected) = f.logps();
-                logps.push(PairLogps {
-                    policy_chosen,
-                    policy_rejected,
-                    ref_chosen: p.ref_chosen,
-                    ref_rejected: p.ref_rejected,
-                    chosen_tokens: p.chosen.len(),
-                    rejected_tokens: p.rejected.len(),
-                });
-                fwds.push(f);
             }
-            let out = dpo_loss(&cfg.dpo, &logps, &mut state.running);
-            // backward of the mean loss of this micro-batch, averaged over the accumulation steps
-            let k = cfg.grad_accum as f64;
-            for (i, f) in fwds.iter().enumerate() {
-                if stop.load(Ordering::Relaxed) {
-                    (state.epoch, state.cursor, state.running) = before;
-                    return Ok(stopped(history));
-                }
-                let (gc, gr) = (out.grad_chosen[i] / k, out.grad_rejected[i] / k);
-                pair_backward(m, f, gc, gr, cfg.pass, &mut grads);
-                tokens += f.tokens();
-            }
-            loss += out.loss / k;
-            rc += out.rewards_chosen_mean() / k;
-            rr += out.rewards_rejected_mean() / k;
-            acc += out.accuracy() / k;
-            lpc += logps.iter().map(|l| l.policy_chosen).sum::<f64>() / logps.len() as f64 / k;
-            lpr += logps.iter().map(|l| l.policy_rejected).sum::<f64>() / logps.len() as f64 / k;
         }
         // clip over every tensor, then one optimizer update per tensor
-        let mut host: Vec<(usize, crate::model::lora::Proj, Vec<f32>, Vec<f32>)> = grads
-            .modules
-            .iter()
-            .map(|g| (g.layer, g.proj, m.be.download(&g.da), m.be.download(&g.db)))
-            .collect();
-        let mut refs: Vec<&mut [f32]> = host
-            .iter_mut()
-            .flat_map(|(_, _, da, db)| [da.as_mut_slice(), db.as_mut_slice()])
-            .collect();
+        let (loss, stage_metrics, mut grads) = stage.end_step(m)?;
+        if grads.len() != state.optim.len() {
+            return Err(Error::Invalid(format!(
+                "the stage gave {} gradients for {} trained tensors",
+                grads.len(),
+                state.optim.len()
+            )));
+        }
+        let mut refs: Vec<&mut [f32]> = grads.iter_mut().map(Vec::as_mut_slice).collect();
         let grad_norm = clip_grad_norm(&mut refs, cfg.max_grad_norm);
         let lr = cfg.lr * cfg.schedule.factor(step, cfg.steps, warmup);
         // a NaN/Inf loss or gradient skips the update; three in a row stop the run
@@ -266,28 +300,20 @@ pub fn train<B: Backend>(
             }
         } else {
             state.bad_steps = 0;
-            for (mw, (sa, sb)) in w.modules.iter_mut().zip(state.optim.iter_mut()) {
-                let (_, _, da, db) = host
-                    .iter()
-                    .find(|(l, p, _, _)| (*l, *p) == (mw.layer, mw.proj))
-                    .ok_or_else(|| {
-                        Error::Invalid(format!("no gradient for layer {} {:?}", mw.layer, mw.proj))
-                    })?;
-                update(&cfg.optim, &mut mw.a, da, sa, lr as f32);
-                update(&cfg.optim, &mut mw.b, db, sb, lr as f32);
-            }
-            set_lora(m, w)?;
+            // every tensor on its own: in parallel, with the bits of one at a time
+            let params = stage.params();
+            params
+                .into_par_iter()
+                .zip(grads.par_iter())
+                .zip(state.optim.par_iter_mut())
+                .for_each(|((p, g), st)| update(&cfg.optim, p, g, st, lr as f32));
+            stage.apply(m)?;
         }
         let step_time_s = t0.elapsed().as_secs_f64();
         let metrics = StepMetrics {
             step: step + 1,
             loss,
-            rewards_chosen: rc,
-            rewards_rejected: rr,
-            accuracies: acc,
-            margins: rc - rr,
-            logps_chosen: lpc,
-            logps_rejected: lpr,
+            stage: stage_metrics,
             lr,
             grad_norm,
             tokens_per_s: tokens as f64 / step_time_s,
@@ -295,11 +321,176 @@ pub fn train<B: Backend>(
             skipped,
         };
         state.step += 1;
-        on_step(&metrics, state, w)?;
+        on_step(&metrics, state, stage)?;
         history.push(metrics);
     }
     Ok(TrainOutcome {
         history,
         interrupted: false,
     })
+}
+
+/// The LoRA-dropout key of one pair: a function of the seed and the sequence's place in the run,
+/// so a resumed run draws the masks the uninterrupted one would have.
+fn sequence_key(seed: u64, step: usize, micro: usize, pair: usize) -> u64 {
+    let mut k = seed ^ 0x6D69_6164_706F_0001; // "miadpo"
+    for v in [step, micro, pair] {
+        k = (k ^ v as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
+    }
+    k
+}
+
+/// DPO with LoRA: the policy forward of both answers of every pair, the DPO loss against the cached
+/// reference log-probs, the backward into every LoRA A and B.
+pub struct DpoStage<'a, B: Backend> {
+    pub w: &'a mut LoraWeights,
+    pub dpo: &'a DpoConfig,
+    pub pass: PassOptions,
+    grads: LoraGrads<B>,
+    /// loss, rewards chosen / rejected, accuracy, log-probs chosen / rejected: sums over micro-batches / k
+    sums: [f64; 6],
+}
+
+impl<'a, B: Backend> DpoStage<'a, B> {
+    pub fn new(w: &'a mut LoraWeights, dpo: &'a DpoConfig, pass: PassOptions) -> Self {
+        DpoStage {
+            w,
+            dpo,
+            pass,
+            grads: LoraGrads::default(),
+            sums: [0.0; 6],
+        }
+    }
+}
+
+impl<B: Backend> Stage<B> for DpoStage<'_, B> {
+    type Item = TrainPair;
+    type Metrics = DpoMetrics;
+
+    fn attach(&mut self, m: &mut Llava<B>) -> Result<()> {
+        set_lora(m, self.w)
+    }
+
+    fn slots(&self) -> usize {
+        2 * self.w.modules.len()
+    }
+
+    fn begin_step(&mut self) {
+        self.grads = LoraGrads::default();
+        self.sums = [0.0; 6];
+    }
+
+    fn micro_batch(
+        &mut self,
+        m: &Llava<B>,
+        batch: &[&TrainPair],
+        at: MicroAt,
+        running: &mut RunningMean,
+        stop: &AtomicBool,
+    ) -> Result<Option<usize>> {
+        // policy forward of both answers of every pair (kept for the backward)
+        let mut fwds = Vec::with_capacity(batch.len());
+        let mut logps = Vec::with_capacity(batch.len());
+        for (i, p) in batch.iter().enumerate() {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
+            let features = m.be.upload(&p.features);
+            let key = sequence_key(at.seed, at.step, at.micro, i);
+            let f = pair_forward(m, &p.prompt, &p.chosen, &p.rejected, &features, self.pass, key)?;
+            let (policy_chosen, policy_rejected) = f.logps();
+            logps.push(PairLogps {
+                policy_chosen,
+                policy_rejected,
+                ref_chosen: p.ref_chosen,
+                ref_rejected: p.ref_rejected,
+                chosen_tokens: p.chosen.len(),
+                rejected_tokens: p.rejected.len(),
+            });
+            fwds.push(f);
+        }
+        let out = dpo_loss(self.dpo, &logps, running);
+        // backward of the mean loss of this micro-batch, averaged over the accumulation steps
+        let k = at.grad_accum as f64;
+        let mut tokens = 0;
+        for (i, f) in fwds.iter().enumerate() {
+            if stop.load(Ordering::Relaxed) {
+                return Ok(None);
+            }
+            let (gc, gr) = (out.grad_chosen[i] / k, out.grad_rejected[i] / k);
+            pair_backward(m, f, gc, gr, self.pass, &mut self.grads);
+            tokens += f.tokens();
+        }
+        let n = logps.len() as f64;
+        for (sum, v) in self.sums.iter_mut().zip([
+            out.loss,
+            out.rewards_chosen_mean(),
+            out.rewards_rejected_mean(),
+            out.accuracy(),
+            logps.iter().map(|l| l.policy_chosen).sum::<f64>() / n,
+            logps.iter().map(|l| l.policy_rejected).sum::<f64>() / n,
+        ]) {
+            *sum += v / k;
+        }
+        Ok(Some(tokens))
+    }
+
+    fn end_step(&mut self, m: &Llava<B>) -> Result<(f64, DpoMetrics, Vec<Vec<f32>>)> {
+        let mut grads = Vec::with_capacity(2 * self.w.modules.len());
+        for mw in &self.w.modules {
+            let (da, db) = self
+                .grads
+                .host(&m.be, mw.layer, mw.proj)
+                .ok_or_else(|| Error::Invalid(format!("no gradient for layer {} {:?}", mw.layer, mw.proj)))?;
+            grads.push(da);
+            grads.push(db);
+        }
+        let [loss, rc, rr, acc, lpc, lpr] = self.sums;
+        let metrics = DpoMetrics {
+            rewards_chosen: rc,
+            rewards_rejected: rr,
+            accuracies: acc,
+            margins: rc - rr,
+            logps_chosen: lpc,
+            logps_rejected: lpr,
+        };
+        Ok((loss, metrics, grads))
+    }
+
+    fn params(&mut self) -> Vec<&mut [f32]> {
+        self.w
+            .modules
+            .iter_mut()
+            .flat_map(|mw| [mw.a.as_mut_slice(), mw.b.as_mut_slice()])
+            .collect()
+    }
+
+    fn apply(&mut self, m: &mut Llava<B>) -> Result<()> {
+        set_lora(m, self.w)
+    }
+}
+
+/// DPO with LoRA: runs optimizer steps from `state.step` to `cfg.run.steps` over `pairs`, updating
+/// `w`, `state` and the model's LoRA in place. After each step `on_step` sees its metrics and the
+/// state (to checkpoint it). When `stop` is raised, returns between sequences with the state of the
+/// last finished step.
+pub fn train<B: Backend>(
+    m: &mut Llava<B>,
+    w: &mut LoraWeights,
+    state: &mut TrainState,
+    pairs: &[TrainPair],
+    cfg: &TrainConfig,
+    stop: &AtomicBool,
+    on_step: &mut dyn FnMut(&StepMetrics, &TrainState, &LoraWeights) -> Result<()>,
+) -> Result<TrainOutcome> {
+    let mut stage = DpoStage::new(w, &cfg.dpo, cfg.pass);
+    run_steps(
+        m,
+        &mut stage,
+        state,
+        pairs,
+        &cfg.run,
+        stop,
+        &mut |s, st, stage| on_step(s, st, &*stage.w),
+    )
 }
