@@ -92,6 +92,9 @@ def main():
         ("attention/causal_backward", "compute", 2.5 * attn / 2,
          lambda: torch.autograd.grad(out, (qg, kg), dout, retain_graph=True)),
         ("attention/bidirectional", "compute", attn, lambda: F.scaled_dot_product_attention(q, kv, kv)),
+        # one query row against the cache; PyTorch has no span-mass output, so this is SDPA alone
+        ("attention/decode_mass", "memory", 2 * 2 * t * heads * hd,
+         lambda: F.scaled_dot_product_attention(q[:, :, -1:], kv, kv)),
         ("logprob/fused", "compute", 2.0 * 64 * vocab * h, lambda: logprob(hid)),
     ]
     res = {}

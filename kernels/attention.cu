@@ -611,3 +611,146 @@ extern "C" __global__ void __launch_bounds__(128) attention_bwd_d128(const act* 
     flash_bwd<128>(q, k, v, dout, lse, delta, dq, dk, dv, tq, tk, heads, kv_heads, causal, q_pos0, hole_first, hole_a,
                    hole_b);
 }
+
+// ---- variant 2 decode: flash-decoding (a few query rows against a long cache, keys split over blocks) ----
+//
+// Decode steps have 1..15 query rows, too few for a 64-row tensor-core tile. Grid (splits, heads,
+// tq): each block takes a contiguous chunk of keys, each of its 4 warps every 4th key of the chunk,
+// one key per step with the head dim across the lanes (coalesced 4..16-byte loads), an online softmax
+// per warp (and the per-span mass, rescaled alike); the warps merge in shared memory and the block
+// writes its partial (max, sum, D accumulators, span masses) for attention_decode_combine.
+
+#define DEC_WARPS 4
+
+template <int D>
+__device__ __forceinline__ void flash_decode(const act* q, const act* k, const act* v, float* part, int tq, int tk,
+                                             int heads, int kv_heads, int causal, int q_pos0, int hole_first,
+                                             int hole_a, int hole_b, const int* spans, int n_spans, int chunk) {
+    constexpr int E = D >= 32 ? D / 32 : 1;   // dims per lane
+    constexpr int LANES = D / E;              // lanes that hold dims
+    constexpr int P = 2 + D + FA_MAX_SPANS;   // one partial: max, sum, acc[D], mass[16]
+    __shared__ float sp_part[DEC_WARPS][P];
+    __shared__ int ssp[2 * FA_MAX_SPANS];
+    int split = blockIdx.x, h = blockIdx.y, i = blockIdx.z, kvh = h / (heads / kv_heads);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    int ns = min(n_spans, FA_MAX_SPANS);
+    if (threadIdx.x < 2 * ns) ssp[threadIdx.x] = spans[threadIdx.x];
+    __syncthreads();
+    int qpos = q_pos0 + i;
+    int j0 = split * chunk, j1 = min(tk, j0 + chunk);
+    if (causal) j1 = min(j1, qpos + 1);
+    const float scale = rsqrtf((float)D) * 1.4426950408889634f;
+    float qv[E], acc[E];
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+        qv[e] = lane < LANES ? ld(q[((long)i * heads + h) * D + lane * E + e]) * scale : 0.0f;
+        acc[e] = 0.0f;
+    }
+    float m = -INFINITY, l = 0.0f, mass[FA_MAX_SPANS];
+#pragma unroll
+    for (int s = 0; s < FA_MAX_SPANS; s++) mass[s] = 0.0f;
+    for (int j = j0 + warp; j < j1; j += DEC_WARPS) {
+        if (hole_first >= 0 && qpos >= hole_first && j >= hole_a && j < hole_b) continue;
+        const act* kr = k + ((long)j * kv_heads + kvh) * D + lane * E;
+        float s = 0.0f;
+        if (lane < LANES) {
+#pragma unroll
+            for (int e = 0; e < E; e++) s += qv[e] * ld(kr[e]);
+        }
+        s = warp_sum(s); // every lane holds the score (log2 units)
+        float mn = fmaxf(m, s), alpha = exp2f(m - mn), p = exp2f(s - mn);
+        m = mn;
+        l = l * alpha + p;
+        const act* vr = v + ((long)j * kv_heads + kvh) * D + lane * E;
+        if (lane < LANES) {
+#pragma unroll
+            for (int e = 0; e < E; e++) acc[e] = acc[e] * alpha + p * ld(vr[e]);
+        }
+#pragma unroll
+        for (int sp = 0; sp < FA_MAX_SPANS; sp++) {
+            if (sp < ns) mass[sp] = mass[sp] * alpha + ((j >= ssp[2 * sp] && j < ssp[2 * sp + 1]) ? p : 0.0f);
+        }
+    }
+    // the warps' partials through shared memory; warp 0 merges them into the block's
+    if (lane == 0) {
+        sp_part[warp][0] = m;
+        sp_part[warp][1] = l;
+#pragma unroll
+        for (int sp = 0; sp < FA_MAX_SPANS; sp++) sp_part[warp][2 + D + sp] = mass[sp];
+    }
+    if (lane < LANES) {
+#pragma unroll
+        for (int e = 0; e < E; e++) sp_part[warp][2 + lane * E + e] = acc[e];
+    }
+    __syncthreads();
+    float* out = part + (((long)i * heads + h) * gridDim.x + split) * P;
+    if (warp == 0) {
+        float mm = -INFINITY;
+        for (int w = 0; w < DEC_WARPS; w++) mm = fmaxf(mm, sp_part[w][0]);
+        float base = mm == -INFINITY ? 0.0f : mm;
+        for (int x = lane; x < P; x += 32) {
+            float sum = 0.0f;
+            if (x == 0) {
+                sum = mm;
+            } else {
+                for (int w = 0; w < DEC_WARPS; w++) sum += sp_part[w][x] * exp2f(sp_part[w][0] - base);
+            }
+            out[x] = sum;
+        }
+    }
+}
+
+// Merges the splits: part (tq, H, splits, 2 + D + 16) -> out (tq, H*D) and mass (tq, H, n_spans) or
+// null; one warp per (row, head), the lanes over the head dim.
+extern "C" __global__ void attention_decode_combine(const float* part, act* out, float* mass, int rows, int d,
+                                                    int splits, int n_spans) {
+    int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+    if (r >= rows) return;
+    int P = 2 + d + FA_MAX_SPANS;
+    const float* pr = part + (long)r * splits * P;
+    float mm = -INFINITY;
+    for (int s = 0; s < splits; s++) mm = fmaxf(mm, pr[s * P]);
+    float base = mm == -INFINITY ? 0.0f : mm, l = 0.0f;
+    for (int s = 0; s < splits; s++) l += pr[s * P + 1] * exp2f(pr[s * P] - base);
+    float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    for (int e = lane; e < d; e += 32) {
+        float a = 0.0f;
+        for (int s = 0; s < splits; s++) a += pr[s * P + 2 + e] * exp2f(pr[s * P] - base);
+        out[(long)r * d + e] = st(a * inv);
+    }
+    if (mass != 0) {
+        for (int g = lane; g < n_spans && g < FA_MAX_SPANS; g += 32) {
+            float a = 0.0f;
+            for (int s = 0; s < splits; s++) a += pr[s * P + 2 + d + g] * exp2f(pr[s * P] - base);
+            mass[(long)r * n_spans + g] = a * inv;
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(128) attention_decode_d16(const act* q, const act* k, const act* v,
+        float* part, int tq, int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first, int hole_a,
+        int hole_b, const int* spans, int n_spans, int chunk) {
+    flash_decode<16>(q, k, v, part, tq, tk, heads, kv_heads, causal, q_pos0, hole_first, hole_a, hole_b, spans,
+                     n_spans, chunk);
+}
+
+extern "C" __global__ void __launch_bounds__(128) attention_decode_d32(const act* q, const act* k, const act* v,
+        float* part, int tq, int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first, int hole_a,
+        int hole_b, const int* spans, int n_spans, int chunk) {
+    flash_decode<32>(q, k, v, part, tq, tk, heads, kv_heads, causal, q_pos0, hole_first, hole_a, hole_b, spans,
+                     n_spans, chunk);
+}
+
+extern "C" __global__ void __launch_bounds__(128) attention_decode_d64(const act* q, const act* k, const act* v,
+        float* part, int tq, int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first, int hole_a,
+        int hole_b, const int* spans, int n_spans, int chunk) {
+    flash_decode<64>(q, k, v, part, tq, tk, heads, kv_heads, causal, q_pos0, hole_first, hole_a, hole_b, spans,
+                     n_spans, chunk);
+}
+
+extern "C" __global__ void __launch_bounds__(128) attention_decode_d128(const act* q, const act* k, const act* v,
+        float* part, int tq, int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first, int hole_a,
+        int hole_b, const int* spans, int n_spans, int chunk) {
+    flash_decode<128>(q, k, v, part, tq, tk, heads, kv_heads, causal, q_pos0, hole_first, hole_a, hole_b, spans,
+                     n_spans, chunk);
+}

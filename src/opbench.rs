@@ -46,7 +46,7 @@ struct Case<'a> {
 }
 
 /// The op names, in order (`--list`).
-pub const OPS: [&str; 17] = [
+pub const OPS: [&str; 18] = [
     "ceiling/copy",
     "ceiling/gemm",
     "linear/forward",
@@ -62,6 +62,7 @@ pub const OPS: [&str; 17] = [
     "attention/causal_mass",
     "attention/causal_backward",
     "attention/bidirectional",
+    "attention/decode_mass",
     "logprob/fused",
     "logprob/fused_backward",
 ];
@@ -137,6 +138,7 @@ pub fn run<B: Backend>(
     let big = be.upload(&rand(64 << 20, 1.0)); // 256 MB: past every cache
     let q = be.upload(&rand(t * heads * hd, 1.0));
     let kv = be.upload(&rand(t * heads * hd, 1.0));
+    let q1 = be.upload(&rand(heads * hd, 1.0));
     let positions: Vec<usize> = (0..rows).collect();
     let mass_spans: Vec<(usize, usize)> = (0..5).map(|i| (1 + i * t / 6, (i + 1) * t / 6)).collect();
     let targets: Vec<u32> = (0..64).map(|i| (i * 7919 % vocab) as u32).collect();
@@ -297,6 +299,21 @@ pub fn run<B: Backend>(
             work: attn_flops,
             run: Box::new(|| {
                 std::hint::black_box(be.attention(&q, &kv, &kv, shape(false), None));
+            }),
+        },
+        Case {
+            // one new token against a cache of t keys, with the mass of five image spans (select)
+            name: "attention/decode_mass",
+            shape: format!("1 x T={t} H={heads} D={hd} 5 spans"),
+            bound: Bound::Memory,
+            work: 2.0 * f * (t * heads * hd) as f64, // K and V read once
+            run: Box::new(|| {
+                let s = AttnShape {
+                    tq: 1,
+                    q_pos0: t - 1,
+                    ..shape(true)
+                };
+                std::hint::black_box(be.attention(&q1, &kv, &kv, s, Some(&mass_spans)));
             }),
         },
     ];

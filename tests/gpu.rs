@@ -182,8 +182,9 @@ fn elementwise_norm_rope_and_dropout() {
 
 /// Both attention variants against the CPU twin: causal and bidirectional, head dims 16/64/128, GQA
 /// 1 and 4, lengths that are not multiples of the 64-row tiles, a chunk of queries after a prefix
-/// (q_pos0 > 0), the prefix-shared DPO hole, T up to 8192; the per-span mass against the CPU's
-/// materialised softmax; the backward where the plain kernel's atomics keep it quick (T <= 1024).
+/// (q_pos0 > 0), the prefix-shared DPO hole, T up to 8192, decode steps of 1 and 3 rows; the per-span
+/// mass against the CPU's materialised softmax; the backward of both variants (the plain one where its
+/// shared memory and atomics allow, T <= 1024).
 #[test]
 fn attention_variants_forward_mass_and_backward() {
     let Some(mut g) = gpu() else { return };
@@ -215,6 +216,10 @@ fn attention_variants_forward_mass_and_backward() {
         case(77, 77, 4, 4, 16, true, None),
         case(97, 297, 8, 2, 128, true, None),
         case(8192, 8192, 8, 2, 128, true, None),
+        // decode steps (the fused variant's flash-decoding kernel): one or a few rows, long caches
+        case(1, 4097, 32, 8, 128, true, None),
+        case(3, 700, 8, 2, 64, true, None),
+        case(1, 77, 4, 4, 16, true, None),
     ] {
         let s = AttnShape {
             tq: x.tq,

@@ -336,6 +336,72 @@ impl CudaBackend {
         (out, mass, lse)
     }
 
+    /// Variant 2's decode (flash-decoding): a few query rows against a long cache, the keys split
+    /// over enough blocks to fill the GPU, then one merge per (row, head). Returns the output and the
+    /// per-head span mass (tq, heads, n_spans) when spans are given.
+    fn attention_decode(
+        &self,
+        q: &DBuf,
+        k: &DBuf,
+        v: &DBuf,
+        s: AttnShape,
+        spans: Option<&[KeySpan]>,
+    ) -> (DBuf, Option<DBuf>) {
+        let (d, n_spans) = (s.head_dim, spans.map_or(0, |x| x.len()));
+        // ~2 blocks per SM of an H100 (132), at least 64 keys per block
+        let rows = s.tq * s.heads;
+        let splits = 264usize.div_ceil(rows).clamp(1, s.tk.div_ceil(64).max(1));
+        let chunk = s.tk.div_ceil(splits).max(1);
+        let splits = s.tk.div_ceil(chunk).max(1);
+        let p = 2 + d + 16; // max, sum, d accumulators, 16 span masses
+        let mut part = self.poisoned(rows * splits * p);
+        let flat: Vec<usize> = spans.unwrap_or(&[]).iter().flat_map(|&(a, b)| [a, b]).collect();
+        let spans_dev = self.ints(if flat.is_empty() { &[0, 0] } else { &flat });
+        let (hf, ha, hb) = hole_args(s);
+        let ints = [s.tq, s.tk, s.heads, s.kv_heads].map(|x| x as i32);
+        let (causal, q0, ns, ch) = (s.causal as i32, s.q_pos0 as i32, n_spans as i32, chunk as i32);
+        let name = match d {
+            16 => "attention_decode_d16",
+            32 => "attention_decode_d32",
+            64 => "attention_decode_d64",
+            _ => "attention_decode_d128",
+        };
+        let mut b = self.stream.launch_builder(self.f(name));
+        b.arg(&q.s).arg(&k.s).arg(&v.s).arg(&mut part.s);
+        for x in &ints {
+            b.arg(x);
+        }
+        b.arg(&causal)
+            .arg(&q0)
+            .arg(&hf)
+            .arg(&ha)
+            .arg(&hb)
+            .arg(&spans_dev)
+            .arg(&ns)
+            .arg(&ch);
+        let cfg = LaunchConfig {
+            grid_dim: (splits as u32, s.heads as u32, s.tq as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: part holds (tq, heads, splits, p) floats, every one written by its block.
+        unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("CUDA: {name}: {e:?}"));
+        let mut out = self.poisoned(rows * d);
+        let mut mass = (n_spans > 0).then(|| self.poisoned(rows * n_spans));
+        let (r, dd, sp) = (rows as i32, d as i32, splits as i32);
+        let null: u64 = 0;
+        let mut b = self.stream.launch_builder(self.f("attention_decode_combine"));
+        b.arg(&part.s).arg(&mut out.s);
+        match mass.as_mut() {
+            Some(m) => b.arg(&mut m.s),
+            None => b.arg(&null),
+        };
+        b.arg(&r).arg(&dd).arg(&sp).arg(&ns);
+        // SAFETY: a warp per (row, head), 8 per block; out (rows, d), mass (rows, n_spans).
+        unsafe { b.launch(per_row(rows.div_ceil(8), 256, 0)) }.expect("CUDA: attention_decode_combine");
+        (out, mass)
+    }
+
     /// Variant 2's backward: the log-sum-exp from a forward launch (the trait hands the backward the
     /// output, not the statistics), Δ = rowsum(dO ∘ O), then one block per (64-key tile, kv head).
     fn attention_bwd_fused(
@@ -778,8 +844,14 @@ impl Backend for CudaBackend {
         spans: Option<&[KeySpan]>,
     ) -> (DBuf, Option<Vec<f32>>) {
         let n_spans = spans.map_or(0, |x| x.len());
-        let fused = self.fused_attention(s) && s.tq >= 16 && n_spans <= 16; // decode: plain
-        let (out, mass, _) = self.attention_fwd(q, k, v, s, spans, fused, false);
+        let fused = self.fused_attention(s) && n_spans <= 16;
+        let (out, mass) = if fused && s.tq < 16 {
+            // decode steps: too few rows for a 64-row tile; keys split over blocks instead
+            self.attention_decode(q, k, v, s, spans)
+        } else {
+            let (out, mass, _) = self.attention_fwd(q, k, v, s, spans, fused, false);
+            (out, mass)
+        };
         let mass = mass.map(|mass| {
             let per_head = self.download(&mass); // (tq, heads, n_spans)
             let mut m = vec![0f32; s.tq * n_spans];
