@@ -754,3 +754,316 @@ extern "C" __global__ void __launch_bounds__(128) attention_decode_d128(const ac
     flash_decode<128>(q, k, v, part, tq, tk, heads, kv_heads, causal, q_pos0, hole_first, hole_a, hole_b, spans,
                      n_spans, chunk);
 }
+
+// ---- variant 3: variant 2's forward with bf16 K/V packed once and the tiles pipelined ----
+//
+// Variant 2 re-reads each K/V tile as f32 from L2 for every 64-row query block, converts and
+// transposes it in registers, and computes only after a barrier: load latency is not hidden.
+// Variant 3: attention_pack_kv writes K as bf16 (KV, Tpad, D) and V transposed as bf16 (KV, D, Tpad)
+// once per call; the forward takes 128 query rows per block (8 warps of 16: half the tile re-reads)
+// and double-buffers the K and Vᵀ tiles with cp.async (16-byte copies, sm_80+), so the next tile
+// streams in while the tensor cores work on this one.
+
+// K (tk, KV*D) f32 -> kb (KV, tpad, D) bf16; V -> vt (KV, D, tpad) bf16; rows past tk are zero.
+// Grid (tpad / 64, KV), 256 threads; V goes through shared memory to be transposed.
+template <int D>
+__device__ __forceinline__ void pack_kv(const act* k, const act* v, bf16* kb, bf16* vt, int tk, int tpad,
+                                        int kv_heads) {
+    __shared__ bf16 tile[64][D + 2];
+    int n0 = blockIdx.x * 64, kvh = blockIdx.y;
+    for (int idx = threadIdx.x; idx < 64 * (D / 4); idx += blockDim.x) {
+        int r = idx / (D / 4), c = (idx % (D / 4)) * 4;
+        float4 x = make_float4(0.0f, 0.0f, 0.0f, 0.0f), y = x;
+        if (n0 + r < tk) {
+            x = *(const float4*)(k + ((long)(n0 + r) * kv_heads + kvh) * D + c);
+            y = *(const float4*)(v + ((long)(n0 + r) * kv_heads + kvh) * D + c);
+        }
+        *(uint2*)(kb + ((long)kvh * tpad + n0 + r) * D + c) = make_uint2(pack_bf16(x.x, x.y), pack_bf16(x.z, x.w));
+        tile[r][c] = f2bf(y.x);
+        tile[r][c + 1] = f2bf(y.y);
+        tile[r][c + 2] = f2bf(y.z);
+        tile[r][c + 3] = f2bf(y.w);
+    }
+    __syncthreads();
+    // vt rows: 64 consecutive keys of one dim, two per thread
+    for (int idx = threadIdx.x; idx < D * 32; idx += blockDim.x) {
+        int dd = idx / 32, r = (idx % 32) * 2;
+        unsigned pair = (unsigned)tile[r][dd] | ((unsigned)tile[r + 1][dd] << 16);
+        *(unsigned*)(vt + ((long)kvh * D + dd) * tpad + n0 + r) = pair;
+    }
+}
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+#define FA3_BM 128
+
+template <int D, bool MASS>
+__device__ __forceinline__ void flash_fwd_pipelined(const act* q, const bf16* kb, const bf16* vt, act* out, float* lse,
+                                                    int tq, int tk, int tpad, int heads, int kv_heads, int causal,
+                                                    int q_pos0, int hole_first, int hole_a, int hole_b,
+                                                    const int* spans, int n_spans, float* mass) {
+    static_assert(sizeof(act) == 4, "the query tile load reads f32 activations");
+    constexpr int S = D + 8, SV = FA_BN + 8;
+    extern __shared__ __align__(16) unsigned char fa_smem[];
+    bf16* sq = (bf16*)fa_smem;             // (BM, S)
+    bf16* sk0 = sq + FA3_BM * S;           // 2 x (BN, S)
+    bf16* sv0 = sk0 + 2 * FA_BN * S;       // 2 x (D, SV)
+    __shared__ int ssp[2 * FA_MAX_SPANS];
+    int m0 = (gridDim.x - 1 - blockIdx.x) * FA3_BM, h = blockIdx.y, kvh = h / (heads / kv_heads);
+    int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const float scale = rsqrtf((float)D) * 1.4426950408889634f;
+    int ns = MASS ? min(n_spans, FA_MAX_SPANS) : 0;
+    if (threadIdx.x < 2 * ns) ssp[threadIdx.x] = spans[threadIdx.x];
+    const bf16* kh = kb + (long)kvh * tpad * D;
+    const bf16* vh = vt + (long)kvh * D * tpad;
+    auto load_tile = [&](int n0, int buf) {
+        bf16* sk = sk0 + buf * FA_BN * S;
+        bf16* sv = sv0 + buf * D * SV;
+        for (int c = threadIdx.x; c < FA_BN * (D / 8); c += blockDim.x) {
+            int r = c / (D / 8), col = (c % (D / 8)) * 8;
+            cp_async16(sk + r * S + col, kh + (long)(n0 + r) * D + col);
+        }
+        for (int c = threadIdx.x; c < D * (FA_BN / 8); c += blockDim.x) {
+            int r = c / (FA_BN / 8), col = (c % (FA_BN / 8)) * 8;
+            cp_async16(sv + r * SV + col, vh + (long)r * tpad + n0 + col);
+        }
+        cp_async_commit();
+    };
+    int last = min(tq, m0 + FA3_BM) - 1 + q_pos0;
+    int kend = causal ? min(tk, last + 1) : tk;
+    int first = m0 + q_pos0;
+    auto skipped = [&](int n0) {
+        return hole_first >= 0 && first >= hole_first && n0 >= hole_a && n0 + FA_BN <= hole_b;
+    };
+    // the first tile's copies start before the query tile is converted
+    int n_first = 0;
+    while (n_first < kend && skipped(n_first)) n_first += FA_BN;
+    if (n_first < kend) load_tile(n_first, 0);
+    fa_load_rows<D, S>(sq, q + h * D, m0, FA3_BM, tq, heads * D);
+    __syncthreads();
+    unsigned qf[D / 16][4];
+    {
+        const bf16* qw = sq + warp * 16 * S;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) {
+            qf[kk][0] = *(const unsigned*)(qw + g * S + kk * 16 + 2 * t);
+            qf[kk][1] = *(const unsigned*)(qw + (g + 8) * S + kk * 16 + 2 * t);
+            qf[kk][2] = *(const unsigned*)(qw + g * S + kk * 16 + 2 * t + 8);
+            qf[kk][3] = *(const unsigned*)(qw + (g + 8) * S + kk * 16 + 2 * t + 8);
+        }
+    }
+    int qpos[2] = {q_pos0 + m0 + warp * 16 + g, q_pos0 + m0 + warp * 16 + g + 8};
+    float o[D / 8][4];
+#pragma unroll
+    for (int dt = 0; dt < D / 8; dt++) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
+    float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.0f, 0.0f};
+    float macc[2][MASS ? FA_MAX_SPANS : 1];
+#pragma unroll
+    for (int sp = 0; sp < (MASS ? FA_MAX_SPANS : 1); sp++) macc[0][sp] = macc[1][sp] = 0.0f;
+    int buf = 0;
+    for (int n0 = n_first; n0 < kend;) {
+        int next = n0 + FA_BN;
+        while (next < kend && skipped(next)) next += FA_BN;
+        if (next < kend) {
+            load_tile(next, buf ^ 1); // the other buffer: its readers finished at the last barrier
+            cp_async_wait<1>();       // this tile's copies are done (the next one's may be in flight)
+        } else {
+            cp_async_wait<0>();
+        }
+        __syncthreads();
+        const bf16* sk = sk0 + buf * FA_BN * S;
+        const bf16* svt = sv0 + buf * D * SV;
+        float sc[FA_BN / 8][4];
+#pragma unroll
+        for (int nt = 0; nt < FA_BN / 8; nt++) {
+            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+            const bf16* kr = sk + (nt * 8 + g) * S + 2 * t;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++)
+                mma_bf16_16816(sc[nt], qf[kk], *(const unsigned*)(kr + kk * 16), *(const unsigned*)(kr + kk * 16 + 8));
+        }
+        float mnew[2] = {mrow[0], mrow[1]};
+#pragma unroll
+        for (int nt = 0; nt < FA_BN / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int r = e >> 1, j = n0 + nt * 8 + 2 * t + (e & 1);
+                bool ok = j < tk && (!causal || j <= qpos[r]) &&
+                          !(hole_first >= 0 && qpos[r] >= hole_first && j >= hole_a && j < hole_b);
+                sc[nt][e] = ok ? sc[nt][e] * scale : -INFINITY;
+                mnew[r] = fmaxf(mnew[r], sc[nt][e]);
+            }
+        }
+        float alpha[2], base[2];
+#pragma unroll
+        for (int r = 0; r < 2; r++) {
+            mnew[r] = fmaxf(mnew[r], __shfl_xor_sync(0xffffffffu, mnew[r], 1));
+            mnew[r] = fmaxf(mnew[r], __shfl_xor_sync(0xffffffffu, mnew[r], 2));
+            base[r] = mnew[r] == -INFINITY ? 0.0f : mnew[r];
+            alpha[r] = exp2f(mrow[r] - base[r]);
+            mrow[r] = mnew[r];
+        }
+        float rs[2] = {0.0f, 0.0f};
+#pragma unroll
+        for (int nt = 0; nt < FA_BN / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float p = exp2f(sc[nt][e] - base[e >> 1]);
+                sc[nt][e] = p;
+                rs[e >> 1] += p;
+            }
+        }
+        lrow[0] = lrow[0] * alpha[0] + rs[0];
+        lrow[1] = lrow[1] * alpha[1] + rs[1];
+#pragma unroll
+        for (int sp = 0; sp < (MASS ? FA_MAX_SPANS : 0); sp++) {
+            if (sp < ns) {
+                macc[0][sp] *= alpha[0];
+                macc[1][sp] *= alpha[1];
+                int a = ssp[2 * sp], b = ssp[2 * sp + 1];
+                if (a <= n0 && n0 + FA_BN <= b) {
+                    macc[0][sp] += rs[0];
+                    macc[1][sp] += rs[1];
+                } else if (a < n0 + FA_BN && b > n0) {
+#pragma unroll
+                    for (int nt = 0; nt < FA_BN / 8; nt++) {
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            int j = n0 + nt * 8 + 2 * t + (e & 1);
+                            if (j >= a && j < b) macc[e >> 1][sp] += sc[nt][e];
+                        }
+                    }
+                }
+            }
+        }
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt++) {
+            o[dt][0] *= alpha[0];
+            o[dt][1] *= alpha[0];
+            o[dt][2] *= alpha[1];
+            o[dt][3] *= alpha[1];
+        }
+#pragma unroll
+        for (int kk = 0; kk < FA_BN / 16; kk++) {
+            unsigned pa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]), pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
+                              pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                              pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+#pragma unroll
+            for (int dt = 0; dt < D / 8; dt++) {
+                const bf16* vr = svt + (dt * 8 + g) * SV + kk * 16 + 2 * t;
+                mma_bf16_16816(o[dt], pa, *(const unsigned*)vr, *(const unsigned*)(vr + 8));
+            }
+        }
+        __syncthreads(); // this buffer's readers are done before the next iteration refills it
+        buf ^= 1;
+        n0 = next;
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 1);
+        lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 2);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int row = m0 + warp * 16 + g + 8 * r;
+        float inv = lrow[r] > 0.0f ? 1.0f / lrow[r] : 0.0f;
+        if (row < tq) {
+            act* orow = out + ((long)row * heads + h) * D + 2 * t;
+#pragma unroll
+            for (int dt = 0; dt < D / 8; dt++)
+                *(float2*)(orow + dt * 8) = make_float2(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
+            if (t == 0 && lse != 0) lse[(long)row * heads + h] = (mrow[r] + log2f(lrow[r])) * 0.6931471805599453f;
+        }
+#pragma unroll
+        for (int sp = 0; sp < (MASS ? FA_MAX_SPANS : 0); sp++) {
+            if (sp < ns) {
+                float m = macc[r][sp];
+                m += __shfl_xor_sync(0xffffffffu, m, 1);
+                m += __shfl_xor_sync(0xffffffffu, m, 2);
+                if (t == 0 && row < tq) mass[((long)row * heads + h) * n_spans + sp] = m * inv;
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) attention_pack_kv_d16(const act* k, const act* v, bf16* kb, bf16* vt,
+        int tk, int tpad, int kv_heads) {
+    pack_kv<16>(k, v, kb, vt, tk, tpad, kv_heads);
+}
+
+extern "C" __global__ void __launch_bounds__(256) attention_pack_kv_d32(const act* k, const act* v, bf16* kb, bf16* vt,
+        int tk, int tpad, int kv_heads) {
+    pack_kv<32>(k, v, kb, vt, tk, tpad, kv_heads);
+}
+
+extern "C" __global__ void __launch_bounds__(256) attention_pack_kv_d64(const act* k, const act* v, bf16* kb, bf16* vt,
+        int tk, int tpad, int kv_heads) {
+    pack_kv<64>(k, v, kb, vt, tk, tpad, kv_heads);
+}
+
+extern "C" __global__ void __launch_bounds__(256) attention_pack_kv_d128(const act* k, const act* v, bf16* kb, bf16* vt,
+        int tk, int tpad, int kv_heads) {
+    pack_kv<128>(k, v, kb, vt, tk, tpad, kv_heads);
+}
+
+extern "C" __global__ void __launch_bounds__(256) attention_fwd3_d16(const act* q, const bf16* kb, const bf16* vt, act* out,
+        float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
+        int hole_a, int hole_b, const int* spans, int n_spans, float* mass) {
+    flash_fwd_pipelined<16, false>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+        q_pos0, hole_first, hole_a, hole_b, spans, n_spans, mass);
+}
+
+extern "C" __global__ void __launch_bounds__(256) attention_fwd3_d32(const act* q, const bf16* kb, const bf16* vt, act* out,
+        float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
+        int hole_a, int hole_b, const int* spans, int n_spans, float* mass) {
+    flash_fwd_pipelined<32, false>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+        q_pos0, hole_first, hole_a, hole_b, spans, n_spans, mass);
+}
+
+extern "C" __global__ void __launch_bounds__(256) attention_fwd3_d64(const act* q, const bf16* kb, const bf16* vt, act* out,
+        float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
+        int hole_a, int hole_b, const int* spans, int n_spans, float* mass) {
+    flash_fwd_pipelined<64, false>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+        q_pos0, hole_first, hole_a, hole_b, spans, n_spans, mass);
+}
+
+extern "C" __global__ void __launch_bounds__(256) attention_fwd3_d128(const act* q, const bf16* kb, const bf16* vt, act* out,
+        float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
+        int hole_a, int hole_b, const int* spans, int n_spans, float* mass) {
+    flash_fwd_pipelined<128, false>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+        q_pos0, hole_first, hole_a, hole_b, spans, n_spans, mass);
+}
+
+extern "C" __global__ void __launch_bounds__(256) attention_fwd3_mass_d16(const act* q, const bf16* kb, const bf16* vt, act* out,
+        float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
+        int hole_a, int hole_b, const int* spans, int n_spans, float* mass) {
+    flash_fwd_pipelined<16, true>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+        q_pos0, hole_first, hole_a, hole_b, spans, n_spans, mass);
+}
+
+extern "C" __global__ void __launch_bounds__(256) attention_fwd3_mass_d32(const act* q, const bf16* kb, const bf16* vt, act* out,
+        float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
+        int hole_a, int hole_b, const int* spans, int n_spans, float* mass) {
+    flash_fwd_pipelined<32, true>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+        q_pos0, hole_first, hole_a, hole_b, spans, n_spans, mass);
+}
+
+extern "C" __global__ void __launch_bounds__(256) attention_fwd3_mass_d64(const act* q, const bf16* kb, const bf16* vt, act* out,
+        float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
+        int hole_a, int hole_b, const int* spans, int n_spans, float* mass) {
+    flash_fwd_pipelined<64, true>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+        q_pos0, hole_first, hole_a, hole_b, spans, n_spans, mass);
+}
+
+extern "C" __global__ void __launch_bounds__(256) attention_fwd3_mass_d128(const act* q, const bf16* kb, const bf16* vt, act* out,
+        float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
+        int hole_a, int hole_b, const int* spans, int n_spans, float* mass) {
+    flash_fwd_pipelined<128, true>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+        q_pos0, hole_first, hole_a, hole_b, spans, n_spans, mass);
+}

@@ -94,6 +94,7 @@ for t in 1024 16384; do
     timeout 60 $T --filter attention --seq-len $t --repeats 3 > "$OUT/attn-torch-$t.jsonl" 2>> "$OUT/commands.log" || status=1
 done
 MIADPO_ATTENTION=plain timeout 90 $B --filter attention --seq-len 4096 --repeats 3 > "$OUT/attn-plain-4096.jsonl" 2>> "$OUT/commands.log" || status=1
+MIADPO_ATTENTION=pipelined timeout 90 $B --filter attention --seq-len 4096 --repeats 7 > "$OUT/attn-pipelined-4096.jsonl" 2>> "$OUT/commands.log" || status=1
 python3 - "$OUT" >> "$md" <<'PY'
 import json, os, sys
 d = sys.argv[1]
@@ -116,6 +117,7 @@ table(load("ops-miadpo.jsonl"), load("ops-torch.jsonl"), "")
 for t in (1024, 16384):
     table(load(f"attn-miadpo-{t}.jsonl"), load(f"attn-torch-{t}.jsonl"), f" T={t}")
 table(load("attn-plain-4096.jsonl"), load("ops-torch.jsonl"), " variant 1 (plain) T=4096")
+table(load("attn-pipelined-4096.jsonl"), load("ops-torch.jsonl"), " variant 3 (pipelined) T=4096")
 PY
 cat "$md"
 # everything but the table in one archive (at most 8 files come back from a device call)

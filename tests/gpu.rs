@@ -251,7 +251,11 @@ fn attention_variants_forward_mass_and_backward() {
             if x.hole.is_some() { " hole" } else { "" }
         );
         // plain: f32 throughout; fused: Q, K, V and the probabilities enter the tensor cores as bf16
-        for (variant, tol) in [(AttnKernel::Plain, F32_TOL), (AttnKernel::Fused, GEMM_TOL)] {
+        for (variant, tol) in [
+            (AttnKernel::Plain, F32_TOL),
+            (AttnKernel::Fused, GEMM_TOL),
+            (AttnKernel::Pipelined, GEMM_TOL),
+        ] {
             g.set_attention(variant);
             let (og, mg) = g.attention(&qg, &kg, &vg, s, Some(&spans));
             check(

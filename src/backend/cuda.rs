@@ -69,8 +69,13 @@ pub struct CudaBackend {
 /// The attention kernels (numbered variants in kernels/attention.cu).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttnKernel {
+    /// variant 1: a block per (row, head), unfused
     Plain,
+    /// variant 2: tensor-core flash attention (and flash-decoding, and the backward)
     Fused,
+    /// variant 3: variant 2's forward with K/V packed to bf16 once and the tiles pipelined by cp.async
+    /// (decode and backward as variant 2)
+    Pipelined,
 }
 
 // SAFETY: cuBLAS handles may be used from any thread as long as calls do not overlap; the backend's
@@ -217,9 +222,10 @@ impl CudaBackend {
             attn: match std::env::var("MIADPO_ATTENTION").as_deref() {
                 Ok("plain") => AttnKernel::Plain,
                 Ok("fused") | Err(_) => AttnKernel::Fused,
+                Ok("pipelined") => AttnKernel::Pipelined,
                 Ok(other) => {
                     return Err(Error::Invalid(format!(
-                        "MIADPO_ATTENTION={other}: expected `plain` or `fused`"
+                        "MIADPO_ATTENTION={other}: expected `plain`, `fused` or `pipelined`"
                     )))
                 }
             },
@@ -237,9 +243,10 @@ impl CudaBackend {
         self.attn = k;
     }
 
-    /// Whether the tensor-core kernels (variant 2) serve this shape: a head dim they are built for.
+    /// Whether the tensor-core kernels (variants 2 and 3) serve this shape: a head dim they are built
+    /// for.
     fn fused_attention(&self, s: AttnShape) -> bool {
-        self.attn == AttnKernel::Fused && matches!(s.head_dim, 16 | 32 | 64 | 128)
+        self.attn != AttnKernel::Plain && matches!(s.head_dim, 16 | 32 | 64 | 128)
     }
 
     /// One attention forward launch: `fused` picks variant 2 (which can also write the log-sum-exp
@@ -334,6 +341,94 @@ impl CudaBackend {
         // pushed above (kernels/attention.cu), smem sized for the chosen kernel.
         unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("CUDA: {name}: {e:?}"));
         (out, mass, lse)
+    }
+
+    /// Variant 3's forward: K and V packed to bf16 (V transposed) once, then 128 query rows per block
+    /// with the key tiles double-buffered by cp.async. Returns the output and the per-head span mass.
+    fn attention_fwd_pipelined(
+        &self,
+        q: &DBuf,
+        k: &DBuf,
+        v: &DBuf,
+        s: AttnShape,
+        spans: Option<&[KeySpan]>,
+    ) -> (DBuf, Option<DBuf>) {
+        let (d, n_spans) = (s.head_dim, spans.map_or(0, |x| x.len()));
+        let tpad = s.tk.div_ceil(64).max(1) * 64;
+        let alloc16 = |n: usize| {
+            // SAFETY: the pack kernel writes every element (rows past tk as zeros) before any read.
+            unsafe { self.stream.alloc::<u16>(n) }.expect("CUDA: out of memory")
+        };
+        let (mut kb, mut vt) = (alloc16(s.kv_heads * tpad * d), alloc16(s.kv_heads * tpad * d));
+        let (tk, tp, kvh) = (s.tk as i32, tpad as i32, s.kv_heads as i32);
+        let pack = match d {
+            16 => "attention_pack_kv_d16",
+            32 => "attention_pack_kv_d32",
+            64 => "attention_pack_kv_d64",
+            _ => "attention_pack_kv_d128",
+        };
+        let mut b = self.stream.launch_builder(self.f(pack));
+        b.arg(&k.s)
+            .arg(&v.s)
+            .arg(&mut kb)
+            .arg(&mut vt)
+            .arg(&tk)
+            .arg(&tp)
+            .arg(&kvh);
+        let cfg = LaunchConfig {
+            grid_dim: ((tpad / 64) as u32, s.kv_heads as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: k, v (tk, kv_heads·d); kb, vt (kv_heads, tpad, d) written in full.
+        unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("CUDA: {pack}: {e:?}"));
+        let name = match (n_spans > 0, d) {
+            (false, 16) => "attention_fwd3_d16",
+            (false, 32) => "attention_fwd3_d32",
+            (false, 64) => "attention_fwd3_d64",
+            (false, _) => "attention_fwd3_d128",
+            (true, 16) => "attention_fwd3_mass_d16",
+            (true, 32) => "attention_fwd3_mass_d32",
+            (true, 64) => "attention_fwd3_mass_d64",
+            (true, _) => "attention_fwd3_mass_d128",
+        };
+        let mut out = self.poisoned(s.tq * s.heads * d);
+        let mut mass = (n_spans > 0).then(|| self.zeros(s.tq * s.heads * n_spans));
+        let flat: Vec<usize> = spans.unwrap_or(&[]).iter().flat_map(|&(a, b)| [a, b]).collect();
+        let spans_dev = self.ints(if flat.is_empty() { &[0, 0] } else { &flat });
+        let (hf, ha, hb) = hole_args(s);
+        let (tq, heads, causal, q0, ns) = (
+            s.tq as i32,
+            s.heads as i32,
+            s.causal as i32,
+            s.q_pos0 as i32,
+            n_spans as i32,
+        );
+        let null: u64 = 0;
+        let mut b = self.stream.launch_builder(self.f(name));
+        b.arg(&q.s).arg(&kb).arg(&vt).arg(&mut out.s).arg(&null); // no log-sum-exp
+        b.arg(&tq).arg(&tk).arg(&tp).arg(&heads).arg(&kvh);
+        b.arg(&causal)
+            .arg(&q0)
+            .arg(&hf)
+            .arg(&ha)
+            .arg(&hb)
+            .arg(&spans_dev)
+            .arg(&ns);
+        match mass.as_mut() {
+            Some(m) => b.arg(&mut m.s),
+            None => b.arg(&null),
+        };
+        // Q tile of 128 rows, two K tiles (64 rows, stride d + 8) and two Vᵀ tiles (d rows of 64 + 8)
+        let smem = (128 * (d + 8) + 2 * 64 * (d + 8) + 2 * d * 72) * 2;
+        let cfg = LaunchConfig {
+            grid_dim: (s.tq.div_ceil(128) as u32, s.heads as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        // SAFETY: shapes of AttnShape; argument list as in kernels/attention.cu (variant 3).
+        unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("CUDA: {name}: {e:?}"));
+        (out, mass)
     }
 
     /// Variant 2's decode (flash-decoding): a few query rows against a long cache, the keys split
@@ -848,6 +943,8 @@ impl Backend for CudaBackend {
         let (out, mass) = if fused && s.tq < 16 {
             // decode steps: too few rows for a 64-row tile; keys split over blocks instead
             self.attention_decode(q, k, v, s, spans)
+        } else if fused && self.attn == AttnKernel::Pipelined {
+            self.attention_fwd_pipelined(q, k, v, s, spans)
         } else {
             let (out, mass, _) = self.attention_fwd(q, k, v, s, spans, fused, false);
             (out, mass)
