@@ -431,3 +431,26 @@ fn dpo_pass_on_the_fixture_matches_the_cpu() {
     mc.decoder.detach_lora();
     mg.decoder.detach_lora();
 }
+
+/// The KV cache's growth: rows appended one block at a time (the allocation grows geometrically, the
+/// buffer's length must not) equal the concatenation, and the buffer still works as an op input.
+#[test]
+fn append_rows_grows_the_cache_in_place() {
+    let Some(g) = gpu() else { return };
+    let c = CpuBackend::new();
+    let mut rng = TestRng(9);
+    let d = 96;
+    let (mut gc, mut cc) = (g.upload(&[]), Vec::<f32>::new());
+    for rows in [5, 1, 1, 17, 1, 64, 1] {
+        let block = rng.vec(rows * d, 1.0);
+        g.append_rows(&mut gc, &g.upload(&block));
+        c.append_rows(&mut cc, &block);
+        assert_eq!(g.len(&gc), cc.len());
+        check(&format!("append_rows to {} rows", cc.len() / d), &g.download(&gc), &cc, 0.0);
+    }
+    let w = rng.vec(cc.len(), 1.0);
+    let (mut a, mut b) = (gc.clone(), cc.clone());
+    g.add(&mut a, &g.upload(&w));
+    c.add(&mut b, &w);
+    check("add on an appended buffer", &g.download(&a), &b, F32_TOL);
+}

@@ -798,9 +798,11 @@ impl Backend for CudaBackend {
     }
 
     fn download(&self, x: &DBuf) -> Vec<f32> {
-        let mut v = self.stream.clone_dtoh(&x.s).expect("CUDA: download");
-        v.truncate(x.n);
-        v
+        if x.n == 0 {
+            return Vec::new();
+        }
+        // only the first n elements: a buffer's allocation may be larger (append_rows)
+        self.stream.clone_dtoh(&x.s.slice(..x.n)).expect("CUDA: download")
     }
 
     fn len(&self, x: &DBuf) -> usize {
@@ -978,9 +980,28 @@ impl Backend for CudaBackend {
     }
 
     fn append_rows(&self, dst: &mut DBuf, src: &DBuf) {
-        // a fresh allocation per append: simple and correct; a preallocated cache comes with the
-        // decode kernels of issue 7
-        *dst = self.concat_rows(&[dst.clone(), src.clone()]);
+        // The KV cache grows by a row per decode step: the allocation grows geometrically (the
+        // buffer's length is `n`, its capacity the allocation's), so appending costs O(rows) copied
+        // in all instead of a copy of the whole cache per step.
+        let n = dst.n + src.n;
+        if dst.s.len() < n {
+            // SAFETY: the first dst.n elements are copied in below, the rest lie past `n`.
+            let mut grown = unsafe { self.stream.alloc::<f32>((2 * n).max(1)) }.expect("CUDA: out of memory");
+            if dst.n > 0 {
+                let mut head = grown.slice_mut(..dst.n);
+                self.stream
+                    .memcpy_dtod(&dst.s.slice(..dst.n), &mut head)
+                    .expect("CUDA: copy");
+            }
+            dst.s = grown;
+        }
+        if src.n > 0 {
+            let mut tail = dst.s.slice_mut(dst.n..n);
+            self.stream
+                .memcpy_dtod(&src.s.slice(..src.n), &mut tail)
+                .expect("CUDA: copy");
+        }
+        dst.n = n;
     }
 
     fn slice_rows(&self, x: &DBuf, d: usize, r0: usize, r1: usize) -> DBuf {
