@@ -244,6 +244,8 @@ def main():
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--warmup", type=int, default=1, help="untimed generate calls on the first record (default 1)")
     ap.add_argument("--json-only", action="store_true")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="cuda: the model in bf16 on GPU 0 (how MIA-DPO runs it), peak GPU memory reported")
     a = ap.parse_args()
     if a.max_new_tokens < 1 or a.batch_size < 1 or a.threads < 1 or a.warmup < 0:
         ap.error("--max-new-tokens, --batch-size, --threads must be >= 1, --warmup >= 0")
@@ -256,11 +258,12 @@ def main():
     # ---- load (not timed)
     t_load = time.perf_counter()
     load_kw = {"attn_implementation": "eager"}
+    dtype = torch.bfloat16 if a.device == "cuda" else torch.float32
     if int(transformers.__version__.split(".")[0]) >= 5:
-        load_kw["dtype"] = torch.float32
+        load_kw["dtype"] = dtype
     else:
-        load_kw["torch_dtype"] = torch.float32
-    model = LlavaForConditionalGeneration.from_pretrained(a.model, **load_kw).eval()
+        load_kw["torch_dtype"] = dtype
+    model = LlavaForConditionalGeneration.from_pretrained(a.model, **load_kw).eval().to(a.device)
     tok = Tokenizer.from_file(os.path.join(a.model, "tokenizer.json"))
     proc = ClipProc.from_pretrained(a.model)
     load_s = time.perf_counter() - t_load
@@ -339,12 +342,14 @@ def main():
             input_ids[b, o:] = torch.tensor(ids)
             mask[b, o:] = 1
             offs.append(o)
-        pixel_values = torch.cat([p[1] for p in prep])
+        pixel_values = torch.cat([p[1] for p in prep]).to(a.device, dtype)
+        input_ids, mask = input_ids.to(a.device), mask.to(a.device)
         out = model.generate(input_ids=input_ids, attention_mask=mask, pixel_values=pixel_values,
                              do_sample=False, max_new_tokens=max_new, output_attentions=True,
                              output_logits=True, output_scores=True, return_dict_in_generate=True,
                              eos_token_id=eos, pad_token_id=pad)
         seqs = out.sequences[:, T:] if out.sequences.shape[1] > T else out.sequences[:, :0]
+        seqs = seqs.cpu()
         logits = out.logits if getattr(out, "logits", None) is not None else out.scores
         n_steps = len(logits)
         # group masks over prompt key positions per row (shifted by that row's left padding): (B, G, T)
@@ -361,7 +366,7 @@ def main():
         # per-step masses: steps 1.. are the generated tokens fed back; attentions[s][L]: (B, H, 1, T + s)
         mass = torch.zeros((B, G), dtype=torch.float64)
         for s in range(1, len(out.attentions)):
-            att = out.attentions[s][L]
+            att = out.attentions[s][L].float().cpu()
             assert att.shape[2] == 1 and att.shape[3] == T + s, tuple(att.shape)
             row = att[:, :, 0, :T].mean(1)  # (B, T) heads averaged, prompt keys
             m = torch.einsum("bt,bgt->bg", row, gm).double()  # (B, G)
@@ -371,7 +376,7 @@ def main():
         for b, (ids, _pv, groups, target, kind) in enumerate(prep):
             n = lens[b]
             gen = seqs[b, :n].tolist()
-            lmax = [float(torch.log_softmax(logits[s][b].double(), -1).max()) for s in range(min(n, n_steps))]
+            lmax = [float(torch.log_softmax(logits[s][b].double().cpu(), -1).max()) for s in range(min(n, n_steps))]
             ppl = math.exp(-sum(lmax) / len(lmax)) if lmax else float("nan")
             rows = n - 1
             ng = len(groups)
@@ -397,12 +402,17 @@ def main():
             run_batch(records[:1], min(2, a.max_new_tokens))
         gc.collect()
         hwm_reset = reset_peak_rss()
+        if a.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         results, lat = [], []
         b0, c0 = cpu_busy_s(), time.process_time()
         t0 = time.perf_counter()
         for i in range(0, len(records), a.batch_size):
             tb = time.perf_counter()
             res = run_batch(records[i:i + a.batch_size], a.max_new_tokens)
+            if a.device == "cuda":
+                torch.cuda.synchronize()
             dt = time.perf_counter() - tb
             results += res
             lat += [dt] * len(res)
@@ -423,6 +433,8 @@ def main():
         "wall_s": wall,
         "latency_median_s": statistics.median(lat),
         "peak_rss_mb": peak,
+        "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
+        "peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20 if a.device == "cuda" else None,
         "loaded_rss_mb": loaded_rss,
         "loaded_peak_rss_mb": loaded_peak,
         "loop_peak_rss_mb": loop_peak,

@@ -95,6 +95,11 @@ for t in 1024 16384; do
 done
 MIADPO_ATTENTION=plain timeout 90 $B --filter attention --seq-len 4096 --repeats 3 > "$OUT/attn-plain-4096.jsonl" 2>> "$OUT/commands.log" || status=1
 MIADPO_ATTENTION=pipelined timeout 90 $B --filter attention --seq-len 4096 --repeats 7 > "$OUT/attn-pipelined-4096.jsonl" 2>> "$OUT/commands.log" || status=1
+# the selection path: miadpo select vs HF generate(output_attentions=True, eager, bf16), random small LLaVA
+timeout 60 target/device/miadpo bench --save-model /tmp/small-llava --repeats 1 --new-tokens 2 --device cuda \
+    > /dev/null 2>> "$OUT/commands.log" || status=1
+timeout 240 python3 scripts/side_by_side_select.py --model /tmp/small-llava --miadpo target/device/miadpo \
+    --images 2 5 --batch 1 8 --new-tokens 32 --device cuda > "$OUT/select-vs-hf.md" 2>> "$OUT/commands.log" || status=1
 python3 - "$OUT" >> "$md" <<'PY'
 import json, os, sys
 d = sys.argv[1]
@@ -119,6 +124,10 @@ for t in (1024, 16384):
 table(load("attn-plain-4096.jsonl"), load("ops-torch.jsonl"), " variant 1 (plain) T=4096")
 table(load("attn-pipelined-4096.jsonl"), load("ops-torch.jsonl"), " variant 3 (pipelined) T=4096")
 PY
+echo >> "$md"
+echo "## Selection: miadpo select vs HF eager generate(output_attentions=True)" >> "$md"
+echo >> "$md"
+cat "$OUT/select-vs-hf.md" >> "$md" 2>/dev/null
 cat "$md"
 # everything but the table in one archive (at most 8 files come back from a device call)
 (cd "$OUT" && tar czf /tmp/logs.tgz --exclude device-check.md . && mv /tmp/logs.tgz . && find . -type f ! -name device-check.md ! -name logs.tgz -delete)

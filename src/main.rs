@@ -682,6 +682,9 @@ fn select<B: Backend>(a: SelectArgs, be: B) -> Result<()> {
             s.tokens as f64 / s.seconds
         );
     }
+    if let Some(mib) = model.be.peak_memory_mib() {
+        eprintln!("  peak device memory {mib:.0} MiB");
+    }
     Ok(())
 }
 

@@ -64,6 +64,8 @@ pub struct CudaBackend {
     /// is a multiple of 16 and there are 16+ query rows) or `Plain` (`MIADPO_ATTENTION=plain`), the
     /// first, unfused version kept as variant 1 for the benchmarks and as a second opinion.
     attn: AttnKernel,
+    /// the device's default memory pool, where every buffer lives (None: no stream-ordered allocator)
+    pool: Option<cudarc::driver::sys::CUmemoryPool>,
 }
 
 /// The attention kernels (numbered variants in kernels/attention.cu).
@@ -86,7 +88,7 @@ unsafe impl Sync for CudaBackend {}
 /// Makes the device's default memory pool keep freed memory instead of handing it back to the driver
 /// at every synchronisation (its default release threshold is 0): each op allocates its output with
 /// `cuMemAllocAsync`, and re-mapping those pages every step cost ~4x on a 256 MB copy (H100).
-fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
+fn keep_freed_memory(ctx: &CudaContext) -> Result<cudarc::driver::sys::CUmemoryPool> {
     use cudarc::driver::sys;
     let mut pool = std::mem::MaybeUninit::<sys::CUmemoryPool>::uninit();
     let mut threshold = u64::MAX;
@@ -102,8 +104,8 @@ fn keep_freed_memory(ctx: &CudaContext) -> Result<()> {
         )
         .result()
         .map_err(|e| dev_err("memory pool release threshold", e))?;
+        Ok(pool.assume_init())
     }
-    Ok(())
 }
 
 /// Whether the CUDA driver library can be loaded (probed without cudarc's panic).
@@ -176,9 +178,11 @@ impl CudaBackend {
             return Err(Error::Invalid(format!("CUDA: no GPU {ordinal} ({n} found)")));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| dev_err("creating the context", e))?;
-        if ctx.has_async_alloc() {
-            keep_freed_memory(&ctx)?;
-        }
+        let pool = if ctx.has_async_alloc() {
+            Some(keep_freed_memory(&ctx)?)
+        } else {
+            None
+        };
         let (major, minor) = ctx
             .compute_capability()
             .map_err(|e| dev_err("compute capability", e))?;
@@ -219,6 +223,7 @@ impl CudaBackend {
             arch,
             smem_optin,
             poison: std::env::var("MIADPO_POISON").is_ok_and(|v| v == "1"),
+            pool,
             attn: match std::env::var("MIADPO_ATTENTION").as_deref() {
                 Ok("plain") => AttnKernel::Plain,
                 Ok("fused") | Err(_) => AttnKernel::Fused,
@@ -781,6 +786,23 @@ impl Backend for CudaBackend {
 
     fn hardware(&self) -> String {
         self.device()
+    }
+
+    fn peak_memory_mib(&self) -> Option<f64> {
+        use cudarc::driver::sys;
+        let pool = self.pool?;
+        let mut high: u64 = 0;
+        // SAFETY: the pool is the device's default pool; the attribute is a u64.
+        unsafe {
+            sys::cuMemPoolGetAttribute(
+                pool,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                (&mut high as *mut u64).cast(),
+            )
+        }
+        .result()
+        .ok()?;
+        Some(high as f64 / (1u64 << 20) as f64)
     }
 
     fn synchronize(&self) {

@@ -80,6 +80,11 @@ pub trait Backend: Send + Sync {
     fn upload(&self, x: &[f32]) -> Self::Buf;
     /// Waits until every op issued so far has finished (timing); the CPU's ops are synchronous.
     fn synchronize(&self) {}
+    /// The most device memory in use at once so far, MiB (the GPU's buffers; None for the CPU, whose
+    /// figure is the process's peak RSS).
+    fn peak_memory_mib(&self) -> Option<f64> {
+        None
+    }
     fn download(&self, x: &Self::Buf) -> Vec<f32>;
     /// Elements in a buffer (without copying it to the host).
     fn len(&self, x: &Self::Buf) -> usize;
