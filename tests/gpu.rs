@@ -446,7 +446,12 @@ fn append_rows_grows_the_cache_in_place() {
         g.append_rows(&mut gc, &g.upload(&block));
         c.append_rows(&mut cc, &block);
         assert_eq!(g.len(&gc), cc.len());
-        check(&format!("append_rows to {} rows", cc.len() / d), &g.download(&gc), &cc, 0.0);
+        check(
+            &format!("append_rows to {} rows", cc.len() / d),
+            &g.download(&gc),
+            &cc,
+            0.0,
+        );
     }
     let w = rng.vec(cc.len(), 1.0);
     let (mut a, mut b) = (gc.clone(), cc.clone());
