@@ -81,6 +81,12 @@ for dev in cpu cuda; do
             || { status=1; echo "FAILED" >> "$md"; }
     done
 done
+# prefix sharing (issue 7's target: >= 1.3x the two-sequence step on two-image-length prompts)
+for ps in true false; do
+    echo "bench --task train --device cuda --prompt-tokens 600 --prefix-sharing $ps:" >> "$md"
+    timeout 120 target/device/miadpo bench --task train --device cuda --prompt-tokens 600 --prefix-sharing $ps \
+        --repeats 5 --warmup 1 >> "$md" 2>> "$OUT/commands.log" || { status=1; echo "FAILED" >> "$md"; }
+done
 echo '```' >> "$md"
 echo >> "$md"
 echo "## Ops: miadpo CUDA backend vs PyTorch (same shapes: 4096 rows of hidden 4096; attention 32 heads of 128)" >> "$md"
