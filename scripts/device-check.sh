@@ -113,17 +113,20 @@ def load(name):
     p = os.path.join(d, name)
     return {r["name"]: r for r in map(json.loads, open(p)) if r.get("name")} if os.path.exists(p) else {}
 def table(m, t, label=""):
+    mib = lambda r: "-" if r is None or r.get("extra_mib") is None else f"{r['extra_mib']:.0f}"
     for name, r in m.items():
         if name.startswith("ceiling/") and label:
             continue
         o, ms = t.get(name), r["ms"]["median"]
         unit = "GB/s" if r["bound"] == "memory" else "TFLOP/s"
+        ours = f"{r['achieved']:.0f} {unit} ({100 * r['of_ceiling']:.0f}%)"
         if o:
-            print(f"| {name}{label} | {ms:.3f} | {o['ms']:.3f} | {o['ms'] / ms:.2f}x | {r['achieved']:.0f} {unit} ({100 * r['of_ceiling']:.0f}%) | {o['achieved']:.0f} {unit} ({100 * o['of_ceiling']:.0f}%) |")
+            theirs = f"{o['achieved']:.0f} {unit} ({100 * o['of_ceiling']:.0f}%)"
+            print(f"| {name}{label} | {ms:.3f} | {o['ms']:.3f} | {o['ms'] / ms:.2f}x | {ours} | {theirs} | {mib(r)} | {mib(o)} |")
         else:
-            print(f"| {name}{label} | {ms:.3f} | - | - | {r['achieved']:.0f} {unit} ({100 * r['of_ceiling']:.0f}%) | - |")
-print("| op | miadpo ms | torch ms | miadpo speed / torch | miadpo (of ceiling) | torch (of ceiling) |")
-print("|---|---:|---:|---:|---:|---:|")
+            print(f"| {name}{label} | {ms:.3f} | - | - | {ours} | - | {mib(r)} | - |")
+print("| op | miadpo ms | torch ms | miadpo speed / torch | miadpo (of ceiling) | torch (of ceiling) | miadpo extra MiB | torch extra MiB |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|")
 table(load("ops-miadpo.jsonl"), load("ops-torch.jsonl"), "")
 for t in (1024, 16384):
     table(load(f"attn-miadpo-{t}.jsonl"), load(f"attn-torch-{t}.jsonl"), f" T={t}")

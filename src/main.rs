@@ -1537,8 +1537,10 @@ fn ops_bench<B: Backend>(a: BenchArgs, be: B) -> Result<()> {
             miadpo::opbench::Bound::Memory => "GB/s",
             miadpo::opbench::Bound::Compute => "TFLOP/s",
         };
+        // the device memory a call takes beyond its inputs, where the backend counts it (GPU)
+        let extra = r.extra_mib.map_or(String::new(), |e| format!("  +{e:.0} MiB"));
         println!(
-            "{:<30} {:<22} {:>10.3} {:>7.2} {unit:<7}{:>8.0}%",
+            "{:<30} {:<22} {:>10.3} {:>7.2} {unit:<7}{:>8.0}%{extra}",
             r.name,
             r.shape,
             r.ms.median,

@@ -32,6 +32,9 @@ pub struct OpResult {
     /// the same unit's ceiling of this run, and the share of it
     pub ceiling: f64,
     pub of_ceiling: f64,
+    /// device memory one call takes beyond its inputs, MiB (None where the backend does not count:
+    /// the CPU)
+    pub extra_mib: Option<f64>,
 }
 
 type Run<'a> = Box<dyn FnMut() + 'a>;
@@ -141,7 +144,7 @@ pub fn run<B: Backend>(
     let q1 = be.upload(&rand(heads * hd, 1.0));
     let positions: Vec<usize> = (0..rows).collect();
     let mass_spans: Vec<(usize, usize)> = (0..5).map(|i| (1 + i * t / 6, (i + 1) * t / 6)).collect();
-    let targets: Vec<u32> = (0..64).map(|i| (i * 7919 % vocab) as u32).collect();
+    let targets: Vec<u32> = (0..rows).map(|i| (i * 7919 % vocab) as u32).collect();
     let shape = |causal| AttnShape {
         tq: t,
         tk: t,
@@ -153,10 +156,7 @@ pub fn run<B: Backend>(
         hole: None,
     };
     let att_out = be.attention(&q, &kv, &kv, shape(true), None).0;
-    let lse = lm.as_ref().map(|lm| {
-        be.fused_logprobs(&be.slice_rows(&x, h, 0, 64), 64, lm, &targets)
-            .1
-    });
+    let lse = lm.as_ref().map(|lm| be.fused_logprobs(&x, rows, lm, &targets).1);
     let f = 4.0; // bytes per f32
     let n = (rows * h) as f64;
     let attn_flops = 4.0 * (t * t * heads * hd) as f64;
@@ -318,39 +318,48 @@ pub fn run<B: Backend>(
         },
     ];
     if let (Some(lm), Some(lse)) = (lm.as_ref(), lse) {
-        let h64 = be.slice_rows(&x, h, 0, 64);
-        let (t2, h2, l2) = (targets.clone(), h64.clone(), lse.clone());
-        let flops = 2.0 * (64 * vocab * h) as f64;
+        // per-token log-probs of `rows` target tokens (a sequence of T = rows), never the (T, V) logits
+        let (t2, h2, l2) = (targets.clone(), x.clone(), lse.clone());
+        let flops = 2.0 * (rows * vocab * h) as f64;
+        let hid = x.clone();
         cases.push(Case {
             name: "logprob/fused",
-            shape: format!("64x{h} · {vocab}x{h}"),
+            shape: format!("{rows}x{h} · {vocab}x{h}"),
             bound: Bound::Compute,
             work: flops,
             run: Box::new(move || {
-                std::hint::black_box(be.fused_logprobs(&h64, 64, lm, &targets));
+                std::hint::black_box(be.fused_logprobs(&hid, rows, lm, &targets));
             }),
         });
-        let g = vec![1.0f32; 64];
+        let g = vec![1.0f32; rows];
         cases.push(Case {
             name: "logprob/fused_backward",
-            shape: format!("64x{h} · {vocab}x{h}"),
+            shape: format!("{rows}x{h} · {vocab}x{h}"),
             bound: Bound::Compute,
             work: 2.0 * flops,
             run: Box::new(move || {
-                std::hint::black_box(be.fused_logprobs_backward(&h2, 64, lm, &t2, &l2, &g));
+                std::hint::black_box(be.fused_logprobs_backward(&h2, rows, lm, &t2, &l2, &g));
             }),
         });
     }
     let sync = || be.synchronize();
-    let mut timed: Vec<(String, String, Bound, f64, Stats)> = Vec::new();
+    let mut timed: Vec<(String, String, Bound, f64, Stats, Option<f64>)> = Vec::new();
     for mut c in cases {
         let wanted = c.name.starts_with("ceiling/") || c.name.contains(filter);
         if !wanted {
             continue;
         }
         progress(c.name);
+        // the memory one call needs beyond its inputs (outputs and scratch), where the backend
+        // keeps count: the pool's high-water mark over one call, less what was in use before it
+        sync();
+        be.reset_peak_memory();
+        let before = be.memory_in_use_mib();
+        (c.run)();
+        sync();
+        let extra = before.zip(be.peak_memory_mib()).map(|(b, p)| (p - b).max(0.0));
         let ms = time(&mut c.run, &sync, repeats);
-        timed.push((c.name.to_string(), c.shape, c.bound, c.work, ms));
+        timed.push((c.name.to_string(), c.shape, c.bound, c.work, ms, extra));
     }
     let rate = |bound: Bound, work: f64, ms: f64| match bound {
         Bound::Memory => work / (ms * 1e-3) / 1e9,
@@ -367,7 +376,7 @@ pub fn run<B: Backend>(
     Ok(timed
         .iter()
         .filter(|r| filter.is_empty() || r.0.contains(filter))
-        .map(|(name, shape, bound, work, ms)| {
+        .map(|(name, shape, bound, work, ms, extra)| {
             let achieved = rate(*bound, *work, ms.median);
             let ceiling = if *bound == Bound::Memory { copy } else { gemm };
             OpResult {
@@ -378,6 +387,7 @@ pub fn run<B: Backend>(
                 achieved,
                 ceiling,
                 of_ceiling: achieved / ceiling,
+                extra_mib: *extra,
             }
         })
         .collect())

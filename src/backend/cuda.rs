@@ -560,6 +560,17 @@ impl CudaBackend {
         (dq, dk, dv)
     }
 
+    /// A u64 attribute of the device's memory pool, in MiB.
+    fn pool_attribute(&self, attr: cudarc::driver::sys::CUmemPool_attribute) -> Option<f64> {
+        let pool = self.pool?;
+        let mut v: u64 = 0;
+        // SAFETY: the device's default pool; the byte-count attributes are u64.
+        unsafe { cudarc::driver::sys::cuMemPoolGetAttribute(pool, attr, (&mut v as *mut u64).cast()) }
+            .result()
+            .ok()?;
+        Some(v as f64 / (1u64 << 20) as f64)
+    }
+
     /// "NVIDIA H100 80GB HBM3 (sm_90a)"
     pub fn device(&self) -> String {
         format!("{} ({})", self.device, self.arch)
@@ -789,20 +800,26 @@ impl Backend for CudaBackend {
     }
 
     fn peak_memory_mib(&self) -> Option<f64> {
+        self.pool_attribute(cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH)
+    }
+
+    fn memory_in_use_mib(&self) -> Option<f64> {
+        self.pool_attribute(cudarc::driver::sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)
+    }
+
+    fn reset_peak_memory(&self) {
         use cudarc::driver::sys;
-        let pool = self.pool?;
-        let mut high: u64 = 0;
-        // SAFETY: the pool is the device's default pool; the attribute is a u64.
-        unsafe {
-            sys::cuMemPoolGetAttribute(
-                pool,
-                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
-                (&mut high as *mut u64).cast(),
-            )
+        if let Some(pool) = self.pool {
+            let mut zero: u64 = 0; // the driver resets the high-water mark to the current use
+                                   // SAFETY: the device's default pool; the attribute takes a u64 that must be 0.
+            let _ = unsafe {
+                sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                    (&mut zero as *mut u64).cast(),
+                )
+            };
         }
-        .result()
-        .ok()?;
-        Some(high as f64 / (1u64 << 20) as f64)
     }
 
     fn synchronize(&self) {

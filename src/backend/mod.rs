@@ -85,6 +85,12 @@ pub trait Backend: Send + Sync {
     fn peak_memory_mib(&self) -> Option<f64> {
         None
     }
+    /// Device memory in use now, MiB (None for the CPU).
+    fn memory_in_use_mib(&self) -> Option<f64> {
+        None
+    }
+    /// Starts a new high-water mark for `peak_memory_mib` at the memory in use now.
+    fn reset_peak_memory(&self) {}
     fn download(&self, x: &Self::Buf) -> Vec<f32>;
     /// Elements in a buffer (without copying it to the host).
     fn len(&self, x: &Self::Buf) -> usize;
