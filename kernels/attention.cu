@@ -150,6 +150,155 @@ __device__ __forceinline__ void fa_load_rows(bf16* dst, const act* src, int r0, 
     }
 }
 
+// The a fragments of this warp's 16 query rows (row-major bf16 in shared memory, stride D + 8), for
+// all D / 16 k-steps of S = Q Kᵀ; kept in registers for the whole key loop.
+template <int D>
+__device__ __forceinline__ void fa_q_fragments(const bf16* qw, unsigned (&qf)[D / 16][4]) {
+    constexpr int S = D + 8;
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+        qf[kk][0] = *(const unsigned*)(qw + g * S + kk * 16 + 2 * t);
+        qf[kk][1] = *(const unsigned*)(qw + (g + 8) * S + kk * 16 + 2 * t);
+        qf[kk][2] = *(const unsigned*)(qw + g * S + kk * 16 + 2 * t + 8);
+        qf[kk][3] = *(const unsigned*)(qw + (g + 8) * S + kk * 16 + 2 * t + 8);
+    }
+}
+
+// One key tile of the forward for this warp's 16 query rows (variants 2 and 3 alike): S = Q Kᵀ from
+// the Q fragments and the K tile (row stride D + 8), scale and mask, the online-softmax update of
+// (mrow, lrow, o), the per-span masses, then O += P V from the Vᵀ tile (row stride 64 + 8).
+template <int D, bool MASS>
+__device__ __forceinline__ void fa_tile(const unsigned (&qf)[D / 16][4], const bf16* sk, const bf16* svt, int n0,
+                                        const int (&qpos)[2], int tk, int causal, int hole_first, int hole_a,
+                                        int hole_b, const int* ssp, int ns, float (&o)[D / 8][4], float (&mrow)[2],
+                                        float (&lrow)[2], float (&macc)[2][MASS ? FA_MAX_SPANS : 1]) {
+    constexpr int S = D + 8, SV = FA_BN + 8;
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const float scale = rsqrtf((float)D) * 1.4426950408889634f; // scores in log2 units, for exp2f
+    // S = Q Kᵀ for this warp's 16 rows and the tile's 64 keys
+    float sc[FA_BN / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < FA_BN / 8; nt++) {
+        sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
+        const bf16* kr = sk + (nt * 8 + g) * S + 2 * t;
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++)
+            mma_bf16_16816(sc[nt], qf[kk], *(const unsigned*)(kr + kk * 16), *(const unsigned*)(kr + kk * 16 + 8));
+    }
+    // scale, mask, new running max (over the 4 threads that share a row)
+    float mnew[2] = {mrow[0], mrow[1]};
+#pragma unroll
+    for (int nt = 0; nt < FA_BN / 8; nt++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int r = e >> 1, j = n0 + nt * 8 + 2 * t + (e & 1);
+            bool ok = j < tk && (!causal || j <= qpos[r]) &&
+                      !(hole_first >= 0 && qpos[r] >= hole_first && j >= hole_a && j < hole_b);
+            sc[nt][e] = ok ? sc[nt][e] * scale : -INFINITY;
+            mnew[r] = fmaxf(mnew[r], sc[nt][e]);
+        }
+    }
+    float alpha[2], base[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        mnew[r] = fmaxf(mnew[r], __shfl_xor_sync(0xffffffffu, mnew[r], 1));
+        mnew[r] = fmaxf(mnew[r], __shfl_xor_sync(0xffffffffu, mnew[r], 2));
+        base[r] = mnew[r] == -INFINITY ? 0.0f : mnew[r]; // a row with nothing visible yet
+        alpha[r] = exp2f(mrow[r] - base[r]);
+        mrow[r] = mnew[r];
+    }
+    float rs[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int nt = 0; nt < FA_BN / 8; nt++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            float p = exp2f(sc[nt][e] - base[e >> 1]);
+            sc[nt][e] = p;
+            rs[e >> 1] += p;
+        }
+    }
+    lrow[0] = lrow[0] * alpha[0] + rs[0];
+    lrow[1] = lrow[1] * alpha[1] + rs[1];
+    // per-span mass, rescaled like the row sum; only spans that meet this tile add
+#pragma unroll
+    for (int sp = 0; sp < (MASS ? FA_MAX_SPANS : 0); sp++) {
+        if (sp < ns) {
+            macc[0][sp] *= alpha[0];
+            macc[1][sp] *= alpha[1];
+            int a = ssp[2 * sp], b = ssp[2 * sp + 1];
+            if (a <= n0 && n0 + FA_BN <= b) {
+                // the tile lies inside the span (most tiles of an image span): the row sums
+                macc[0][sp] += rs[0];
+                macc[1][sp] += rs[1];
+            } else if (a < n0 + FA_BN && b > n0) {
+#pragma unroll
+                for (int nt = 0; nt < FA_BN / 8; nt++) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        int j = n0 + nt * 8 + 2 * t + (e & 1);
+                        if (j >= a && j < b) macc[e >> 1][sp] += sc[nt][e];
+                    }
+                }
+            }
+        }
+    }
+    // O = O·alpha + P V, P from the score registers (the c fragment of S is the a fragment of P)
+#pragma unroll
+    for (int dt = 0; dt < D / 8; dt++) {
+        o[dt][0] *= alpha[0];
+        o[dt][1] *= alpha[0];
+        o[dt][2] *= alpha[1];
+        o[dt][3] *= alpha[1];
+    }
+#pragma unroll
+    for (int kk = 0; kk < FA_BN / 16; kk++) {
+        unsigned pa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]), pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
+                          pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
+                          pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
+#pragma unroll
+        for (int dt = 0; dt < D / 8; dt++) {
+            const bf16* vr = svt + (dt * 8 + g) * SV + kk * 16 + 2 * t;
+            mma_bf16_16816(o[dt], pa, *(const unsigned*)vr, *(const unsigned*)(vr + 8));
+        }
+    }
+}
+
+// The end of the forward for this warp's 16 rows (variants 2 and 3): row sums over the quad,
+// normalise and store the output, the log-sum-exp when asked, the span masses.
+template <int D, bool MASS>
+__device__ __forceinline__ void fa_store(const float (&o)[D / 8][4], const float (&mrow)[2], float (&lrow)[2],
+                                         const float (&macc)[2][MASS ? FA_MAX_SPANS : 1], int row0, act* out,
+                                         float* lse, float* mass, int tq, int heads, int h, int ns, int n_spans) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 1);
+        lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 2);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        int row = row0 + g + 8 * r;
+        float inv = lrow[r] > 0.0f ? 1.0f / lrow[r] : 0.0f;
+        if (row < tq) {
+            act* orow = out + ((long)row * heads + h) * D + 2 * t;
+#pragma unroll
+            for (int dt = 0; dt < D / 8; dt++)
+                *(float2*)(orow + dt * 8) = make_float2(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
+            if (t == 0 && lse != 0) lse[(long)row * heads + h] = (mrow[r] + log2f(lrow[r])) * 0.6931471805599453f;
+        }
+#pragma unroll
+        for (int sp = 0; sp < (MASS ? FA_MAX_SPANS : 0); sp++) {
+            if (sp < ns) {
+                float m = macc[r][sp];
+                m += __shfl_xor_sync(0xffffffffu, m, 1);
+                m += __shfl_xor_sync(0xffffffffu, m, 2);
+                if (t == 0 && row < tq) mass[((long)row * heads + h) * n_spans + sp] = m * inv;
+            }
+        }
+    }
+}
+
 template <int D, bool MASS>
 __device__ __forceinline__ void flash_fwd(const act* q, const act* k, const act* v, act* out, float* lse, int tq,
                                           int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
@@ -165,22 +314,12 @@ __device__ __forceinline__ void flash_fwd(const act* q, const act* k, const act*
     // heaviest (latest, under the causal mask) query blocks first
     int m0 = (gridDim.x - 1 - blockIdx.x) * FA_BM, h = blockIdx.y, kvh = h / (heads / kv_heads);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const float scale = rsqrtf((float)D) * 1.4426950408889634f; // scores in log2 units, for exp2f
     int ns = MASS ? min(n_spans, FA_MAX_SPANS) : 0;
     if (threadIdx.x < 2 * ns) ssp[threadIdx.x] = spans[threadIdx.x];
     fa_load_rows<D, S>(sq, q + h * D, m0, FA_BM, tq, heads * D);
     __syncthreads();
     unsigned qf[D / 16][4];
-    {
-        const bf16* qw = sq + warp * 16 * S;
-#pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) {
-            qf[kk][0] = *(const unsigned*)(qw + g * S + kk * 16 + 2 * t);
-            qf[kk][1] = *(const unsigned*)(qw + (g + 8) * S + kk * 16 + 2 * t);
-            qf[kk][2] = *(const unsigned*)(qw + g * S + kk * 16 + 2 * t + 8);
-            qf[kk][3] = *(const unsigned*)(qw + (g + 8) * S + kk * 16 + 2 * t + 8);
-        }
-    }
+    fa_q_fragments<D>(sq + warp * 16 * S, qf);
     // this thread's two rows: g and g + 8 of its warp's 16
     int qpos[2] = {q_pos0 + m0 + warp * 16 + g, q_pos0 + m0 + warp * 16 + g + 8};
     float o[D / 8][4];
@@ -210,120 +349,9 @@ __device__ __forceinline__ void flash_fwd(const act* q, const act* k, const act*
             svt[(c + 3) * SV + r] = f2bf(x.w);
         }
         __syncthreads();
-        // S = Q Kᵀ for this warp's 16 rows and the tile's 64 keys
-        float sc[FA_BN / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < FA_BN / 8; nt++) {
-            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
-            const bf16* kr = sk + (nt * 8 + g) * S + 2 * t;
-#pragma unroll
-            for (int kk = 0; kk < D / 16; kk++)
-                mma_bf16_16816(sc[nt], qf[kk], *(const unsigned*)(kr + kk * 16), *(const unsigned*)(kr + kk * 16 + 8));
-        }
-        // scale, mask, new running max (over the 4 threads that share a row)
-        float mnew[2] = {mrow[0], mrow[1]};
-#pragma unroll
-        for (int nt = 0; nt < FA_BN / 8; nt++) {
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int r = e >> 1, j = n0 + nt * 8 + 2 * t + (e & 1);
-                bool ok = j < tk && (!causal || j <= qpos[r]) &&
-                          !(hole_first >= 0 && qpos[r] >= hole_first && j >= hole_a && j < hole_b);
-                sc[nt][e] = ok ? sc[nt][e] * scale : -INFINITY;
-                mnew[r] = fmaxf(mnew[r], sc[nt][e]);
-            }
-        }
-        float alpha[2], base[2];
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            mnew[r] = fmaxf(mnew[r], __shfl_xor_sync(0xffffffffu, mnew[r], 1));
-            mnew[r] = fmaxf(mnew[r], __shfl_xor_sync(0xffffffffu, mnew[r], 2));
-            base[r] = mnew[r] == -INFINITY ? 0.0f : mnew[r]; // a row with nothing visible yet
-            alpha[r] = exp2f(mrow[r] - base[r]);
-            mrow[r] = mnew[r];
-        }
-        float rs[2] = {0.0f, 0.0f};
-#pragma unroll
-        for (int nt = 0; nt < FA_BN / 8; nt++) {
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                float p = exp2f(sc[nt][e] - base[e >> 1]);
-                sc[nt][e] = p;
-                rs[e >> 1] += p;
-            }
-        }
-        lrow[0] = lrow[0] * alpha[0] + rs[0];
-        lrow[1] = lrow[1] * alpha[1] + rs[1];
-        // per-span mass, rescaled like the row sum; only spans that meet this tile add
-#pragma unroll
-        for (int sp = 0; sp < (MASS ? FA_MAX_SPANS : 0); sp++) {
-            if (sp < ns) {
-                macc[0][sp] *= alpha[0];
-                macc[1][sp] *= alpha[1];
-                int a = ssp[2 * sp], b = ssp[2 * sp + 1];
-                if (a <= n0 && n0 + FA_BN <= b) {
-                    // the tile lies inside the span (most tiles of an image span): the row sums
-                    macc[0][sp] += rs[0];
-                    macc[1][sp] += rs[1];
-                } else if (a < n0 + FA_BN && b > n0) {
-#pragma unroll
-                    for (int nt = 0; nt < FA_BN / 8; nt++) {
-#pragma unroll
-                        for (int e = 0; e < 4; e++) {
-                            int j = n0 + nt * 8 + 2 * t + (e & 1);
-                            if (j >= a && j < b) macc[e >> 1][sp] += sc[nt][e];
-                        }
-                    }
-                }
-            }
-        }
-        // O = O·alpha + P V, P from the score registers (the c fragment of S is the a fragment of P)
-#pragma unroll
-        for (int dt = 0; dt < D / 8; dt++) {
-            o[dt][0] *= alpha[0];
-            o[dt][1] *= alpha[0];
-            o[dt][2] *= alpha[1];
-            o[dt][3] *= alpha[1];
-        }
-#pragma unroll
-        for (int kk = 0; kk < FA_BN / 16; kk++) {
-            unsigned pa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]), pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
-                              pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
-                              pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
-#pragma unroll
-            for (int dt = 0; dt < D / 8; dt++) {
-                const bf16* vr = svt + (dt * 8 + g) * SV + kk * 16 + 2 * t;
-                mma_bf16_16816(o[dt], pa, *(const unsigned*)vr, *(const unsigned*)(vr + 8));
-            }
-        }
+        fa_tile<D, MASS>(qf, sk, svt, n0, qpos, tk, causal, hole_first, hole_a, hole_b, ssp, ns, o, mrow, lrow, macc);
     }
-    // row sums over the quad, then normalise and store
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 1);
-        lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 2);
-    }
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        int row = m0 + warp * 16 + g + 8 * r;
-        float inv = lrow[r] > 0.0f ? 1.0f / lrow[r] : 0.0f;
-        if (row < tq) {
-            act* orow = out + ((long)row * heads + h) * D + 2 * t;
-#pragma unroll
-            for (int dt = 0; dt < D / 8; dt++)
-                *(float2*)(orow + dt * 8) = make_float2(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
-            if (t == 0 && lse != 0) lse[(long)row * heads + h] = (mrow[r] + log2f(lrow[r])) * 0.6931471805599453f;
-        }
-#pragma unroll
-        for (int sp = 0; sp < (MASS ? FA_MAX_SPANS : 0); sp++) {
-            if (sp < ns) {
-                float m = macc[r][sp];
-                m += __shfl_xor_sync(0xffffffffu, m, 1);
-                m += __shfl_xor_sync(0xffffffffu, m, 2);
-                if (t == 0 && row < tq) mass[((long)row * heads + h) * n_spans + sp] = m * inv;
-            }
-        }
-    }
+    fa_store<D, MASS>(o, mrow, lrow, macc, m0 + warp * 16, out, lse, mass, tq, heads, h, ns, n_spans);
 }
 
 // q (tq, H*D), k v (tk, KV*D), out (tq, H*D); lse (tq, H) or null; spans (n_spans, 2) ints, at most
@@ -817,7 +845,6 @@ __device__ __forceinline__ void flash_fwd_pipelined(const act* q, const bf16* kb
     __shared__ int ssp[2 * FA_MAX_SPANS];
     int m0 = (gridDim.x - 1 - blockIdx.x) * FA3_BM, h = blockIdx.y, kvh = h / (heads / kv_heads);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const float scale = rsqrtf((float)D) * 1.4426950408889634f;
     int ns = MASS ? min(n_spans, FA_MAX_SPANS) : 0;
     if (threadIdx.x < 2 * ns) ssp[threadIdx.x] = spans[threadIdx.x];
     const bf16* kh = kb + (long)kvh * tpad * D;
@@ -848,16 +875,7 @@ __device__ __forceinline__ void flash_fwd_pipelined(const act* q, const bf16* kb
     fa_load_rows<D, S>(sq, q + h * D, m0, FA3_BM, tq, heads * D);
     __syncthreads();
     unsigned qf[D / 16][4];
-    {
-        const bf16* qw = sq + warp * 16 * S;
-#pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) {
-            qf[kk][0] = *(const unsigned*)(qw + g * S + kk * 16 + 2 * t);
-            qf[kk][1] = *(const unsigned*)(qw + (g + 8) * S + kk * 16 + 2 * t);
-            qf[kk][2] = *(const unsigned*)(qw + g * S + kk * 16 + 2 * t + 8);
-            qf[kk][3] = *(const unsigned*)(qw + (g + 8) * S + kk * 16 + 2 * t + 8);
-        }
-    }
+    fa_q_fragments<D>(sq + warp * 16 * S, qf);
     int qpos[2] = {q_pos0 + m0 + warp * 16 + g, q_pos0 + m0 + warp * 16 + g + 8};
     float o[D / 8][4];
 #pragma unroll
@@ -879,117 +897,12 @@ __device__ __forceinline__ void flash_fwd_pipelined(const act* q, const bf16* kb
         __syncthreads();
         const bf16* sk = sk0 + buf * FA_BN * S;
         const bf16* svt = sv0 + buf * D * SV;
-        float sc[FA_BN / 8][4];
-#pragma unroll
-        for (int nt = 0; nt < FA_BN / 8; nt++) {
-            sc[nt][0] = sc[nt][1] = sc[nt][2] = sc[nt][3] = 0.0f;
-            const bf16* kr = sk + (nt * 8 + g) * S + 2 * t;
-#pragma unroll
-            for (int kk = 0; kk < D / 16; kk++)
-                mma_bf16_16816(sc[nt], qf[kk], *(const unsigned*)(kr + kk * 16), *(const unsigned*)(kr + kk * 16 + 8));
-        }
-        float mnew[2] = {mrow[0], mrow[1]};
-#pragma unroll
-        for (int nt = 0; nt < FA_BN / 8; nt++) {
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                int r = e >> 1, j = n0 + nt * 8 + 2 * t + (e & 1);
-                bool ok = j < tk && (!causal || j <= qpos[r]) &&
-                          !(hole_first >= 0 && qpos[r] >= hole_first && j >= hole_a && j < hole_b);
-                sc[nt][e] = ok ? sc[nt][e] * scale : -INFINITY;
-                mnew[r] = fmaxf(mnew[r], sc[nt][e]);
-            }
-        }
-        float alpha[2], base[2];
-#pragma unroll
-        for (int r = 0; r < 2; r++) {
-            mnew[r] = fmaxf(mnew[r], __shfl_xor_sync(0xffffffffu, mnew[r], 1));
-            mnew[r] = fmaxf(mnew[r], __shfl_xor_sync(0xffffffffu, mnew[r], 2));
-            base[r] = mnew[r] == -INFINITY ? 0.0f : mnew[r];
-            alpha[r] = exp2f(mrow[r] - base[r]);
-            mrow[r] = mnew[r];
-        }
-        float rs[2] = {0.0f, 0.0f};
-#pragma unroll
-        for (int nt = 0; nt < FA_BN / 8; nt++) {
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                float p = exp2f(sc[nt][e] - base[e >> 1]);
-                sc[nt][e] = p;
-                rs[e >> 1] += p;
-            }
-        }
-        lrow[0] = lrow[0] * alpha[0] + rs[0];
-        lrow[1] = lrow[1] * alpha[1] + rs[1];
-#pragma unroll
-        for (int sp = 0; sp < (MASS ? FA_MAX_SPANS : 0); sp++) {
-            if (sp < ns) {
-                macc[0][sp] *= alpha[0];
-                macc[1][sp] *= alpha[1];
-                int a = ssp[2 * sp], b = ssp[2 * sp + 1];
-                if (a <= n0 && n0 + FA_BN <= b) {
-                    macc[0][sp] += rs[0];
-                    macc[1][sp] += rs[1];
-                } else if (a < n0 + FA_BN && b > n0) {
-#pragma unroll
-                    for (int nt = 0; nt < FA_BN / 8; nt++) {
-#pragma unroll
-                        for (int e = 0; e < 4; e++) {
-                            int j = n0 + nt * 8 + 2 * t + (e & 1);
-                            if (j >= a && j < b) macc[e >> 1][sp] += sc[nt][e];
-                        }
-                    }
-                }
-            }
-        }
-#pragma unroll
-        for (int dt = 0; dt < D / 8; dt++) {
-            o[dt][0] *= alpha[0];
-            o[dt][1] *= alpha[0];
-            o[dt][2] *= alpha[1];
-            o[dt][3] *= alpha[1];
-        }
-#pragma unroll
-        for (int kk = 0; kk < FA_BN / 16; kk++) {
-            unsigned pa[4] = {pack_bf16(sc[2 * kk][0], sc[2 * kk][1]), pack_bf16(sc[2 * kk][2], sc[2 * kk][3]),
-                              pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]),
-                              pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3])};
-#pragma unroll
-            for (int dt = 0; dt < D / 8; dt++) {
-                const bf16* vr = svt + (dt * 8 + g) * SV + kk * 16 + 2 * t;
-                mma_bf16_16816(o[dt], pa, *(const unsigned*)vr, *(const unsigned*)(vr + 8));
-            }
-        }
+        fa_tile<D, MASS>(qf, sk, svt, n0, qpos, tk, causal, hole_first, hole_a, hole_b, ssp, ns, o, mrow, lrow, macc);
         __syncthreads(); // this buffer's readers are done before the next iteration refills it
         buf ^= 1;
         n0 = next;
     }
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 1);
-        lrow[r] += __shfl_xor_sync(0xffffffffu, lrow[r], 2);
-    }
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        int row = m0 + warp * 16 + g + 8 * r;
-        float inv = lrow[r] > 0.0f ? 1.0f / lrow[r] : 0.0f;
-        if (row < tq) {
-            act* orow = out + ((long)row * heads + h) * D + 2 * t;
-#pragma unroll
-            for (int dt = 0; dt < D / 8; dt++)
-                *(float2*)(orow + dt * 8) = make_float2(o[dt][2 * r] * inv, o[dt][2 * r + 1] * inv);
-            if (t == 0 && lse != 0) lse[(long)row * heads + h] = (mrow[r] + log2f(lrow[r])) * 0.6931471805599453f;
-        }
-#pragma unroll
-        for (int sp = 0; sp < (MASS ? FA_MAX_SPANS : 0); sp++) {
-            if (sp < ns) {
-                float m = macc[r][sp];
-                m += __shfl_xor_sync(0xffffffffu, m, 1);
-                m += __shfl_xor_sync(0xffffffffu, m, 2);
-                if (t == 0 && row < tq) mass[((long)row * heads + h) * n_spans + sp] = m * inv;
-            }
-        }
-    }
+    fa_store<D, MASS>(o, mrow, lrow, macc, m0 + warp * 16, out, lse, mass, tq, heads, h, ns, n_spans);
 }
 
 extern "C" __global__ void __launch_bounds__(256) attention_pack_kv_d16(const act* k, const act* v, bf16* kb, bf16* vt,

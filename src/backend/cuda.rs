@@ -139,6 +139,12 @@ fn per_row(rows: usize, threads: u32, smem: u32) -> LaunchConfig {
     }
 }
 
+/// The name of an attention kernel built per head dim (16, 32, 64 or 128; see kernels/attention.cu):
+/// `attention_fwd_mass_d128` for ("attention_fwd", true, 128).
+fn attention_kernel(base: &str, mass: bool, d: usize) -> String {
+    format!("{base}{}_d{d}", if mass { "_mass" } else { "" })
+}
+
 /// The prefix-shared DPO hole as kernel arguments: (first query position, key start, key end), or
 /// first = -1 for none.
 fn hole_args(s: AttnShape) -> (i32, i32, i32) {
@@ -275,16 +281,7 @@ impl CudaBackend {
             "only the fused forward writes the log-sum-exp"
         );
         let (name, cfg) = if fused {
-            let name = match (n_spans > 0, d) {
-                (false, 16) => "attention_fwd_d16",
-                (false, 32) => "attention_fwd_d32",
-                (false, 64) => "attention_fwd_d64",
-                (false, _) => "attention_fwd_d128",
-                (true, 16) => "attention_fwd_mass_d16",
-                (true, 32) => "attention_fwd_mass_d32",
-                (true, 64) => "attention_fwd_mass_d64",
-                (true, _) => "attention_fwd_mass_d128",
-            };
+            let name = attention_kernel("attention_fwd", n_spans > 0, d);
             // Q and K tiles of 64 rows (row stride D + 8), V transposed (D rows of 64 + 8), bf16
             let smem = ((64 + 64) * (d + 8) + d * 72) * 2;
             let cfg = LaunchConfig {
@@ -306,7 +303,7 @@ impl CudaBackend {
                 block_dim: (128, 1, 1),
                 shared_mem_bytes: smem as u32,
             };
-            ("attention_plain", cfg)
+            ("attention_plain".to_string(), cfg)
         };
         let mut out = self.poisoned(s.tq * s.heads * d);
         let mut lse = want_lse.then(|| self.poisoned(s.tq * s.heads));
@@ -317,7 +314,7 @@ impl CudaBackend {
         let ints = [s.tq, s.tk, s.heads, s.kv_heads].map(|x| x as i32);
         let (causal, q0, ns, dd) = (s.causal as i32, s.q_pos0 as i32, n_spans as i32, d as i32);
         let null: u64 = 0; // for the outputs not asked for
-        let mut b = self.stream.launch_builder(self.f(name));
+        let mut b = self.stream.launch_builder(self.f(&name));
         b.arg(&q.s).arg(&k.s).arg(&v.s).arg(&mut out.s);
         if fused {
             match lse.as_mut() {
@@ -366,13 +363,8 @@ impl CudaBackend {
         };
         let (mut kb, mut vt) = (alloc16(s.kv_heads * tpad * d), alloc16(s.kv_heads * tpad * d));
         let (tk, tp, kvh) = (s.tk as i32, tpad as i32, s.kv_heads as i32);
-        let pack = match d {
-            16 => "attention_pack_kv_d16",
-            32 => "attention_pack_kv_d32",
-            64 => "attention_pack_kv_d64",
-            _ => "attention_pack_kv_d128",
-        };
-        let mut b = self.stream.launch_builder(self.f(pack));
+        let pack = attention_kernel("attention_pack_kv", false, d);
+        let mut b = self.stream.launch_builder(self.f(&pack));
         b.arg(&k.s)
             .arg(&v.s)
             .arg(&mut kb)
@@ -387,16 +379,7 @@ impl CudaBackend {
         };
         // SAFETY: k, v (tk, kv_heads·d); kb, vt (kv_heads, tpad, d) written in full.
         unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("CUDA: {pack}: {e:?}"));
-        let name = match (n_spans > 0, d) {
-            (false, 16) => "attention_fwd3_d16",
-            (false, 32) => "attention_fwd3_d32",
-            (false, 64) => "attention_fwd3_d64",
-            (false, _) => "attention_fwd3_d128",
-            (true, 16) => "attention_fwd3_mass_d16",
-            (true, 32) => "attention_fwd3_mass_d32",
-            (true, 64) => "attention_fwd3_mass_d64",
-            (true, _) => "attention_fwd3_mass_d128",
-        };
+        let name = attention_kernel("attention_fwd3", n_spans > 0, d);
         let mut out = self.poisoned(s.tq * s.heads * d);
         let mut mass = (n_spans > 0).then(|| self.zeros(s.tq * s.heads * n_spans));
         let flat: Vec<usize> = spans.unwrap_or(&[]).iter().flat_map(|&(a, b)| [a, b]).collect();
@@ -410,7 +393,7 @@ impl CudaBackend {
             n_spans as i32,
         );
         let null: u64 = 0;
-        let mut b = self.stream.launch_builder(self.f(name));
+        let mut b = self.stream.launch_builder(self.f(&name));
         b.arg(&q.s).arg(&kb).arg(&vt).arg(&mut out.s).arg(&null); // no log-sum-exp
         b.arg(&tq).arg(&tk).arg(&tp).arg(&heads).arg(&kvh);
         b.arg(&causal)
@@ -460,13 +443,8 @@ impl CudaBackend {
         let (hf, ha, hb) = hole_args(s);
         let ints = [s.tq, s.tk, s.heads, s.kv_heads].map(|x| x as i32);
         let (causal, q0, ns, ch) = (s.causal as i32, s.q_pos0 as i32, n_spans as i32, chunk as i32);
-        let name = match d {
-            16 => "attention_decode_d16",
-            32 => "attention_decode_d32",
-            64 => "attention_decode_d64",
-            _ => "attention_decode_d128",
-        };
-        let mut b = self.stream.launch_builder(self.f(name));
+        let name = attention_kernel("attention_decode", false, d);
+        let mut b = self.stream.launch_builder(self.f(&name));
         b.arg(&q.s).arg(&k.s).arg(&v.s).arg(&mut part.s);
         for x in &ints {
             b.arg(x);
@@ -525,16 +503,11 @@ impl CudaBackend {
         unsafe { b.launch(per_row(rows.div_ceil(8), 256, 0)) }.expect("CUDA: attention_bwd_delta");
         let mut dq = self.zeros(q.len()); // accumulated by atomics
         let (mut dk, mut dv) = (self.poisoned(k.len()), self.poisoned(v.len()));
-        let name = match d {
-            16 => "attention_bwd_d16",
-            32 => "attention_bwd_d32",
-            64 => "attention_bwd_d64",
-            _ => "attention_bwd_d128",
-        };
+        let name = attention_kernel("attention_bwd", false, d);
         let (hf, ha, hb) = hole_args(s);
         let ints = [s.tq, s.tk, s.heads, s.kv_heads].map(|x| x as i32);
         let (causal, q0) = (s.causal as i32, s.q_pos0 as i32);
-        let mut b = self.stream.launch_builder(self.f(name));
+        let mut b = self.stream.launch_builder(self.f(&name));
         b.arg(&q.s)
             .arg(&k.s)
             .arg(&v.s)
