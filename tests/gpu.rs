@@ -459,3 +459,44 @@ fn append_rows_grows_the_cache_in_place() {
     c.add(&mut b, &w);
     check("add on an appended buffer", &g.download(&a), &b, F32_TOL);
 }
+
+/// More spans than the fused kernels hold in registers (16): a pic-in-pic region is 16 patch rows plus
+/// the whole image. They run in launches of 16 and must still give every span's mass.
+#[test]
+fn attention_mass_over_more_than_16_spans() {
+    let Some(mut g) = gpu() else { return };
+    let c = CpuBackend::new();
+    let mut rng = TestRng(11);
+    let (tk, heads, kv, d) = (700, 8, 2, 64);
+    let spans: Vec<(usize, usize)> = (0..20).map(|i| (5 + i * 30, 5 + i * 30 + 24)).collect();
+    for tq in [1, 200] {
+        let s = AttnShape {
+            tq,
+            tk,
+            heads,
+            kv_heads: kv,
+            head_dim: d,
+            causal: true,
+            q_pos0: tk - tq,
+            hole: None,
+        };
+        let (q, k, v) = (
+            rng.vec(tq * heads * d, 1.0),
+            rng.vec(tk * kv * d, 1.0),
+            rng.vec(tk * kv * d, 1.0),
+        );
+        let (oc, mc) = c.attention(&q, &k, &v, s, Some(&spans));
+        for variant in [AttnKernel::Fused, AttnKernel::Pipelined] {
+            g.set_attention(variant);
+            let (og, mg) = g.attention(&g.upload(&q), &g.upload(&k), &g.upload(&v), s, Some(&spans));
+            let name = format!("attention {variant:?} tq={tq} 20 spans");
+            check(&name, &g.download(&og), &oc, GEMM_TOL);
+            check(
+                &format!("{name} mass"),
+                &mg.unwrap(),
+                mc.as_ref().unwrap(),
+                GEMM_TOL,
+            );
+        }
+    }
+}

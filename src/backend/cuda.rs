@@ -953,29 +953,42 @@ impl Backend for CudaBackend {
         spans: Option<&[KeySpan]>,
     ) -> (DBuf, Option<Vec<f32>>) {
         let n_spans = spans.map_or(0, |x| x.len());
-        let fused = self.fused_attention(s) && n_spans <= 16;
-        let (out, mass) = if fused && s.tq < 16 {
-            // decode steps: too few rows for a 64-row tile; keys split over blocks instead
-            self.attention_decode(q, k, v, s, spans)
-        } else if fused && self.attn == AttnKernel::Pipelined {
-            self.attention_fwd_pipelined(q, k, v, s, spans)
-        } else {
-            let (out, mass, _) = self.attention_fwd(q, k, v, s, spans, fused, false);
-            (out, mass)
+        let fused = self.fused_attention(s);
+        // The fused kernels accumulate at most 16 span masses in registers: more spans (a pic-in-pic
+        // region is 16 patch rows and the whole image) run as one launch per 16, the first one's
+        // output kept. Masses are only asked for at one layer (selection), so the repeat is cheap.
+        let chunks: Vec<Option<&[KeySpan]>> = match spans {
+            Some(sp) if fused && sp.len() > 16 => sp.chunks(16).map(Some).collect(),
+            other => vec![other],
         };
-        let mass = mass.map(|mass| {
-            let per_head = self.download(&mass); // (tq, heads, n_spans)
-            let mut m = vec![0f32; s.tq * n_spans];
-            for i in 0..s.tq {
-                for h in 0..s.heads {
-                    for g in 0..n_spans {
-                        m[i * n_spans + g] += per_head[(i * s.heads + h) * n_spans + g] / s.heads as f32;
+        let mut out = None;
+        let mut m = spans.map(|_| vec![0f32; s.tq * n_spans]);
+        let mut first_span = 0;
+        for chunk in chunks {
+            let (o, mass) = if fused && s.tq < 16 {
+                // decode steps: too few rows for a 64-row tile; keys split over blocks instead
+                self.attention_decode(q, k, v, s, chunk)
+            } else if fused && self.attn == AttnKernel::Pipelined {
+                self.attention_fwd_pipelined(q, k, v, s, chunk)
+            } else {
+                let (o, mass, _) = self.attention_fwd(q, k, v, s, chunk, fused, false);
+                (o, mass)
+            };
+            if let (Some(mass), Some(m), Some(c)) = (mass, m.as_mut(), chunk) {
+                let per_head = self.download(&mass); // (tq, heads, c.len()), averaged over heads
+                for i in 0..s.tq {
+                    for h in 0..s.heads {
+                        for g in 0..c.len() {
+                            m[i * n_spans + first_span + g] +=
+                                per_head[(i * s.heads + h) * c.len() + g] / s.heads as f32;
+                        }
                     }
                 }
+                first_span += c.len();
             }
-            m
-        });
-        (out, mass)
+            out.get_or_insert(o);
+        }
+        (out.expect("at least one launch"), m)
     }
 
     fn concat_rows(&self, parts: &[DBuf]) -> DBuf {
