@@ -289,7 +289,7 @@ pub fn run<B: Backend>(
             bound: Bound::Compute,
             work: 2.5 * attn_flops / 2.0,
             run: Box::new(|| {
-                std::hint::black_box(be.attention_backward(&q, &kv, &kv, &att_out, &q, shape(true)));
+                std::hint::black_box(be.attention_backward(&q, &kv, &kv, &att_out, &q, None, shape(true)));
             }),
         },
         Case {

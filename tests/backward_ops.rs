@@ -163,7 +163,7 @@ fn attention_backward_causal_and_not_with_gqa() {
         let v = rng.vec(t * kv_heads * d, 1.0);
         let up = rng.vec(t * heads * d, 1.0);
         let (out, _) = be.attention(&q, &k, &v, s, None);
-        let (dq, dk, dv) = be.attention_backward(&q, &k, &v, &out, &up, s);
+        let (dq, dk, dv) = be.attention_backward(&q, &k, &v, &out, &up, None, s);
         let name = format!("attention causal={causal} kv_heads={kv_heads} hole={hole:?}");
         if let Some((first, a, b)) = hole {
             // a row past the hole puts no probability on it: its output ignores v there

@@ -283,18 +283,34 @@ fn attention_variants_forward_mass_and_backward() {
         // the CPU's output as `o`, so the check is of the backward alone; the plain backward holds two
         // rows of scores in 48 KB of shared memory, and its atomics make long sequences slow
         let dout = rng.vec(x.tq * x.heads * x.d, 1.0);
-        let (cq, ck, cv) = c.attention_backward(&q, &k, &v, &oc, &dout, s);
+        let (cq, ck, cv) = c.attention_backward(&q, &k, &v, &oc, &dout, None, s);
         let (og, dg) = (g.upload(&oc), g.upload(&dout));
         for (variant, tol) in [(AttnKernel::Plain, F32_TOL), (AttnKernel::Fused, GEMM_TOL)] {
             if variant == AttnKernel::Plain && x.tk > 1024 {
                 continue;
             }
             g.set_attention(variant);
-            let (dq, dk, dv) = g.attention_backward(&qg, &kg, &vg, &og, &dg, s);
-            let name = format!("attention backward {variant:?} {name}");
-            check(&format!("{name} dq"), &g.download(&dq), &cq, tol);
-            check(&format!("{name} dk"), &g.download(&dk), &ck, tol);
-            check(&format!("{name} dv"), &g.download(&dv), &cv, tol);
+            // the log-sum-exp recomputed by the backward, and handed over by attention_train
+            let (o_train, lse) = g.attention_train(&qg, &kg, &vg, s);
+            assert_eq!(lse.is_some(), variant == AttnKernel::Fused);
+            check(
+                &format!("attention_train {variant:?} {name}"),
+                &g.download(&o_train),
+                &oc,
+                tol,
+            );
+            for given in [None, lse.as_ref()].into_iter().take(1 + lse.is_some() as usize) {
+                let (dq, dk, dv) = g.attention_backward(&qg, &kg, &vg, &og, &dg, given, s);
+                let how = if given.is_some() {
+                    "lse given"
+                } else {
+                    "lse recomputed"
+                };
+                let name = format!("attention backward {variant:?} {name} {how}");
+                check(&format!("{name} dq"), &g.download(&dq), &cq, tol);
+                check(&format!("{name} dk"), &g.download(&dk), &ck, tol);
+                check(&format!("{name} dv"), &g.download(&dv), &cv, tol);
+            }
         }
     }
 }

@@ -783,6 +783,7 @@ impl Backend for CpuBackend {
         v: &Vec<f32>,
         out: &Vec<f32>,
         dout: &Vec<f32>,
+        _lse: Option<&Vec<f32>>,
         s: AttnShape,
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let d = s.head_dim;

@@ -480,8 +480,9 @@ impl CudaBackend {
         (out, mass)
     }
 
-    /// Variant 2's backward: the log-sum-exp from a forward launch (the trait hands the backward the
-    /// output, not the statistics), Δ = rowsum(dO ∘ O), then one block per (64-key tile, kv head).
+    /// Variant 2's backward: the forward's log-sum-exp (from `attention_train`, else recomputed by a
+    /// forward launch), Δ = rowsum(dO ∘ O), then one block per (64-key tile, kv head).
+    #[allow(clippy::too_many_arguments)]
     fn attention_bwd_fused(
         &self,
         q: &DBuf,
@@ -489,11 +490,21 @@ impl CudaBackend {
         v: &DBuf,
         out: &DBuf,
         dout: &DBuf,
+        lse: Option<&DBuf>,
         s: AttnShape,
     ) -> (DBuf, DBuf, DBuf) {
         let d = s.head_dim;
-        let (_, _, lse) = self.attention_fwd(q, k, v, s, None, true, true);
-        let lse = lse.expect("asked for");
+        let recomputed;
+        let lse = match lse {
+            Some(l) => l,
+            None => {
+                recomputed = self
+                    .attention_fwd(q, k, v, s, None, true, true)
+                    .2
+                    .expect("asked for");
+                &recomputed
+            }
+        };
         let rows = s.tq * s.heads;
         let mut delta = self.poisoned(rows);
         let (r, dd) = (rows as i32, d as i32);
@@ -1110,6 +1121,15 @@ impl Backend for CudaBackend {
         (dg, du)
     }
 
+    fn attention_train(&self, q: &DBuf, k: &DBuf, v: &DBuf, s: AttnShape) -> (DBuf, Option<DBuf>) {
+        if !self.fused_attention(s) {
+            return (self.attention(q, k, v, s, None).0, None);
+        }
+        // variant 2's forward, which also writes the log-sum-exp for the backward
+        let (out, _, lse) = self.attention_fwd(q, k, v, s, None, true, true);
+        (out, lse)
+    }
+
     fn attention_backward(
         &self,
         q: &DBuf,
@@ -1117,10 +1137,11 @@ impl Backend for CudaBackend {
         v: &DBuf,
         out: &DBuf,
         dout: &DBuf,
+        lse: Option<&DBuf>,
         s: AttnShape,
     ) -> (DBuf, DBuf, DBuf) {
         if self.fused_attention(s) {
-            return self.attention_bwd_fused(q, k, v, out, dout, s);
+            return self.attention_bwd_fused(q, k, v, out, dout, lse, s);
         }
         let smem = 2 * s.tk * 4;
         assert!(

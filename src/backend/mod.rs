@@ -177,8 +177,22 @@ pub trait Backend: Send + Sync {
     );
     /// The backward of SwiGLU `mid = silu(gate) ⊙ up`: (d gate, d up), gate taken before the activation.
     fn swiglu_backward(&self, gate: &Self::Buf, up: &Self::Buf, dmid: &Self::Buf) -> (Self::Buf, Self::Buf);
+    /// The training forward of `attention` (no spans): the output and, where the backend's backward
+    /// can use it, the log-sum-exp of each (row, head), (tq, heads), to hand back to
+    /// `attention_backward` so that it does not recompute it. The CPU keeps none (its backward
+    /// recomputes the probabilities block by block anyway).
+    fn attention_train(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        shape: AttnShape,
+    ) -> (Self::Buf, Option<Self::Buf>) {
+        (self.attention(q, k, v, shape, None).0, None)
+    }
     /// The backward of `attention` (same shapes, no spans): recomputes the probabilities from q and k
-    /// block by block and returns (dq, dk, dv); `out` is the forward's output.
+    /// block by block and returns (dq, dk, dv); `out` is the forward's output, `lse` what
+    /// `attention_train` returned with it (None: recomputed).
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
@@ -187,6 +201,7 @@ pub trait Backend: Send + Sync {
         v: &Self::Buf,
         out: &Self::Buf,
         dout: &Self::Buf,
+        lse: Option<&Self::Buf>,
         shape: AttnShape,
     ) -> (Self::Buf, Self::Buf, Self::Buf);
     /// Log-probabilities of `targets` from hidden states (rows, hidden) through the LM head w (vocab,

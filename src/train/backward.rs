@@ -237,6 +237,8 @@ struct LayerActs<B: Backend> {
     k: B::Buf, // roped (t, KV·D)
     v: B::Buf,
     o: B::Buf, // attention output (t, H·D)
+    /// the attention's log-sum-exp per (row, head) where the backend keeps one (the GPU's)
+    lse: Option<B::Buf>,
     x2: B::Buf,
     a2: B::Buf,
     g: B::Buf, // gate before the activation (t, I)
@@ -330,7 +332,7 @@ fn layer_fwd<B: Backend>(
     let (v, xa_v) = lin_fwd(be, &l.v, &a1, t, drop(Proj::V));
     be.rope(&mut q, c.num_heads, c.head_dim, positions, c.rope_theta);
     be.rope(&mut k, c.num_kv_heads, c.head_dim, positions, c.rope_theta);
-    let (att, _) = be.attention(&q, &k, &v, lay.attn(m), None);
+    let (att, lse) = be.attention_train(&q, &k, &v, lay.attn(m));
     let (y, xa_o) = lin_fwd(be, &l.o, &att, t, drop(Proj::O));
     let mut x2 = x.clone();
     be.add(&mut x2, &y);
@@ -350,6 +352,7 @@ fn layer_fwd<B: Backend>(
         k,
         v,
         o: att,
+        lse,
         x2,
         a2,
         g,
@@ -437,7 +440,8 @@ fn layer_bwd<B: Backend>(
         (li, Proj::O),
         grads,
     );
-    let (mut dq, mut dk, dv) = be.attention_backward(&s.q, &s.k, &s.v, &s.o, &datt, lay.attn(m));
+    let (mut dq, mut dk, dv) =
+        be.attention_backward(&s.q, &s.k, &s.v, &s.o, &datt, s.lse.as_ref(), lay.attn(m));
     be.rope_backward(&mut dq, c.num_heads, c.head_dim, positions, c.rope_theta);
     be.rope_backward(&mut dk, c.num_kv_heads, c.head_dim, positions, c.rope_theta);
     let mut da1 = lin_bwd(
