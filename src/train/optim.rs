@@ -3,6 +3,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use rayon::prelude::*;
+
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum OptimizerKind {
     #[default]
@@ -71,13 +73,25 @@ pub fn update(cfg: &OptimConfig, p: &mut [f32], g: &[f32], st: &mut ParamState, 
             let bc2 = 1.0 - cfg.beta2.powi(st.step as i32);
             let step_size = lr / bc1;
             let bc2_sqrt = bc2.sqrt();
-            for i in 0..p.len() {
-                p[i] *= 1.0 - lr * cfg.weight_decay;
-                st.m[i] = cfg.beta1 * st.m[i] + (1.0 - cfg.beta1) * g[i];
-                st.v[i] = cfg.beta2 * st.v[i] + (1.0 - cfg.beta2) * g[i] * g[i];
-                let denom = st.v[i].sqrt() / bc2_sqrt + cfg.eps;
-                p[i] -= step_size * st.m[i] / denom;
-            }
+            let (b1, b2, eps) = (cfg.beta1, cfg.beta2, cfg.eps);
+            let decay = 1.0 - lr * cfg.weight_decay;
+            // element by element in the same order of operations as the scalar loop (so the same
+            // bits), in chunks over the cores: a large tensor (an embedding table) is not one
+            // thread's work
+            const CHUNK: usize = 1 << 14;
+            p.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks(CHUNK))
+                .zip(st.m.par_chunks_mut(CHUNK))
+                .zip(st.v.par_chunks_mut(CHUNK))
+                .for_each(|(((p, g), m), v)| {
+                    for (((p, &g), m), v) in p.iter_mut().zip(g).zip(m.iter_mut()).zip(v.iter_mut()) {
+                        *p *= decay;
+                        *m = b1 * *m + (1.0 - b1) * g;
+                        *v = b2 * *v + (1.0 - b2) * g * g;
+                        let denom = v.sqrt() / bc2_sqrt + eps;
+                        *p -= step_size * *m / denom;
+                    }
+                });
         }
     }
 }
@@ -182,6 +196,37 @@ mod tests {
             assert!((a - b as f32).abs() < 1e-6, "{a} vs {b}");
         }
         assert_eq!(st.step, 1);
+    }
+
+    #[test]
+    fn adamw_in_chunks_equals_the_scalar_loop_bit_for_bit() {
+        let cfg = OptimConfig {
+            weight_decay: 0.05,
+            ..Default::default()
+        };
+        let n = 3 * (1 << 14) + 77; // several chunks and a ragged end
+        let g = |k: usize| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * 7 + k * 13) % 101) as f32 / 37.0 - 1.3)
+                .collect()
+        };
+        let mut p: Vec<f32> = (0..n).map(|i| (i % 19) as f32 / 9.0 - 1.0).collect();
+        let (mut want, mut m, mut v) = (p.clone(), vec![0f32; n], vec![0f32; n]);
+        let mut st = ParamState::default();
+        for step in 1..=3u64 {
+            let (lr, gs) = (1e-3 * step as f32, g(step as usize));
+            update(&cfg, &mut p, &gs, &mut st, lr);
+            let bc1 = 1.0 - cfg.beta1.powi(step as i32);
+            let bc2_sqrt = (1.0 - cfg.beta2.powi(step as i32)).sqrt();
+            for i in 0..n {
+                want[i] *= 1.0 - lr * cfg.weight_decay;
+                m[i] = cfg.beta1 * m[i] + (1.0 - cfg.beta1) * gs[i];
+                v[i] = cfg.beta2 * v[i] + (1.0 - cfg.beta2) * gs[i] * gs[i];
+                want[i] -= lr / bc1 * m[i] / (v[i].sqrt() / bc2_sqrt + cfg.eps);
+            }
+        }
+        assert!(p.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert!(st.m.iter().zip(&m).all(|(a, b)| a.to_bits() == b.to_bits()));
     }
 
     #[test]
