@@ -233,3 +233,21 @@ pub fn table(s: &EvalSummary) -> String {
     out += &line("all", "", &s.overall);
     out
 }
+
+/// The accuracies as JSON (no predictions): `{"overall": {"correct", "total", "accuracy"}, "sets":
+/// {stem: {...}}, "tasks": {stem: {task: {...}}}}`.
+pub fn summary_json(s: &EvalSummary) -> serde_json::Value {
+    let score =
+        |sc: &Score| serde_json::json!({"correct": sc.correct, "total": sc.total, "accuracy": sc.accuracy()});
+    let sets: serde_json::Map<String, Value> = s.sets.iter().map(|(k, v)| (k.clone(), score(v))).collect();
+    let tasks: serde_json::Map<String, Value> = s
+        .tasks
+        .iter()
+        .map(|(set, t)| {
+            let inner: serde_json::Map<String, Value> =
+                t.iter().map(|(k, v)| (k.clone(), score(v))).collect();
+            (set.clone(), Value::Object(inner))
+        })
+        .collect();
+    serde_json::json!({"overall": score(&s.overall), "sets": sets, "tasks": tasks})
+}

@@ -811,6 +811,14 @@ fn world_builds_the_same_data_for_a_seed() {
     let seq: Vec<Value> =
         serde_json::from_slice(&std::fs::read(a.join("eval_multi/sequence.json")).unwrap()).unwrap();
     assert_eq!(seq.len(), 6);
+    let single: Vec<Value> =
+        serde_json::from_slice(&std::fs::read(a.join("eval_single.json")).unwrap()).unwrap();
+    for (r, q) in seq.iter().zip(&single) {
+        assert_eq!(
+            r["task"], q["task"],
+            "a multi-image question keeps its source's task: {r}"
+        );
+    }
     for r in &seq {
         for src in r["image"].as_array().unwrap() {
             assert!(
@@ -864,4 +872,83 @@ fn init_writes_a_checkpoint_that_generates() {
             .status
             .success()
     );
+}
+
+/// `eval` prints a table (or one JSON object) of exact-match accuracy per file and task, and writes
+/// every answer with `--predictions`.
+#[test]
+fn eval_reports_accuracy_per_file_and_task() {
+    let tmp = tempfile::tempdir().unwrap();
+    let imgs = fixture_dir().join("images");
+    let q = |id: &str, img: &str, task: &str| {
+        serde_json::json!({"id": id, "image": img, "task": task, "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is the square?"},
+            {"from": "gpt", "value": "Red."}]})
+    };
+    let a = tmp.path().join("single.json");
+    let b = tmp.path().join("grid.json");
+    std::fs::write(
+        &a,
+        serde_json::json!([q("a0", "sq0.png", "colour"), q("a1", "sq1.png", "count")]).to_string(),
+    )
+    .unwrap();
+    std::fs::write(&b, serde_json::json!([q("b0", "sq2.png", "colour")]).to_string()).unwrap();
+    let preds = tmp.path().join("preds.jsonl");
+    let args = |json: bool| {
+        let mut v = vec![
+            "eval".to_string(),
+            "--model".into(),
+            s(&model_dir()).into(),
+            "--data".into(),
+            s(&a).into(),
+            "--data".into(),
+            s(&b).into(),
+            "--image-root".into(),
+            s(&imgs).into(),
+            "--max-new-tokens".into(),
+            "3".into(),
+            "--batch-size".into(),
+            "2".into(),
+            "--predictions".into(),
+            s(&preds).into(),
+        ];
+        if json {
+            v.push("--json".into());
+        }
+        v
+    };
+    let run = |json: bool| {
+        let a = args(json);
+        ok_stdout(miadpo(&a.iter().map(String::as_str).collect::<Vec<_>>()))
+    };
+    let table = run(false);
+    for word in ["single", "grid", "colour", "count", "all"] {
+        assert!(table.contains(word), "{table}");
+    }
+    let v: Value = serde_json::from_str(run(true).trim()).unwrap();
+    assert_eq!(v["overall"]["total"], 3);
+    assert_eq!(v["sets"]["single"]["total"], 2);
+    assert_eq!(v["tasks"]["single"]["count"]["total"], 1);
+    let acc = v["overall"]["accuracy"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&acc));
+    let lines: Vec<Value> = std::fs::read_to_string(&preds)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[2]["id"], "b0");
+    assert_eq!(lines[2]["set"], "grid");
+    assert_eq!(lines[0]["gold"], "Red.");
+    assert!(lines[0]["answer"].is_string() && lines[0]["correct"].is_boolean());
+    // a missing file is named
+    let o = miadpo(&[
+        "eval",
+        "--model",
+        s(&model_dir()),
+        "--data",
+        s(&tmp.path().join("nope.json")),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("nope.json"));
 }
