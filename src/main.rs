@@ -62,6 +62,11 @@ enum Cmd {
     World(WorldArgs),
     /// Draw the curves of a training run (OUT/metrics.jsonl, DPO or SFT) to a PNG.
     Plot(PlotArgs),
+    /// Exact-match accuracy of greedy answers on LLaVA-format question files, per file and task
+    Eval(EvalArgs),
+    /// The whole MIA-DPO recipe in miniature on a built-in synthetic world: world, random LLaVA, SFT,
+    /// evaluation, augment, select, DPO, evaluation; writes OUT/summary.json and OUT/report.png
+    Demo(DemoArgs),
 }
 
 #[derive(Args)]
@@ -408,6 +413,68 @@ struct BenchArgs {
 }
 
 #[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// LLaVA-format questions (`[{"id", "image", "conversations", "task"?}]`: the first human turn is
+    /// asked, the first gpt turn is the right answer); repeat for several files (one row each)
+    #[arg(long, required = true)]
+    data: Vec<PathBuf>,
+    /// Folder that image paths are resolved against; repeat to try several in order
+    #[arg(long = "image-root")]
+    image_roots: Vec<PathBuf>,
+    /// Stop each answer after this many new tokens (or at EOS)
+    #[arg(long, default_value_t = 32)]
+    max_new_tokens: usize,
+    /// Questions decoded together
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Write every answer to this JSONL file ({"id", "set", "task", "answer", "gold", "correct"})
+    #[arg(long)]
+    predictions: Option<PathBuf>,
+    /// Print the accuracies as one JSON object instead of a table
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Output folder (refused when it holds anything, unless --overwrite)
+    #[arg(long, default_value = "runs/demo")]
+    out: PathBuf,
+    /// auto, cpu or cuda (default from MIADPO_DEVICE, else auto)
+    #[arg(long, default_value = "auto", env = "MIADPO_DEVICE")]
+    device: Device,
+    /// Seed of the world, the random model, the data order and the LoRA init
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Every stage on a tiny world with a few steps (a smoke test: minutes, not a result)
+    #[arg(long)]
+    quick: bool,
+    /// How rejected answers are chosen: `attention` (MIA-DPO) or `random` (the ablation: as many
+    /// pairs, drawn at random from the wrong answers)
+    #[arg(long, default_value = "attention")]
+    selection: miadpo::demo::run::Selection,
+    /// Skip MIA-DPO's post-selection filters (the ablation)
+    #[arg(long)]
+    no_post_select: bool,
+    /// Reuse the SFT model of an earlier demo run (same seed, world, model and SFT settings) instead
+    /// of training one: for ablations of the selection and DPO stages
+    #[arg(long, value_name = "RUN")]
+    sft_from: Option<PathBuf>,
+    /// Replace an earlier demo run in --out (only the demo's own files are removed)
+    #[arg(long)]
+    overwrite: bool,
+    /// tokenizer.json of the random model [default: tests/fixtures/tiny-llava/model/tokenizer.json]
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Override one of the demo's settings (KEY=VALUE, repeatable; the keys are those of
+    /// summary.json's `settings`, e.g. --set sft_steps=500)
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+}
+
+#[derive(Args)]
 struct InitArgs {
     /// Output folder (config.json, model.safetensors in f16, tokenizer and preprocessor configs)
     #[arg(long)]
@@ -528,6 +595,11 @@ fn run(cli: Cli, given: &[String]) -> Result<()> {
         Cmd::Score(a) => on_device!(a.m.device, |be| score(a, be)),
         Cmd::Bench(a) => on_device!(a.device.unwrap_or_default(), |be| bench_cmd(a, be)),
         Cmd::Plot(a) => plot_cmd(a),
+        Cmd::Eval(a) => on_device!(a.m.device, |be| eval_cmd(a, be)),
+        Cmd::Demo(a) => {
+            miadpo::demo::run::prepare_out(&a.out, a.overwrite)?;
+            on_device!(a.device, |be| demo_cmd(a, be))
+        }
         Cmd::World(a) => world_cmd(a),
         Cmd::Init(a) => init_cmd(a),
         Cmd::Kernels(k) => kernels_cmd(k),
@@ -1429,6 +1501,156 @@ fn bench_cmd<B: Backend>(a: BenchArgs, be: B) -> Result<()> {
     Ok(())
 }
 
+fn eval_cmd<B: Backend>(a: EvalArgs, be: B) -> Result<()> {
+    use miadpo::eval::{evaluate, summary_json, table, EvalOptions};
+    if a.max_new_tokens == 0 {
+        bail!("--max-new-tokens must be at least 1");
+    }
+    let model = load_model(&a.m, be)?;
+    let o = EvalOptions {
+        data: a.data,
+        image_roots: a.image_roots,
+        template: a.m.template,
+        aspect: a.m.aspect,
+        max_new_tokens: a.max_new_tokens,
+        batch_size: a.batch_size,
+        use_adapter: true,
+    };
+    let pb = bar(0, "answering");
+    let t0 = std::time::Instant::now();
+    let s = evaluate(&model, &o, &mut |done, total| {
+        pb.set_length(total as u64);
+        pb.set_position(done as u64);
+    })?;
+    pb.finish_and_clear();
+    if let Some(p) = &a.predictions {
+        let mut lines = String::new();
+        for pred in &s.predictions {
+            lines += &serde_json::to_string(pred)?;
+            lines.push('\n');
+        }
+        miadpo::augment::run::write_atomic(p, lines.as_bytes())?;
+    }
+    if a.json {
+        println!("{}", serde_json::to_string(&summary_json(&s))?);
+    } else {
+        print!("{}", table(&s));
+    }
+    eprintln!(
+        "{} questions in {:.1} s{}",
+        s.overall.total,
+        t0.elapsed().as_secs_f64(),
+        a.predictions
+            .as_ref()
+            .map(|p| format!(", answers in {}", p.display()))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
+
+fn demo_cmd<B: Backend>(a: DemoArgs, be: B) -> Result<()> {
+    use miadpo::demo::run::{run, DemoOptions, DemoSettings, Event};
+    let device = if be.name() == "cpu" {
+        format!(
+            "cpu ({}, {} threads)",
+            be.hardware(),
+            rayon::current_num_threads()
+        )
+    } else {
+        format!("{} ({})", be.name(), be.hardware())
+    };
+    let o = DemoOptions {
+        out: a.out.clone(),
+        seed: a.seed,
+        settings: if a.quick {
+            DemoSettings::quick()
+        } else {
+            DemoSettings::full()
+        }
+        .with_overrides(&a.sets)?,
+        selection: a.selection,
+        post_select: !a.no_post_select,
+        tokenizer: match a.tokenizer {
+            Some(t) => t,
+            None => default_tokenizer()?,
+        },
+        device: device.clone(),
+        sft_from: a.sft_from.clone(),
+    };
+    eprintln!(
+        "demo{} in {} on {device}, seed {}",
+        if a.quick { " --quick" } else { "" },
+        a.out.display(),
+        a.seed
+    );
+    let mut pb: Option<ProgressBar> = None;
+    let summary = run(be, &o, &mut |e| match e {
+        Event::Start {
+            stage,
+            index,
+            of,
+            what,
+        } => {
+            let p = ProgressBar::new(0);
+            p.set_style(
+                ProgressStyle::with_template(&format!(
+                    "[{index}/{of}] {stage:<11} {{bar:30}} {{pos}}/{{len}} [{{elapsed}} < {{eta}}] {{msg}}"
+                ))
+                .expect("static template"),
+            );
+            p.set_message(what);
+            pb = Some(p);
+        }
+        Event::Progress { done, total, msg } => {
+            if let Some(p) = &pb {
+                p.set_length(total as u64);
+                p.set_position(done as u64);
+                if !msg.is_empty() {
+                    p.set_message(msg);
+                }
+            }
+        }
+        Event::Done { stage, seconds, line } => {
+            if let Some(p) = pb.take() {
+                p.finish_and_clear();
+            }
+            eprintln!("{stage:<11} {seconds:>6.1} s  {line}");
+        }
+    })?;
+    let (b, f) = (&summary.before, &summary.after);
+    println!(
+        "{:<22} {:>8} {:>8} {:>8}",
+        "accuracy", "before", "after", "change"
+    );
+    for (name, x, y) in [
+        ("single-image", b.single_image_accuracy, f.single_image_accuracy),
+        ("multi-image", b.multi_image_accuracy, f.multi_image_accuracy),
+        ("  sequence", b.sequence, f.sequence),
+        ("  grid", b.grid, f.grid),
+        ("  pic-in-pic", b.pip, f.pip),
+    ] {
+        println!(
+            "{name:<22} {:>7.1}% {:>7.1}% {:>+8.1}",
+            100.0 * x,
+            100.0 * y,
+            100.0 * (y - x)
+        );
+    }
+    println!(
+        "{} DPO pairs ({}); {:.0} s in all; {}",
+        summary.pairs,
+        summary
+            .pairs_by_kind
+            .iter()
+            .map(|(k, n)| format!("{n} {k}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        summary.seconds,
+        a.out.join("summary.json").display()
+    );
+    Ok(())
+}
+
 fn plot_cmd(a: PlotArgs) -> Result<()> {
     let png = a.png.unwrap_or_else(|| a.out.join("metrics.png"));
     let title = a.out.display().to_string();
@@ -1552,7 +1774,7 @@ fn ops_bench<B: Backend>(a: BenchArgs, be: B) -> Result<()> {
 }
 
 fn world_cmd(a: WorldArgs) -> Result<()> {
-    use miadpo::demo::world::{build, WorldOptions};
+    use miadpo::demo::world::WorldOptions;
     if a.out.join("train.json").exists() {
         bail!("{} already holds a world: choose another --out", a.out.display());
     }
@@ -1564,37 +1786,20 @@ fn world_cmd(a: WorldArgs) -> Result<()> {
         image_size: a.image_size,
     };
     let pb = bar(0, "drawing scenes");
-    let w = build(&o, &mut |i, n| {
+    // the multi-image questions: augment's three kinds over the held-out questions, companions drawn
+    // from held-out scenes only, each with its source question's `task`
+    let (w, records) = miadpo::demo::run::build_world(&o, &mut |i, n| {
         pb.set_length(n as u64);
         pb.set_position(i as u64);
     })?;
     pb.finish_and_clear();
-    // the multi-image questions: augment's three kinds over the held-out questions, companions drawn
-    // from held-out scenes only
-    let multi = a.out.join("eval_multi");
-    let summary = miadpo::augment::run(
-        &AugmentOptions {
-            data: w.eval_single.clone(),
-            image_roots: vec![w.root.clone()],
-            out: multi.clone(),
-            kinds: Kind::ALL.to_vec(),
-            per_kind: None,
-            seed: a.seed,
-            companions: Companions::Same,
-            jpeg_quality: 95,
-            skip_bad: false,
-            overwrite: false,
-        },
-        &|_, _| {},
-    )?;
     println!(
         "world in {}: {} training records ({} scenes), {} held-out single-image questions, multi-image: {}",
         a.out.display(),
         w.train_records,
         a.train_scenes,
         w.eval_records,
-        summary
-            .records
+        records
             .iter()
             .map(|(k, n)| format!("{n} {}", k.name()))
             .collect::<Vec<_>>()

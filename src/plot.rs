@@ -184,6 +184,15 @@ impl Record {
     }
 }
 
+/// Reads metrics.jsonl, or no records when `allow_empty` and the file is empty or missing.
+fn read_metrics_or_empty(path: &Path) -> Result<Vec<Record>> {
+    match std::fs::read_to_string(path) {
+        Ok(t) if t.trim().is_empty() => Ok(Vec::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        _ => read_metrics(path),
+    }
+}
+
 /// Reads metrics.jsonl: blank lines are skipped; every other line must be a JSON object with a
 /// non-negative integer `step`. Records are returned in step order.
 fn read_metrics(path: &Path) -> Result<Vec<Record>> {
@@ -502,5 +511,154 @@ fn draw_panel(panel: &Panel, records: &[Record], area: &DrawingArea<BitMapBacken
             .border_style(RGBColor(180, 180, 180))
             .draw()?;
     }
+    Ok(())
+}
+
+/// The demo's report panels: SFT curves, DPO curves.
+const REPORT_SFT: [Panel; 2] = [
+    Panel {
+        caption: "SFT loss (single-image questions)",
+        y_label: "loss",
+        series: &[("loss", "loss")],
+        y_range: None,
+    },
+    Panel {
+        caption: "SFT token accuracy",
+        y_label: "accuracy",
+        series: &[("accuracy", SFT_ACCURACY)],
+        y_range: Some((-0.05, 1.05)),
+    },
+];
+const REPORT_DPO: [Panel; 2] = [
+    Panel {
+        caption: "DPO loss (multi-image pairs)",
+        y_label: "loss",
+        series: &[("loss", "loss")],
+        y_range: None,
+    },
+    Panel {
+        caption: "DPO rewards",
+        y_label: "reward",
+        series: &[
+            ("chosen", "rewards/chosen"),
+            ("rejected", "rewards/rejected"),
+            ("margin", "rewards/margins"),
+        ],
+        y_range: None,
+    },
+];
+
+/// One group of the report's bar chart: its label and the accuracies before and after DPO.
+pub type BarGroup = (String, f64, f64);
+
+/// `miadpo demo`'s report: the SFT and DPO curves (from their metrics.jsonl; an empty or missing DPO
+/// file draws empty panels) and the before/after accuracies as bars, WIDTH x HEIGHT, to `png`.
+pub fn plot_demo_report(sft: &Path, dpo: &Path, bars: &[BarGroup], png: &Path, title: &str) -> Result<()> {
+    let sft = read_metrics(sft)?;
+    let dpo = read_metrics_or_empty(dpo)?;
+    register_fonts()?;
+    let mut buf = vec![0u8; WIDTH as usize * HEIGHT as usize * 3];
+    draw_report(&sft, &dpo, bars, &mut buf, title)
+        .map_err(|e| Error::file(png, format!("drawing the report: {e}")))?;
+    let img = image::RgbImage::from_raw(WIDTH, HEIGHT, buf)
+        .ok_or_else(|| Error::file(png, "plot buffer has the wrong size"))?;
+    let mut bytes = std::io::Cursor::new(Vec::new());
+    img.write_to(&mut bytes, image::ImageFormat::Png)
+        .map_err(|e| Error::file(png, format!("encoding PNG: {e}")))?;
+    crate::augment::run::write_atomic(png, &bytes.into_inner())
+}
+
+fn draw_report(sft: &[Record], dpo: &[Record], bars: &[BarGroup], buf: &mut [u8], title: &str) -> DrawResult {
+    let root = BitMapBackend::with_buffer(buf, (WIDTH, HEIGHT)).into_drawing_area();
+    root.fill(&BACKGROUND)?;
+    let (top, body) = root.split_vertically(TITLE_HEIGHT);
+    top.draw(&Text::new(
+        title.to_string(),
+        (WIDTH as i32 / 2, TITLE_HEIGHT as i32 / 2),
+        ("sans-serif", 20)
+            .into_font()
+            .color(&BLACK)
+            .pos(Pos::new(HPos::Center, VPos::Center)),
+    ))?;
+    let (upper, lower) = body.split_vertically((HEIGHT - TITLE_HEIGHT) / 2);
+    let ups = upper.split_evenly((1, 3));
+    draw_panel(&REPORT_SFT[0], sft, &ups[0])?;
+    draw_panel(&REPORT_SFT[1], sft, &ups[1])?;
+    draw_panel(&REPORT_DPO[0], dpo, &ups[2])?;
+    let (left, right) = lower.split_horizontally(WIDTH / 3);
+    draw_panel(&REPORT_DPO[1], dpo, &left)?;
+    draw_bars(bars, &right)?;
+    root.present()?;
+    Ok(())
+}
+
+/// Grouped bars: per group, the accuracy before (blue) and after (orange) DPO, in percent, each
+/// bar labelled with its value.
+fn draw_bars(bars: &[BarGroup], area: &DrawingArea<BitMapBackend<'_>, Shift>) -> DrawResult {
+    let n = bars.len().max(1);
+    let top = bars.iter().map(|b| b.1.max(b.2)).fold(0.0f64, f64::max) * 100.0;
+    let y1 = ((top / 10.0).ceil() * 10.0 + 10.0).clamp(20.0, 110.0);
+    let mut chart = ChartBuilder::on(area)
+        .caption("Held-out accuracy before (SFT) and after DPO", ("sans-serif", 18))
+        .margin(8)
+        .margin_right(20)
+        .x_label_area_size(38)
+        .y_label_area_size(60)
+        .build_cartesian_2d(-0.5f64..(n as f64 - 0.5), 0.0f64..y1)?;
+    let names: Vec<String> = bars.iter().map(|b| b.0.clone()).collect();
+    let x_label = |v: &f64| {
+        let i = v.round();
+        if (v - i).abs() < 1e-6 && i >= 0.0 && (i as usize) < names.len() {
+            names[i as usize].clone()
+        } else {
+            String::new()
+        }
+    };
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_labels(n)
+        .x_label_formatter(&x_label)
+        .y_desc("accuracy (%)")
+        .y_labels(6)
+        .label_style(("sans-serif", 13))
+        .axis_desc_style(("sans-serif", 14))
+        .light_line_style(RGBColor(235, 235, 235))
+        .bold_line_style(RGBColor(215, 215, 215))
+        .draw()?;
+    let w = 0.36;
+    for (which, (label, color)) in [("before (SFT)", COLORS[0]), ("after (DPO)", COLORS[1])]
+        .into_iter()
+        .enumerate()
+    {
+        let x_of = |i: usize| i as f64 + if which == 0 { -w } else { 0.0 };
+        let val = |b: &BarGroup| 100.0 * if which == 0 { b.1 } else { b.2 };
+        chart
+            .draw_series(bars.iter().enumerate().map(|(i, b)| {
+                Rectangle::new(
+                    [(x_of(i) + 0.02, 0.0), (x_of(i) + w - 0.02, val(b))],
+                    color.filled(),
+                )
+            }))?
+            .label(label)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], color.filled()));
+        chart.draw_series(bars.iter().enumerate().map(|(i, b)| {
+            Text::new(
+                format!("{:.1}", val(b)),
+                (x_of(i) + w / 2.0, val(b) + y1 * 0.01),
+                ("sans-serif", 12)
+                    .into_font()
+                    .color(&BLACK)
+                    .pos(Pos::new(HPos::Center, VPos::Bottom)),
+            )
+        }))?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperRight)
+        .label_font(("sans-serif", 13))
+        .background_style(WHITE.mix(0.85))
+        .border_style(RGBColor(180, 180, 180))
+        .draw()?;
     Ok(())
 }
