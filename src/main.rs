@@ -522,9 +522,9 @@ enum KernelsCmd {
 
 #[derive(Args)]
 struct PlotArgs {
-    /// Run folder of `miadpo train` (holds metrics.jsonl)
+    /// Run folder of `miadpo train` (holds metrics.jsonl), or of `miadpo demo` (its report is redrawn)
     out: PathBuf,
-    /// Output PNG [default: OUT/metrics.png]
+    /// Output PNG [default: OUT/metrics.png, for a demo run OUT/report.png]
     #[arg(long)]
     png: Option<PathBuf>,
 }
@@ -1652,6 +1652,17 @@ fn demo_cmd<B: Backend>(a: DemoArgs, be: B) -> Result<()> {
 }
 
 fn plot_cmd(a: PlotArgs) -> Result<()> {
+    let summary = a.out.join("summary.json");
+    if summary.is_file() && a.out.join("sft/metrics.jsonl").is_file() {
+        // a demo run: redraw its report
+        let png = a.png.unwrap_or_else(|| a.out.join("report.png"));
+        let text = std::fs::read(&summary).with_context(|| format!("reading {}", summary.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&text).with_context(|| format!("{} is not JSON", summary.display()))?;
+        miadpo::demo::run::draw_report(&a.out, &v, &png)?;
+        println!("wrote {} (the demo report)", png.display());
+        return Ok(());
+    }
     let png = a.png.unwrap_or_else(|| a.out.join("metrics.png"));
     let title = a.out.display().to_string();
     let s = miadpo::plot::plot_metrics(&a.out.join("metrics.jsonl"), &png, &title)?;

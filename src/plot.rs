@@ -303,6 +303,23 @@ fn draw(records: &[Record], buf: &mut [u8], title: &str) -> DrawResult {
 /// A curve: its runs of consecutive steps that have a value, as (step, value) points.
 type Curve = Vec<Vec<(i64, f64)>>;
 
+/// Curves with more points than this are drawn raw (thin, faint) plus a moving average.
+const DENSE: usize = 120;
+
+/// The mean of each point's `half` neighbours on either side and itself (fewer at the ends).
+fn moving_average(seg: &[(i64, f64)], half: usize) -> Vec<(i64, f64)> {
+    let mut prefix = vec![0.0];
+    for &(_, y) in seg {
+        prefix.push(prefix.last().unwrap() + y);
+    }
+    (0..seg.len())
+        .map(|i| {
+            let (a, b) = (i.saturating_sub(half), (i + half + 1).min(seg.len()));
+            (seg[i].0, (prefix[b] - prefix[a]) / (b - a) as f64)
+        })
+        .collect()
+}
+
 /// Splits a series into runs of consecutive records that have a value, so that a missing value is a
 /// gap in the curve rather than a straight line over it.
 fn segments(records: &[Record], key: &str) -> Curve {
@@ -473,6 +490,14 @@ fn draw_panel(panel: &Panel, records: &[Record], area: &DrawingArea<BitMapBacken
         for (i, seg) in segs.iter().enumerate() {
             let drawn = if seg.len() == 1 {
                 chart.draw_series(seg.iter().map(|&p| Circle::new(p, 3, color.filled())))?
+            } else if seg.len() > DENSE {
+                // a noisy curve of hundreds of steps: the raw values thin and faint (a thick
+                // zig-zag's miter joins shoot out of the panel), a moving average on top
+                chart.draw_series(LineSeries::new(
+                    seg.iter().copied(),
+                    color.mix(0.3).stroke_width(1),
+                ))?;
+                chart.draw_series(LineSeries::new(moving_average(seg, seg.len() / 60), style))?
             } else {
                 chart.draw_series(LineSeries::new(seg.iter().copied(), style))?
             };
@@ -661,4 +686,25 @@ fn draw_bars(bars: &[BarGroup], area: &DrawingArea<BitMapBackend<'_>, Shift>) ->
         .border_style(RGBColor(180, 180, 180))
         .draw()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::moving_average;
+
+    #[test]
+    fn moving_average_means_the_window_and_shrinks_it_at_the_ends() {
+        let seg: Vec<(i64, f64)> = [1.0, 5.0, 3.0, 7.0, 4.0]
+            .iter()
+            .enumerate()
+            .map(|(i, &y)| (i as i64, y))
+            .collect();
+        let m = moving_average(&seg, 1);
+        let want = [3.0, 3.0, 5.0, 14.0 / 3.0, 5.5];
+        assert_eq!(m.iter().map(|p| p.0).collect::<Vec<_>>(), [0, 1, 2, 3, 4]);
+        for (got, want) in m.iter().zip(want) {
+            assert!((got.1 - want).abs() < 1e-12, "{m:?}");
+        }
+        assert_eq!(moving_average(&seg, 0), seg, "no window: the values themselves");
+    }
 }

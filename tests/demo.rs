@@ -113,6 +113,16 @@ fn quick_demo_runs_every_stage_and_writes_summary_and_report() {
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
     let img = image::load_from_memory(&png).unwrap();
     assert_eq!((img.width(), img.height()), (1500, 900));
+    // `miadpo plot RUN` redraws it from summary.json and the metrics
+    let again = out.join("again.png");
+    let p = miadpo(&["plot", s(&out), "--png", s(&again)]);
+    assert!(p.status.success(), "{}", String::from_utf8_lossy(&p.stderr));
+    let img2 = image::open(&again).unwrap();
+    assert_eq!(
+        img2.to_rgb8().as_raw(),
+        img.to_rgb8().as_raw(),
+        "the same picture"
+    );
     // every stage's files
     for f in [
         "world/train.json",

@@ -952,28 +952,11 @@ pub fn run<B: Backend>(be: B, o: &DemoOptions, events: &mut dyn FnMut(Event)) ->
         sft_from: o.sft_from.clone(),
         settings: s.clone(),
     };
-    let title = format!(
-        "miadpo demo (seed {}, {} selection{}): multi-image {} -> {}, single-image {} -> {}",
-        o.seed,
-        o.selection.name(),
-        if o.post_select { "" } else { ", no post-selection" },
-        pct(summary.before.multi_image_accuracy),
-        pct(summary.after.multi_image_accuracy),
-        pct(summary.before.single_image_accuracy),
-        pct(summary.after.single_image_accuracy),
-    );
-    let (b, a) = (&summary.before, &summary.after);
-    let bars: Vec<crate::plot::BarGroup> = [
-        ("single image", b.single_image_accuracy, a.single_image_accuracy),
-        ("sequence", b.sequence, a.sequence),
-        ("grid", b.grid, a.grid),
-        ("pic-in-pic", b.pip, a.pip),
-        ("multi-image", b.multi_image_accuracy, a.multi_image_accuracy),
-    ]
-    .into_iter()
-    .map(|(l, x, y)| (l.to_string(), x, y))
-    .collect();
-    crate::plot::plot_demo_report(&sft_metrics, &dpo_metrics, &bars, &out.join("report.png"), &title)?;
+    draw_report(
+        out,
+        &serde_json::to_value(&summary).expect("json"),
+        &out.join("report.png"),
+    )?;
     st.done(format!(
         "{}, {}",
         out.join("summary.json").display(),
@@ -986,6 +969,52 @@ pub fn run<B: Backend>(be: B, o: &DemoOptions, events: &mut dyn FnMut(Event)) ->
         (serde_json::to_string_pretty(&summary).expect("json") + "\n").as_bytes(),
     )?;
     Ok(summary)
+}
+
+/// Draws `png` for the demo run in `out` from its `summary.json` (as a JSON value) and its SFT and
+/// DPO metrics: the training curves and the before/after bars (`miadpo plot RUN` redraws it).
+pub fn draw_report(out: &Path, summary: &Value, png: &Path) -> Result<()> {
+    let summary_path = out.join("summary.json");
+    let acc = |when: &str, key: &str| -> Result<f64> {
+        summary[when][key].as_f64().ok_or_else(|| {
+            Error::file(
+                &summary_path,
+                format!("no number at {when}.{key}: not a demo summary"),
+            )
+        })
+    };
+    let mut bars: Vec<crate::plot::BarGroup> = Vec::new();
+    for (label, key) in [
+        ("single image", "single_image_accuracy"),
+        ("sequence", "sequence"),
+        ("grid", "grid"),
+        ("pic-in-pic", "pip"),
+        ("multi-image", "multi_image_accuracy"),
+    ] {
+        bars.push((label.to_string(), acc("before", key)?, acc("after", key)?));
+    }
+    let pct_of = |when: &str, key: &str| acc(when, key).map(pct);
+    let title = format!(
+        "miadpo demo (seed {}, {} selection{}): multi-image {} -> {}, single-image {} -> {}",
+        summary["seed"],
+        summary["selection"].as_str().unwrap_or("attention"),
+        if summary["post_select"] == Value::Bool(false) {
+            ", no post-selection"
+        } else {
+            ""
+        },
+        pct_of("before", "multi_image_accuracy")?,
+        pct_of("after", "multi_image_accuracy")?,
+        pct_of("before", "single_image_accuracy")?,
+        pct_of("after", "single_image_accuracy")?,
+    );
+    crate::plot::plot_demo_report(
+        &out.join("sft/metrics.jsonl"),
+        &out.join("dpo/metrics.jsonl"),
+        &bars,
+        png,
+        &title,
+    )
 }
 
 /// The JSON lines of a JSONL file (blank lines skipped).
