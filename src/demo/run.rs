@@ -429,7 +429,7 @@ fn check_reusable(prev: &Path, o: &DemoOptions) -> Result<()> {
         .filter(|k| v["settings"][**k] != ours[**k])
         .map(|k| format!("{k} {} (here {})", v["settings"][*k], ours[*k]))
         .collect();
-    if v["seed"] != Value::from(o.seed) {
+    if v["seed"] != o.seed {
         diff.push(format!("seed {} (here {})", v["seed"], o.seed));
     }
     if v.get("sft_from").is_some_and(|x| !x.is_null()) {
@@ -906,7 +906,7 @@ pub fn run<B: Backend>(be: B, o: &DemoOptions, events: &mut dyn FnMut(Event)) ->
             },
         )?;
         w.save_peft(&dpo_dir.join("adapter"), &sft_model.display().to_string())?;
-        let k = tail.len().min(20).max(1);
+        let k = tail.len().clamp(1, 20);
         let (ml, ma, mm) = tail[tail.len().saturating_sub(k)..]
             .iter()
             .fold((0.0, 0.0, 0.0), |(a, b, c), (l, r, g)| {
