@@ -6,11 +6,18 @@
 //   2. attention_fwd_d{16,32,64,128}: flash attention (FlashAttention-2's loop order) on the tensor
 //      cores through mma.sync (sm_80+): 64 query rows per block, 16 per warp, key tiles of 64 in
 //      shared memory, online softmax in registers, the log-sum-exp per row saved for the backward, and
-//      the per-span attention mass accumulated per tile with the same running-max rescaling as the
-//      row sum (so it equals the row sums of the materialised softmax over each span).
+//      the per-group attention mass accumulated per tile with the same running-max rescaling as the
+//      row sum (so it equals the sums of the materialised softmax over each group's keys).
 // Every variant: causal with q_pos0, GQA, the prefix-shared DPO hole (queries at positions >=
-// hole_first skip keys [hole_a, hole_b)), optional per-span mass per (row, head) (the host averages
+// hole_first skip keys [hole_a, hole_b)), optional per-group mass per (row, head) (the host averages
 // heads). CPU twins: attention, attention_backward in src/backend/cpu.rs.
+//
+// Key groups (src/backend/cuda.rs group_layout): groups[0..=n_groups] are the offsets of each group's
+// ranges, then (start, end) per range, sorted by group and, within a group, by start; ranges of a
+// group do not overlap. So a grid cell or the pic-in-pic centre (one range per patch row) is one
+// group and one accumulator. The fused kernels keep the masses of at most FA_MAX_GROUPS groups in
+// registers, indexed only by unrolled loops (a run-time index would put them in local memory), and
+// walk each group's ranges in shared memory (at most FA_MAX_RANGES; the host splits bigger sets).
 
 __device__ __forceinline__ bool visible(int qpos, int j, int causal, int hole_first, int hole_a, int hole_b) {
     if (causal && j > qpos) return false;
@@ -18,10 +25,11 @@ __device__ __forceinline__ bool visible(int qpos, int j, int causal, int hole_fi
     return true;
 }
 
-// q (tq, H*D), k v (tk, KV*D), out (tq, H*D); spans (n_spans, 2) ints; mass (tq, H, n_spans) or null
+// q (tq, H*D), k v (tk, KV*D), out (tq, H*D); groups (any number, layout above); mass (tq, H, n_groups)
+// or null
 extern "C" __global__ void attention_plain(const act* q, const act* k, const act* v, act* out, int tq, int tk,
                                            int heads, int kv_heads, int d, int causal, int q_pos0, int hole_first,
-                                           int hole_a, int hole_b, const int* spans, int n_spans, float* mass) {
+                                           int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
     extern __shared__ float p[]; // tk
     __shared__ float scratch[32];
     int i = blockIdx.x, h = blockIdx.y, kvh = h / (heads / kv_heads), qpos = q_pos0 + i;
@@ -51,12 +59,15 @@ extern "C" __global__ void attention_plain(const act* q, const act* k, const act
         out[((long)i * heads + h) * d + e] = st(acc);
     }
     if (mass != 0) {
-        for (int g = 0; g < n_spans; g++) {
-            int a = spans[2 * g], b = min(spans[2 * g + 1], tk);
+        const int* rng = groups + n_groups + 1;
+        for (int g = 0; g < n_groups; g++) {
             float s = 0.0f;
-            for (int j = a + threadIdx.x; j < b; j += blockDim.x) s += p[j];
+            for (int r = groups[g]; r < groups[g + 1]; r++) {
+                int a = rng[2 * r], b = min(rng[2 * r + 1], tk);
+                for (int j = a + threadIdx.x; j < b; j += blockDim.x) s += p[j];
+            }
             s = block_sum(s, scratch);
-            if (threadIdx.x == 0) mass[((long)i * heads + h) * n_spans + g] = s;
+            if (threadIdx.x == 0) mass[((long)i * heads + h) * n_groups + g] = s;
         }
     }
 }
@@ -120,7 +131,17 @@ extern "C" __global__ void attention_plain_bwd(const act* q, const act* k, const
 
 #define FA_BM 64        // query rows per block: 4 warps of 16
 #define FA_BN 64        // keys per tile
-#define FA_MAX_SPANS 16 // key spans whose mass a block can accumulate
+#define FA_MAX_GROUPS 16 // key groups whose mass a block accumulates (registers)
+#define FA_MAX_RANGES 64 // their ranges, in shared memory
+
+// The first ng <= FA_MAX_GROUPS groups of the layout (n_groups groups; the host launches at most
+// FA_MAX_GROUPS groups and FA_MAX_RANGES ranges) into shared memory sg (FA_MAX_GROUPS + 1 +
+// 2 * FA_MAX_RANGES ints): offsets, then ranges at sg + ng + 1. The caller syncs before reading.
+__device__ __forceinline__ void load_groups(int* sg, const int* groups, int n_groups, int ng) {
+    int nr = min(groups[ng], FA_MAX_RANGES);
+    for (int x = threadIdx.x; x <= ng; x += blockDim.x) sg[x] = min(groups[x], nr);
+    for (int x = threadIdx.x; x < 2 * nr; x += blockDim.x) sg[ng + 1 + x] = groups[n_groups + 1 + x];
+}
 
 // two floats -> one register of bf16x2 (the lower index in the low half, as mma.sync reads it)
 __device__ __forceinline__ unsigned pack_bf16(float lo, float hi) {
@@ -167,12 +188,12 @@ __device__ __forceinline__ void fa_q_fragments(const bf16* qw, unsigned (&qf)[D 
 
 // One key tile of the forward for this warp's 16 query rows (variants 2 and 3 alike): S = Q Kᵀ from
 // the Q fragments and the K tile (row stride D + 8), scale and mask, the online-softmax update of
-// (mrow, lrow, o), the per-span masses, then O += P V from the Vᵀ tile (row stride 64 + 8).
+// (mrow, lrow, o), the per-group masses, then O += P V from the Vᵀ tile (row stride 64 + 8).
 template <int D, bool MASS>
 __device__ __forceinline__ void fa_tile(const unsigned (&qf)[D / 16][4], const bf16* sk, const bf16* svt, int n0,
                                         const int (&qpos)[2], int tk, int causal, int hole_first, int hole_a,
-                                        int hole_b, const int* ssp, int ns, float (&o)[D / 8][4], float (&mrow)[2],
-                                        float (&lrow)[2], float (&macc)[2][MASS ? FA_MAX_SPANS : 1]) {
+                                        int hole_b, const int* sg, int ng, float (&o)[D / 8][4], float (&mrow)[2],
+                                        float (&lrow)[2], float (&macc)[2][MASS ? FA_MAX_GROUPS : 1]) {
     constexpr int S = D + 8, SV = FA_BN + 8;
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const float scale = rsqrtf((float)D) * 1.4426950408889634f; // scores in log2 units, for exp2f
@@ -220,27 +241,37 @@ __device__ __forceinline__ void fa_tile(const unsigned (&qf)[D / 16][4], const b
     }
     lrow[0] = lrow[0] * alpha[0] + rs[0];
     lrow[1] = lrow[1] * alpha[1] + rs[1];
-    // per-span mass, rescaled like the row sum; only spans that meet this tile add
+    // per-group mass, rescaled like the row sum; only the group's ranges that meet this tile add.
+    // The group index is unrolled (registers), its ranges a run-time loop over shared memory.
+    const int* rng = sg + ng + 1;
 #pragma unroll
-    for (int sp = 0; sp < (MASS ? FA_MAX_SPANS : 0); sp++) {
-        if (sp < ns) {
-            macc[0][sp] *= alpha[0];
-            macc[1][sp] *= alpha[1];
-            int a = ssp[2 * sp], b = ssp[2 * sp + 1];
-            if (a <= n0 && n0 + FA_BN <= b) {
-                // the tile lies inside the span (most tiles of an image span): the row sums
-                macc[0][sp] += rs[0];
-                macc[1][sp] += rs[1];
-            } else if (a < n0 + FA_BN && b > n0) {
+    for (int gi = 0; gi < (MASS ? FA_MAX_GROUPS : 0); gi++) {
+        if (gi < ng) {
+            float add0 = 0.0f, add1 = 0.0f;
+            for (int r = sg[gi]; r < sg[gi + 1]; r++) {
+                int a = rng[2 * r], b = rng[2 * r + 1];
+                if (a >= n0 + FA_BN) break; // sorted by start: the rest lie past this tile
+                if (a <= n0 && n0 + FA_BN <= b) {
+                    // the tile lies inside the range (most tiles of an image): the row sums; no
+                    // other range of the group meets it
+                    add0 = rs[0];
+                    add1 = rs[1];
+                    break;
+                }
+                if (b > n0) {
 #pragma unroll
-                for (int nt = 0; nt < FA_BN / 8; nt++) {
+                    for (int nt = 0; nt < FA_BN / 8; nt++) {
 #pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        int j = n0 + nt * 8 + 2 * t + (e & 1);
-                        if (j >= a && j < b) macc[e >> 1][sp] += sc[nt][e];
+                        for (int e = 0; e < 4; e++) {
+                            int j = n0 + nt * 8 + 2 * t + (e & 1);
+                            float x = (j >= a && j < b) ? sc[nt][e] : 0.0f;
+                            if (e < 2) add0 += x; else add1 += x;
+                        }
                     }
                 }
             }
+            macc[0][gi] = macc[0][gi] * alpha[0] + add0;
+            macc[1][gi] = macc[1][gi] * alpha[1] + add1;
         }
     }
     // O = O·alpha + P V, P from the score registers (the c fragment of S is the a fragment of P)
@@ -265,11 +296,11 @@ __device__ __forceinline__ void fa_tile(const unsigned (&qf)[D / 16][4], const b
 }
 
 // The end of the forward for this warp's 16 rows (variants 2 and 3): row sums over the quad,
-// normalise and store the output, the log-sum-exp when asked, the span masses.
+// normalise and store the output, the log-sum-exp when asked, the group masses.
 template <int D, bool MASS>
 __device__ __forceinline__ void fa_store(const float (&o)[D / 8][4], const float (&mrow)[2], float (&lrow)[2],
-                                         const float (&macc)[2][MASS ? FA_MAX_SPANS : 1], int row0, act* out,
-                                         float* lse, float* mass, int tq, int heads, int h, int ns, int n_spans) {
+                                         const float (&macc)[2][MASS ? FA_MAX_GROUPS : 1], int row0, act* out,
+                                         float* lse, float* mass, int tq, int heads, int h, int ng) {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
 #pragma unroll
     for (int r = 0; r < 2; r++) {
@@ -288,12 +319,12 @@ __device__ __forceinline__ void fa_store(const float (&o)[D / 8][4], const float
             if (t == 0 && lse != 0) lse[(long)row * heads + h] = (mrow[r] + log2f(lrow[r])) * 0.6931471805599453f;
         }
 #pragma unroll
-        for (int sp = 0; sp < (MASS ? FA_MAX_SPANS : 0); sp++) {
-            if (sp < ns) {
-                float m = macc[r][sp];
+        for (int gi = 0; gi < (MASS ? FA_MAX_GROUPS : 0); gi++) {
+            if (gi < ng) {
+                float m = macc[r][gi];
                 m += __shfl_xor_sync(0xffffffffu, m, 1);
                 m += __shfl_xor_sync(0xffffffffu, m, 2);
-                if (t == 0 && row < tq) mass[((long)row * heads + h) * n_spans + sp] = m * inv;
+                if (t == 0 && row < tq) mass[((long)row * heads + h) * ng + gi] = m * inv;
             }
         }
     }
@@ -302,7 +333,7 @@ __device__ __forceinline__ void fa_store(const float (&o)[D / 8][4], const float
 template <int D, bool MASS>
 __device__ __forceinline__ void flash_fwd(const act* q, const act* k, const act* v, act* out, float* lse, int tq,
                                           int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
-                                          int hole_a, int hole_b, const int* spans, int n_spans, float* mass) {
+                                          int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
     static_assert(sizeof(act) == 4, "the tile loads read f32 activations");
     constexpr int S = D + 8;      // row stride (bf16) of Q and K tiles: the 16-byte pad spreads rows over banks
     constexpr int SV = FA_BN + 8; // row stride of the transposed V tile
@@ -310,12 +341,12 @@ __device__ __forceinline__ void flash_fwd(const act* q, const act* k, const act*
     bf16* sq = (bf16*)fa_smem;    // (BM, S)
     bf16* sk = sq + FA_BM * S;    // (BN, S)
     bf16* svt = sk + FA_BN * S;   // (D, SV): V transposed, so P·V's b fragments are 32-bit loads
-    __shared__ int ssp[2 * FA_MAX_SPANS];
+    __shared__ int sg[MASS ? FA_MAX_GROUPS + 1 + 2 * FA_MAX_RANGES : 1];
     // heaviest (latest, under the causal mask) query blocks first
     int m0 = (gridDim.x - 1 - blockIdx.x) * FA_BM, h = blockIdx.y, kvh = h / (heads / kv_heads);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    int ns = MASS ? min(n_spans, FA_MAX_SPANS) : 0;
-    if (threadIdx.x < 2 * ns) ssp[threadIdx.x] = spans[threadIdx.x];
+    int ng = MASS ? min(n_groups, FA_MAX_GROUPS) : 0;
+    if (MASS) load_groups(sg, groups, n_groups, ng);
     fa_load_rows<D, S>(sq, q + h * D, m0, FA_BM, tq, heads * D);
     __syncthreads();
     unsigned qf[D / 16][4];
@@ -326,9 +357,9 @@ __device__ __forceinline__ void flash_fwd(const act* q, const act* k, const act*
 #pragma unroll
     for (int dt = 0; dt < D / 8; dt++) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
     float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.0f, 0.0f}; // lrow: this thread's columns only
-    float macc[2][MASS ? FA_MAX_SPANS : 1];
+    float macc[2][MASS ? FA_MAX_GROUPS : 1];
 #pragma unroll
-    for (int sp = 0; sp < (MASS ? FA_MAX_SPANS : 1); sp++) macc[0][sp] = macc[1][sp] = 0.0f;
+    for (int gi = 0; gi < (MASS ? FA_MAX_GROUPS : 1); gi++) macc[0][gi] = macc[1][gi] = 0.0f;
     int last = min(tq, m0 + FA_BM) - 1 + q_pos0; // the block's last query position
     int kend = causal ? min(tk, last + 1) : tk;
     int first = m0 + q_pos0;
@@ -349,70 +380,70 @@ __device__ __forceinline__ void flash_fwd(const act* q, const act* k, const act*
             svt[(c + 3) * SV + r] = f2bf(x.w);
         }
         __syncthreads();
-        fa_tile<D, MASS>(qf, sk, svt, n0, qpos, tk, causal, hole_first, hole_a, hole_b, ssp, ns, o, mrow, lrow, macc);
+        fa_tile<D, MASS>(qf, sk, svt, n0, qpos, tk, causal, hole_first, hole_a, hole_b, sg, ng, o, mrow, lrow, macc);
     }
-    fa_store<D, MASS>(o, mrow, lrow, macc, m0 + warp * 16, out, lse, mass, tq, heads, h, ns, n_spans);
+    fa_store<D, MASS>(o, mrow, lrow, macc, m0 + warp * 16, out, lse, mass, tq, heads, h, ng);
 }
 
-// q (tq, H*D), k v (tk, KV*D), out (tq, H*D); lse (tq, H) or null; spans (n_spans, 2) ints, at most
-// 16, and mass (tq, H, n_spans): read and written by the _mass kernels only (the others keep fewer
-// registers). Grid (ceil(tq / 64), H), 128 threads, dynamic shared memory
-// (64 + 64) * (D + 8) * 2 + D * 72 * 2 bytes.
+// q (tq, H*D), k v (tk, KV*D), out (tq, H*D); lse (tq, H) or null; groups (layout above: at most
+// FA_MAX_GROUPS groups and FA_MAX_RANGES ranges) and mass (tq, H, n_groups): read and written by the
+// _mass kernels only (the others keep fewer registers). Grid (ceil(tq / 64), H), 128 threads,
+// dynamic shared memory (64 + 64) * (D + 8) * 2 + D * 72 * 2 bytes.
 
 extern "C" __global__ void __launch_bounds__(128) attention_fwd_d16(const act* q, const act* k, const act* v, act* out,
         float* lse, int tq, int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first, int hole_a,
-        int hole_b, const int* spans, int n_spans, float* mass) {
+        int hole_b, const int* groups, int n_groups, float* mass) {
     flash_fwd<16, false>(q, k, v, out, lse, tq, tk, heads, kv_heads, causal, q_pos0, hole_first,
-                   hole_a, hole_b, spans, n_spans, mass);
+                   hole_a, hole_b, groups, n_groups, mass);
 }
 
 extern "C" __global__ void __launch_bounds__(128) attention_fwd_d32(const act* q, const act* k, const act* v, act* out,
         float* lse, int tq, int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first, int hole_a,
-        int hole_b, const int* spans, int n_spans, float* mass) {
+        int hole_b, const int* groups, int n_groups, float* mass) {
     flash_fwd<32, false>(q, k, v, out, lse, tq, tk, heads, kv_heads, causal, q_pos0, hole_first,
-                   hole_a, hole_b, spans, n_spans, mass);
+                   hole_a, hole_b, groups, n_groups, mass);
 }
 
 extern "C" __global__ void __launch_bounds__(128) attention_fwd_d64(const act* q, const act* k, const act* v, act* out,
         float* lse, int tq, int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first, int hole_a,
-        int hole_b, const int* spans, int n_spans, float* mass) {
+        int hole_b, const int* groups, int n_groups, float* mass) {
     flash_fwd<64, false>(q, k, v, out, lse, tq, tk, heads, kv_heads, causal, q_pos0, hole_first,
-                   hole_a, hole_b, spans, n_spans, mass);
+                   hole_a, hole_b, groups, n_groups, mass);
 }
 
 extern "C" __global__ void __launch_bounds__(128) attention_fwd_d128(const act* q, const act* k, const act* v, act* out,
         float* lse, int tq, int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first, int hole_a,
-        int hole_b, const int* spans, int n_spans, float* mass) {
+        int hole_b, const int* groups, int n_groups, float* mass) {
     flash_fwd<128, false>(q, k, v, out, lse, tq, tk, heads, kv_heads, causal, q_pos0, hole_first,
-                   hole_a, hole_b, spans, n_spans, mass);
+                   hole_a, hole_b, groups, n_groups, mass);
 }
 
 extern "C" __global__ void __launch_bounds__(128) attention_fwd_mass_d16(const act* q, const act* k, const act* v, act* out,
         float* lse, int tq, int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first, int hole_a,
-        int hole_b, const int* spans, int n_spans, float* mass) {
+        int hole_b, const int* groups, int n_groups, float* mass) {
     flash_fwd<16, true>(q, k, v, out, lse, tq, tk, heads, kv_heads, causal, q_pos0, hole_first,
-                   hole_a, hole_b, spans, n_spans, mass);
+                   hole_a, hole_b, groups, n_groups, mass);
 }
 
 extern "C" __global__ void __launch_bounds__(128) attention_fwd_mass_d32(const act* q, const act* k, const act* v, act* out,
         float* lse, int tq, int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first, int hole_a,
-        int hole_b, const int* spans, int n_spans, float* mass) {
+        int hole_b, const int* groups, int n_groups, float* mass) {
     flash_fwd<32, true>(q, k, v, out, lse, tq, tk, heads, kv_heads, causal, q_pos0, hole_first,
-                   hole_a, hole_b, spans, n_spans, mass);
+                   hole_a, hole_b, groups, n_groups, mass);
 }
 
 extern "C" __global__ void __launch_bounds__(128) attention_fwd_mass_d64(const act* q, const act* k, const act* v, act* out,
         float* lse, int tq, int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first, int hole_a,
-        int hole_b, const int* spans, int n_spans, float* mass) {
+        int hole_b, const int* groups, int n_groups, float* mass) {
     flash_fwd<64, true>(q, k, v, out, lse, tq, tk, heads, kv_heads, causal, q_pos0, hole_first,
-                   hole_a, hole_b, spans, n_spans, mass);
+                   hole_a, hole_b, groups, n_groups, mass);
 }
 
 extern "C" __global__ void __launch_bounds__(128) attention_fwd_mass_d128(const act* q, const act* k, const act* v, act* out,
         float* lse, int tq, int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first, int hole_a,
-        int hole_b, const int* spans, int n_spans, float* mass) {
+        int hole_b, const int* groups, int n_groups, float* mass) {
     flash_fwd<128, true>(q, k, v, out, lse, tq, tk, heads, kv_heads, causal, q_pos0, hole_first,
-                   hole_a, hole_b, spans, n_spans, mass);
+                   hole_a, hole_b, groups, n_groups, mass);
 }
 
 // ---- variant 2 backward: FlashAttention-2's backward on the tensor cores ----
@@ -645,25 +676,26 @@ extern "C" __global__ void __launch_bounds__(128) attention_bwd_d128(const act* 
 // Decode steps have 1..15 query rows, too few for a 64-row tensor-core tile. Grid (splits, heads,
 // tq): each block takes a contiguous chunk of keys, each of its 4 warps every 4th key of the chunk,
 // one key per step with the head dim across the lanes (coalesced 4..16-byte loads), an online softmax
-// per warp (and the per-span mass, rescaled alike); the warps merge in shared memory and the block
-// writes its partial (max, sum, D accumulators, span masses) for attention_decode_combine.
+// per warp (and the per-group mass, rescaled alike); the warps merge in shared memory and the block
+// writes its partial (max, sum, D accumulators, group masses) for attention_decode_combine.
 
 #define DEC_WARPS 4
 
 template <int D>
 __device__ __forceinline__ void flash_decode(const act* q, const act* k, const act* v, float* part, int tq, int tk,
                                              int heads, int kv_heads, int causal, int q_pos0, int hole_first,
-                                             int hole_a, int hole_b, const int* spans, int n_spans, int chunk) {
+                                             int hole_a, int hole_b, const int* groups, int n_groups, int chunk) {
     constexpr int E = D >= 32 ? D / 32 : 1;   // dims per lane
     constexpr int LANES = D / E;              // lanes that hold dims
-    constexpr int P = 2 + D + FA_MAX_SPANS;   // one partial: max, sum, acc[D], mass[16]
+    constexpr int P = 2 + D + FA_MAX_GROUPS;  // one partial: max, sum, acc[D], mass[16]
     __shared__ float sp_part[DEC_WARPS][P];
-    __shared__ int ssp[2 * FA_MAX_SPANS];
+    __shared__ int sg[FA_MAX_GROUPS + 1 + 2 * FA_MAX_RANGES];
     int split = blockIdx.x, h = blockIdx.y, i = blockIdx.z, kvh = h / (heads / kv_heads);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    int ns = min(n_spans, FA_MAX_SPANS);
-    if (threadIdx.x < 2 * ns) ssp[threadIdx.x] = spans[threadIdx.x];
+    int ng = min(n_groups, FA_MAX_GROUPS);
+    load_groups(sg, groups, n_groups, ng);
     __syncthreads();
+    const int* rng = sg + ng + 1;
     int qpos = q_pos0 + i;
     int j0 = split * chunk, j1 = min(tk, j0 + chunk);
     if (causal) j1 = min(j1, qpos + 1);
@@ -674,9 +706,9 @@ __device__ __forceinline__ void flash_decode(const act* q, const act* k, const a
         qv[e] = lane < LANES ? ld(q[((long)i * heads + h) * D + lane * E + e]) * scale : 0.0f;
         acc[e] = 0.0f;
     }
-    float m = -INFINITY, l = 0.0f, mass[FA_MAX_SPANS];
+    float m = -INFINITY, l = 0.0f, mass[FA_MAX_GROUPS];
 #pragma unroll
-    for (int s = 0; s < FA_MAX_SPANS; s++) mass[s] = 0.0f;
+    for (int gi = 0; gi < FA_MAX_GROUPS; gi++) mass[gi] = 0.0f;
     for (int j = j0 + warp; j < j1; j += DEC_WARPS) {
         if (hole_first >= 0 && qpos >= hole_first && j >= hole_a && j < hole_b) continue;
         const act* kr = k + ((long)j * kv_heads + kvh) * D + lane * E;
@@ -695,8 +727,18 @@ __device__ __forceinline__ void flash_decode(const act* q, const act* k, const a
             for (int e = 0; e < E; e++) acc[e] = acc[e] * alpha + p * ld(vr[e]);
         }
 #pragma unroll
-        for (int sp = 0; sp < FA_MAX_SPANS; sp++) {
-            if (sp < ns) mass[sp] = mass[sp] * alpha + ((j >= ssp[2 * sp] && j < ssp[2 * sp + 1]) ? p : 0.0f);
+        for (int gi = 0; gi < FA_MAX_GROUPS; gi++) {
+            if (gi < ng) {
+                float in = 0.0f; // p when a range of the group holds key j
+                for (int r = sg[gi]; r < sg[gi + 1]; r++) {
+                    if (rng[2 * r] > j) break; // sorted by start
+                    if (j < rng[2 * r + 1]) {
+                        in = p;
+                        break;
+                    }
+                }
+                mass[gi] = mass[gi] * alpha + in;
+            }
         }
     }
     // the warps' partials through shared memory; warp 0 merges them into the block's
@@ -704,7 +746,7 @@ __device__ __forceinline__ void flash_decode(const act* q, const act* k, const a
         sp_part[warp][0] = m;
         sp_part[warp][1] = l;
 #pragma unroll
-        for (int sp = 0; sp < FA_MAX_SPANS; sp++) sp_part[warp][2 + D + sp] = mass[sp];
+        for (int gi = 0; gi < FA_MAX_GROUPS; gi++) sp_part[warp][2 + D + gi] = mass[gi];
     }
     if (lane < LANES) {
 #pragma unroll
@@ -728,13 +770,13 @@ __device__ __forceinline__ void flash_decode(const act* q, const act* k, const a
     }
 }
 
-// Merges the splits: part (tq, H, splits, 2 + D + 16) -> out (tq, H*D) and mass (tq, H, n_spans) or
+// Merges the splits: part (tq, H, splits, 2 + D + 16) -> out (tq, H*D) and mass (tq, H, n_groups) or
 // null; one warp per (row, head), the lanes over the head dim.
 extern "C" __global__ void attention_decode_combine(const float* part, act* out, float* mass, int rows, int d,
-                                                    int splits, int n_spans) {
+                                                    int splits, int n_groups) {
     int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5), lane = threadIdx.x & 31;
     if (r >= rows) return;
-    int P = 2 + d + FA_MAX_SPANS;
+    int P = 2 + d + FA_MAX_GROUPS;
     const float* pr = part + (long)r * splits * P;
     float mm = -INFINITY;
     for (int s = 0; s < splits; s++) mm = fmaxf(mm, pr[s * P]);
@@ -747,40 +789,40 @@ extern "C" __global__ void attention_decode_combine(const float* part, act* out,
         out[(long)r * d + e] = st(a * inv);
     }
     if (mass != 0) {
-        for (int g = lane; g < n_spans && g < FA_MAX_SPANS; g += 32) {
+        for (int g = lane; g < n_groups && g < FA_MAX_GROUPS; g += 32) {
             float a = 0.0f;
             for (int s = 0; s < splits; s++) a += pr[s * P + 2 + d + g] * exp2f(pr[s * P] - base);
-            mass[(long)r * n_spans + g] = a * inv;
+            mass[(long)r * n_groups + g] = a * inv;
         }
     }
 }
 
 extern "C" __global__ void __launch_bounds__(128) attention_decode_d16(const act* q, const act* k, const act* v,
         float* part, int tq, int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first, int hole_a,
-        int hole_b, const int* spans, int n_spans, int chunk) {
-    flash_decode<16>(q, k, v, part, tq, tk, heads, kv_heads, causal, q_pos0, hole_first, hole_a, hole_b, spans,
-                     n_spans, chunk);
+        int hole_b, const int* groups, int n_groups, int chunk) {
+    flash_decode<16>(q, k, v, part, tq, tk, heads, kv_heads, causal, q_pos0, hole_first, hole_a, hole_b, groups,
+                     n_groups, chunk);
 }
 
 extern "C" __global__ void __launch_bounds__(128) attention_decode_d32(const act* q, const act* k, const act* v,
         float* part, int tq, int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first, int hole_a,
-        int hole_b, const int* spans, int n_spans, int chunk) {
-    flash_decode<32>(q, k, v, part, tq, tk, heads, kv_heads, causal, q_pos0, hole_first, hole_a, hole_b, spans,
-                     n_spans, chunk);
+        int hole_b, const int* groups, int n_groups, int chunk) {
+    flash_decode<32>(q, k, v, part, tq, tk, heads, kv_heads, causal, q_pos0, hole_first, hole_a, hole_b, groups,
+                     n_groups, chunk);
 }
 
 extern "C" __global__ void __launch_bounds__(128) attention_decode_d64(const act* q, const act* k, const act* v,
         float* part, int tq, int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first, int hole_a,
-        int hole_b, const int* spans, int n_spans, int chunk) {
-    flash_decode<64>(q, k, v, part, tq, tk, heads, kv_heads, causal, q_pos0, hole_first, hole_a, hole_b, spans,
-                     n_spans, chunk);
+        int hole_b, const int* groups, int n_groups, int chunk) {
+    flash_decode<64>(q, k, v, part, tq, tk, heads, kv_heads, causal, q_pos0, hole_first, hole_a, hole_b, groups,
+                     n_groups, chunk);
 }
 
 extern "C" __global__ void __launch_bounds__(128) attention_decode_d128(const act* q, const act* k, const act* v,
         float* part, int tq, int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first, int hole_a,
-        int hole_b, const int* spans, int n_spans, int chunk) {
-    flash_decode<128>(q, k, v, part, tq, tk, heads, kv_heads, causal, q_pos0, hole_first, hole_a, hole_b, spans,
-                     n_spans, chunk);
+        int hole_b, const int* groups, int n_groups, int chunk) {
+    flash_decode<128>(q, k, v, part, tq, tk, heads, kv_heads, causal, q_pos0, hole_first, hole_a, hole_b, groups,
+                     n_groups, chunk);
 }
 
 // ---- variant 3: variant 2's forward with bf16 K/V packed once and the tiles pipelined ----
@@ -835,18 +877,18 @@ template <int D, bool MASS>
 __device__ __forceinline__ void flash_fwd_pipelined(const act* q, const bf16* kb, const bf16* vt, act* out, float* lse,
                                                     int tq, int tk, int tpad, int heads, int kv_heads, int causal,
                                                     int q_pos0, int hole_first, int hole_a, int hole_b,
-                                                    const int* spans, int n_spans, float* mass) {
+                                                    const int* groups, int n_groups, float* mass) {
     static_assert(sizeof(act) == 4, "the query tile load reads f32 activations");
     constexpr int S = D + 8, SV = FA_BN + 8;
     extern __shared__ __align__(16) unsigned char fa_smem[];
     bf16* sq = (bf16*)fa_smem;             // (BM, S)
     bf16* sk0 = sq + FA3_BM * S;           // 2 x (BN, S)
     bf16* sv0 = sk0 + 2 * FA_BN * S;       // 2 x (D, SV)
-    __shared__ int ssp[2 * FA_MAX_SPANS];
+    __shared__ int sg[MASS ? FA_MAX_GROUPS + 1 + 2 * FA_MAX_RANGES : 1];
     int m0 = (gridDim.x - 1 - blockIdx.x) * FA3_BM, h = blockIdx.y, kvh = h / (heads / kv_heads);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    int ns = MASS ? min(n_spans, FA_MAX_SPANS) : 0;
-    if (threadIdx.x < 2 * ns) ssp[threadIdx.x] = spans[threadIdx.x];
+    int ng = MASS ? min(n_groups, FA_MAX_GROUPS) : 0;
+    if (MASS) load_groups(sg, groups, n_groups, ng);
     const bf16* kh = kb + (long)kvh * tpad * D;
     const bf16* vh = vt + (long)kvh * D * tpad;
     auto load_tile = [&](int n0, int buf) {
@@ -881,9 +923,9 @@ __device__ __forceinline__ void flash_fwd_pipelined(const act* q, const bf16* kb
 #pragma unroll
     for (int dt = 0; dt < D / 8; dt++) o[dt][0] = o[dt][1] = o[dt][2] = o[dt][3] = 0.0f;
     float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.0f, 0.0f};
-    float macc[2][MASS ? FA_MAX_SPANS : 1];
+    float macc[2][MASS ? FA_MAX_GROUPS : 1];
 #pragma unroll
-    for (int sp = 0; sp < (MASS ? FA_MAX_SPANS : 1); sp++) macc[0][sp] = macc[1][sp] = 0.0f;
+    for (int gi = 0; gi < (MASS ? FA_MAX_GROUPS : 1); gi++) macc[0][gi] = macc[1][gi] = 0.0f;
     int buf = 0;
     for (int n0 = n_first; n0 < kend;) {
         int next = n0 + FA_BN;
@@ -897,12 +939,12 @@ __device__ __forceinline__ void flash_fwd_pipelined(const act* q, const bf16* kb
         __syncthreads();
         const bf16* sk = sk0 + buf * FA_BN * S;
         const bf16* svt = sv0 + buf * D * SV;
-        fa_tile<D, MASS>(qf, sk, svt, n0, qpos, tk, causal, hole_first, hole_a, hole_b, ssp, ns, o, mrow, lrow, macc);
+        fa_tile<D, MASS>(qf, sk, svt, n0, qpos, tk, causal, hole_first, hole_a, hole_b, sg, ng, o, mrow, lrow, macc);
         __syncthreads(); // this buffer's readers are done before the next iteration refills it
         buf ^= 1;
         n0 = next;
     }
-    fa_store<D, MASS>(o, mrow, lrow, macc, m0 + warp * 16, out, lse, mass, tq, heads, h, ns, n_spans);
+    fa_store<D, MASS>(o, mrow, lrow, macc, m0 + warp * 16, out, lse, mass, tq, heads, h, ng);
 }
 
 extern "C" __global__ void __launch_bounds__(256) attention_pack_kv_d16(const act* k, const act* v, bf16* kb, bf16* vt,
@@ -927,56 +969,56 @@ extern "C" __global__ void __launch_bounds__(256) attention_pack_kv_d128(const a
 
 extern "C" __global__ void __launch_bounds__(256) attention_fwd3_d16(const act* q, const bf16* kb, const bf16* vt, act* out,
         float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
-        int hole_a, int hole_b, const int* spans, int n_spans, float* mass) {
+        int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
     flash_fwd_pipelined<16, false>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
-        q_pos0, hole_first, hole_a, hole_b, spans, n_spans, mass);
+        q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
 }
 
 extern "C" __global__ void __launch_bounds__(256) attention_fwd3_d32(const act* q, const bf16* kb, const bf16* vt, act* out,
         float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
-        int hole_a, int hole_b, const int* spans, int n_spans, float* mass) {
+        int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
     flash_fwd_pipelined<32, false>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
-        q_pos0, hole_first, hole_a, hole_b, spans, n_spans, mass);
+        q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
 }
 
 extern "C" __global__ void __launch_bounds__(256) attention_fwd3_d64(const act* q, const bf16* kb, const bf16* vt, act* out,
         float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
-        int hole_a, int hole_b, const int* spans, int n_spans, float* mass) {
+        int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
     flash_fwd_pipelined<64, false>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
-        q_pos0, hole_first, hole_a, hole_b, spans, n_spans, mass);
+        q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
 }
 
 extern "C" __global__ void __launch_bounds__(256) attention_fwd3_d128(const act* q, const bf16* kb, const bf16* vt, act* out,
         float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
-        int hole_a, int hole_b, const int* spans, int n_spans, float* mass) {
+        int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
     flash_fwd_pipelined<128, false>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
-        q_pos0, hole_first, hole_a, hole_b, spans, n_spans, mass);
+        q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
 }
 
 extern "C" __global__ void __launch_bounds__(256) attention_fwd3_mass_d16(const act* q, const bf16* kb, const bf16* vt, act* out,
         float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
-        int hole_a, int hole_b, const int* spans, int n_spans, float* mass) {
+        int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
     flash_fwd_pipelined<16, true>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
-        q_pos0, hole_first, hole_a, hole_b, spans, n_spans, mass);
+        q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
 }
 
 extern "C" __global__ void __launch_bounds__(256) attention_fwd3_mass_d32(const act* q, const bf16* kb, const bf16* vt, act* out,
         float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
-        int hole_a, int hole_b, const int* spans, int n_spans, float* mass) {
+        int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
     flash_fwd_pipelined<32, true>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
-        q_pos0, hole_first, hole_a, hole_b, spans, n_spans, mass);
+        q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
 }
 
 extern "C" __global__ void __launch_bounds__(256) attention_fwd3_mass_d64(const act* q, const bf16* kb, const bf16* vt, act* out,
         float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
-        int hole_a, int hole_b, const int* spans, int n_spans, float* mass) {
+        int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
     flash_fwd_pipelined<64, true>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
-        q_pos0, hole_first, hole_a, hole_b, spans, n_spans, mass);
+        q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
 }
 
 extern "C" __global__ void __launch_bounds__(256) attention_fwd3_mass_d128(const act* q, const bf16* kb, const bf16* vt, act* out,
         float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
-        int hole_a, int hole_b, const int* spans, int n_spans, float* mass) {
+        int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
     flash_fwd_pipelined<128, true>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
-        q_pos0, hole_first, hole_a, hole_b, spans, n_spans, mass);
+        q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
 }

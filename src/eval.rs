@@ -180,7 +180,7 @@ pub fn evaluate<B: Backend>(
             .map(|(p, f)| GenerateItem {
                 prompt: p,
                 features: f,
-                groups: &[],
+                groups: None,
             })
             .collect();
         let gens = m.generate_batch(&items, &gen, &mut |_| {})?;

@@ -5,11 +5,12 @@
 //! a large copy (GB/s) and a large matrix product (TFLOP/s).
 use std::time::Instant;
 
-use crate::backend::{AttnShape, Backend};
+use crate::backend::{AttnShape, Backend, KeyGroups};
 use crate::bench::Stats;
 use crate::model::config::Activation;
 use crate::model::random::Rng;
 use crate::model::weights::Tensor;
+use crate::select::ratio::RatioSpec;
 use crate::Result;
 
 /// What an op's figure is measured against.
@@ -49,7 +50,7 @@ struct Case<'a> {
 }
 
 /// The op names, in order (`--list`).
-pub const OPS: [&str; 18] = [
+pub const OPS: [&str; 20] = [
     "ceiling/copy",
     "ceiling/gemm",
     "linear/forward",
@@ -63,9 +64,11 @@ pub const OPS: [&str; 18] = [
     "elementwise/dropout",
     "attention/causal",
     "attention/causal_mass",
+    "attention/causal_mass_pip",
     "attention/causal_backward",
     "attention/bidirectional",
     "attention/decode_mass",
+    "attention/decode_mass_pip",
     "logprob/fused",
     "logprob/fused_backward",
 ];
@@ -144,6 +147,10 @@ pub fn run<B: Backend>(
     let q1 = be.upload(&rand(heads * hd, 1.0));
     let positions: Vec<usize> = (0..rows).collect();
     let mass_spans: Vec<(usize, usize)> = (0..5).map(|i| (1 + i * t / 6, (i + 1) * t / 6)).collect();
+    let mass_spans = KeyGroups::per_span(&mass_spans)?;
+    // select's pic-in-pic groups: an image of 24×24 patches at keys 1..577 (group 0) and its centre,
+    // 16 patch rows of 16 (group 1); ranges past T count nothing
+    let pip = RatioSpec::pip((1, 577), 24)?.groups;
     let targets: Vec<u32> = (0..rows).map(|i| (i * 7919 % vocab) as u32).collect();
     let shape = |causal| AttnShape {
         tq: t,
@@ -274,13 +281,23 @@ pub fn run<B: Backend>(
             }),
         },
         Case {
-            // the same with the per-image attention mass of five image spans (MIA-DPO's selection)
+            // the same with the per-image attention mass of five images (a group each: sequence selection)
             name: "attention/causal_mass",
-            shape: format!("T={t} H={heads} D={hd} 5 spans"),
+            shape: format!("T={t} H={heads} D={hd} 5 images"),
             bound: Bound::Compute,
             work: attn_flops / 2.0,
             run: Box::new(|| {
                 std::hint::black_box(be.attention(&q, &kv, &kv, shape(true), Some(&mass_spans)));
+            }),
+        },
+        Case {
+            // pic-in-pic selection: 17 ranges in two groups, one launch
+            name: "attention/causal_mass_pip",
+            shape: format!("T={t} H={heads} D={hd} pip groups"),
+            bound: Bound::Compute,
+            work: attn_flops / 2.0,
+            run: Box::new(|| {
+                std::hint::black_box(be.attention(&q, &kv, &kv, shape(true), Some(&pip)));
             }),
         },
         Case {
@@ -302,9 +319,9 @@ pub fn run<B: Backend>(
             }),
         },
         Case {
-            // one new token against a cache of t keys, with the mass of five image spans (select)
+            // one new token against a cache of t keys, with the mass of five images (select)
             name: "attention/decode_mass",
-            shape: format!("1 x T={t} H={heads} D={hd} 5 spans"),
+            shape: format!("1 x T={t} H={heads} D={hd} 5 images"),
             bound: Bound::Memory,
             work: 2.0 * f * (t * heads * hd) as f64, // K and V read once
             run: Box::new(|| {
@@ -314,6 +331,20 @@ pub fn run<B: Backend>(
                     ..shape(true)
                 };
                 std::hint::black_box(be.attention(&q1, &kv, &kv, s, Some(&mass_spans)));
+            }),
+        },
+        Case {
+            name: "attention/decode_mass_pip",
+            shape: format!("1 x T={t} H={heads} D={hd} pip groups"),
+            bound: Bound::Memory,
+            work: 2.0 * f * (t * heads * hd) as f64,
+            run: Box::new(|| {
+                let s = AttnShape {
+                    tq: 1,
+                    q_pos0: t - 1,
+                    ..shape(true)
+                };
+                std::hint::black_box(be.attention(&q1, &kv, &kv, s, Some(&pip)));
             }),
         },
     ];

@@ -41,7 +41,7 @@ fn accuracy_counts_matching_answers_per_set_and_task() {
             let item = GenerateItem {
                 prompt: &p,
                 features: &f,
-                groups: &[],
+                groups: None,
             };
             m.generate_batch(&[item], &gen, &mut |_| {}).unwrap()[0]
                 .text

@@ -12,7 +12,7 @@ mod common;
 use common::TestRng;
 use miadpo::backend::cpu::CpuBackend;
 use miadpo::backend::cuda::{AttnKernel, CudaBackend};
-use miadpo::backend::{AttnShape, Backend};
+use miadpo::backend::{AttnShape, Backend, KeyGroups};
 use miadpo::model::config::Activation;
 use miadpo::model::weights::Tensor;
 
@@ -236,9 +236,19 @@ fn attention_variants_forward_mass_and_backward() {
             rng.vec(x.tk * x.kv * x.d, 1.0),
             rng.vec(x.tk * x.kv * x.d, 1.0),
         );
-        let spans = [(1, x.tk / 4), (x.tk / 4, x.tk / 2 + 1), (x.tk / 2 + 7, x.tk)];
+        // group 0: two ranges in different key tiles; 1 and 2: one range each; 3: every key (overlaps
+        // the others)
+        let (t4, t2) = (x.tk / 4, x.tk / 2);
+        let ranges = [
+            (1, t4, 0),
+            (t2 + 1, t2 + 4, 0),
+            (t4, t2 + 1, 1),
+            (t2 + 7, x.tk, 2),
+            (0, x.tk, 3),
+        ];
+        let groups = KeyGroups::new(&ranges, 4).unwrap();
         let (qg, kg, vg) = (g.upload(&q), g.upload(&k), g.upload(&v));
-        let (oc, mc) = c.attention(&q, &k, &v, s, Some(&spans));
+        let (oc, mc) = c.attention(&q, &k, &v, s, Some(&groups));
         let mc = mc.unwrap();
         let name = format!(
             "t={}/{} h={}/{} d={} {}{}",
@@ -257,7 +267,7 @@ fn attention_variants_forward_mass_and_backward() {
             (AttnKernel::Pipelined, GEMM_TOL),
         ] {
             g.set_attention(variant);
-            let (og, mg) = g.attention(&qg, &kg, &vg, s, Some(&spans));
+            let (og, mg) = g.attention(&qg, &kg, &vg, s, Some(&groups));
             check(
                 &format!("attention {variant:?} {name}"),
                 &g.download(&og),
@@ -476,43 +486,105 @@ fn append_rows_grows_the_cache_in_place() {
     check("add on an appended buffer", &g.download(&a), &b, F32_TOL);
 }
 
-/// More spans than the fused kernels hold in registers (16): a pic-in-pic region is 16 patch rows plus
-/// the whole image. They run in launches of 16 and must still give every span's mass.
+/// More groups than the fused kernels hold in registers (16: a sequence prompt of 20 images), and
+/// a group of more ranges than they hold in shared memory (64): the host splits them over launches,
+/// and every group's mass must still come out.
 #[test]
-fn attention_mass_over_more_than_16_spans() {
+fn attention_mass_over_more_than_16_groups_or_64_ranges() {
     let Some(mut g) = gpu() else { return };
     let c = CpuBackend::new();
     let mut rng = TestRng(11);
     let (tk, heads, kv, d) = (700, 8, 2, 64);
     let spans: Vec<(usize, usize)> = (0..20).map(|i| (5 + i * 30, 5 + i * 30 + 24)).collect();
-    for tq in [1, 200] {
-        let s = AttnShape {
-            tq,
-            tk,
-            heads,
-            kv_heads: kv,
-            head_dim: d,
-            causal: true,
-            q_pos0: tk - tq,
-            hole: None,
-        };
-        let (q, k, v) = (
-            rng.vec(tq * heads * d, 1.0),
-            rng.vec(tk * kv * d, 1.0),
-            rng.vec(tk * kv * d, 1.0),
-        );
-        let (oc, mc) = c.attention(&q, &k, &v, s, Some(&spans));
-        for variant in [AttnKernel::Fused, AttnKernel::Pipelined] {
-            g.set_attention(variant);
-            let (og, mg) = g.attention(&g.upload(&q), &g.upload(&k), &g.upload(&v), s, Some(&spans));
-            let name = format!("attention {variant:?} tq={tq} 20 spans");
-            check(&name, &g.download(&og), &oc, GEMM_TOL);
-            check(
-                &format!("{name} mass"),
-                &mg.unwrap(),
-                mc.as_ref().unwrap(),
-                GEMM_TOL,
+    let per_image = KeyGroups::per_span(&spans).unwrap();
+    // 80 ranges of 3 keys every 8 in group 1, the whole cache in group 0
+    let mut ranges: Vec<(usize, usize, usize)> = (0..80).map(|i| (10 + i * 8, 13 + i * 8, 1)).collect();
+    ranges.push((0, tk, 0));
+    let many = KeyGroups::new(&ranges, 2).unwrap();
+    for (what, groups) in [("20 groups", &per_image), ("80 ranges", &many)] {
+        for tq in [1, 200] {
+            let s = AttnShape {
+                tq,
+                tk,
+                heads,
+                kv_heads: kv,
+                head_dim: d,
+                causal: true,
+                q_pos0: tk - tq,
+                hole: None,
+            };
+            let (q, k, v) = (
+                rng.vec(tq * heads * d, 1.0),
+                rng.vec(tk * kv * d, 1.0),
+                rng.vec(tk * kv * d, 1.0),
             );
+            let (oc, mc) = c.attention(&q, &k, &v, s, Some(groups));
+            for variant in [AttnKernel::Fused, AttnKernel::Pipelined] {
+                g.set_attention(variant);
+                let (og, mg) = g.attention(&g.upload(&q), &g.upload(&k), &g.upload(&v), s, Some(groups));
+                let name = format!("attention {variant:?} tq={tq} {what}");
+                // bf16 tensor-core probabilities (module comment)
+                check(&name, &g.download(&og), &oc, GEMM_TOL);
+                check(
+                    &format!("{name} mass"),
+                    &mg.unwrap(),
+                    mc.as_ref().unwrap(),
+                    GEMM_TOL,
+                );
+            }
+        }
+    }
+}
+
+/// Select's groups, one launch each: pic-in-pic (the whole 24×24 image, and its 16×16 centre as 16
+/// ranges of one group) and a grid cell (3×3 collage: 8 patch rows of 8), at prefill and decode
+/// sizes, every variant against the CPU twin.
+#[test]
+fn attention_mass_of_grid_and_pip_groups() {
+    let Some(mut g) = gpu() else { return };
+    let c = CpuBackend::new();
+    let mut rng = TestRng(13);
+    let (tk, heads, kv, d) = (700, 8, 2, 128);
+    let image = (35, 35 + 576); // after a short text prefix, as in a prompt
+    let region = |rows: std::ops::Range<usize>, cols: std::ops::Range<usize>| {
+        let mut r = vec![(image.0, image.1, 0)];
+        r.extend(rows.map(|row| (image.0 + row * 24 + cols.start, image.0 + row * 24 + cols.end, 1)));
+        KeyGroups::new(&r, 2).unwrap()
+    };
+    let pip = region(4..20, 4..20);
+    let cell = region(8..16, 16..24); // block 6 of a 3×3 collage
+    for (what, groups) in [("pip", &pip), ("grid cell", &cell)] {
+        for tq in [1, 3, 200] {
+            let s = AttnShape {
+                tq,
+                tk,
+                heads,
+                kv_heads: kv,
+                head_dim: d,
+                causal: true,
+                q_pos0: tk - tq,
+                hole: None,
+            };
+            let (q, k, v) = (
+                rng.vec(tq * heads * d, 1.0),
+                rng.vec(tk * kv * d, 1.0),
+                rng.vec(tk * kv * d, 1.0),
+            );
+            let (oc, mc) = c.attention(&q, &k, &v, s, Some(groups));
+            let mc = mc.unwrap();
+            // plain: f32 throughout; fused and pipelined: bf16 tensor-core probabilities (module
+            // comment); the masses are sums of those probabilities, bounded by 1
+            for (variant, tol) in [
+                (AttnKernel::Plain, F32_TOL),
+                (AttnKernel::Fused, GEMM_TOL),
+                (AttnKernel::Pipelined, GEMM_TOL),
+            ] {
+                g.set_attention(variant);
+                let (og, mg) = g.attention(&g.upload(&q), &g.upload(&k), &g.upload(&v), s, Some(groups));
+                let name = format!("attention {variant:?} tq={tq} {what}");
+                check(&name, &g.download(&og), &oc, tol);
+                check(&format!("{name} mass"), &mg.unwrap(), &mc, tol);
+            }
         }
     }
 }

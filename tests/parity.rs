@@ -275,6 +275,7 @@ fn f32_sharded_copy_gives_identical_results() {
 /// a time, bit for bit (decode products of up to 16 rows use the same per-row dot product).
 #[test]
 fn batched_generation_equals_one_at_a_time() {
+    use miadpo::backend::KeyGroups;
     use miadpo::model::llava::GenerateItem;
     let dir = fixture_dir();
     let m = model(&dir);
@@ -305,13 +306,18 @@ fn batched_generation_equals_one_at_a_time() {
             attn_layer: Some(1),
             use_adapter: false,
         };
+        let groups: Vec<KeyGroups> = prompts
+            .iter()
+            .map(|p| KeyGroups::per_span(&p.image_spans).unwrap())
+            .collect();
         let items: Vec<GenerateItem<CpuBackend>> = prompts
             .iter()
             .zip(&feats)
-            .map(|(p, f)| GenerateItem {
+            .zip(&groups)
+            .map(|((p, f), g)| GenerateItem {
                 prompt: p,
                 features: f,
-                groups: &p.image_spans,
+                groups: Some(g),
             })
             .collect();
         let mut steps = 0;

@@ -2,7 +2,7 @@
 //! tiles, matrix products by `matrixmultiply`'s sgemm (runtime-detected AVX/FMA kernels).
 use rayon::prelude::*;
 
-use super::{AttnShape, Backend, KeySpan};
+use super::{AttnShape, Backend, KeyGroups};
 use crate::model::config::Activation;
 use crate::model::weights::{DType, Tensor};
 use crate::{Error, Result};
@@ -513,7 +513,7 @@ impl Backend for CpuBackend {
         k: &Vec<f32>,
         v: &Vec<f32>,
         s: AttnShape,
-        spans: Option<&[KeySpan]>,
+        groups: Option<&KeyGroups>,
     ) -> (Vec<f32>, Option<Vec<f32>>) {
         let d = s.head_dim;
         let (qs, ks) = (s.heads * d, s.kv_heads * d); // row strides of q/out and of k/v
@@ -522,14 +522,14 @@ impl Backend for CpuBackend {
         assert_eq!(v.len(), s.tk * ks, "attention: v shape");
         let group = s.heads / s.kv_heads;
         let scale = 1.0 / (d as f32).sqrt();
-        let n_spans = spans.map_or(0, |sp| sp.len());
+        let n_groups = groups.map_or(0, |gr| gr.n_groups());
         // Tasks are (head, block of QB query rows): the score matrix of one task is (QB, tk), so memory
         // grows linearly with the sequence, and a causal block only reads the keys it can see.
         const QB: usize = 64;
         let blocks = s.tq.div_ceil(QB);
         let mut out = vec![0f32; s.tq * qs]; // (tq, heads·d)
         let out_ptr = SendPtr(out.as_mut_ptr());
-        // per task: (first row, span masses (rows, n_spans)) for the head average below
+        // per task: (first row, group masses (rows, n_groups)) for the head average below
         let masses: Vec<(usize, Vec<f32>)> = (0..s.heads * blocks)
             .into_par_iter()
             .map(|task| {
@@ -552,7 +552,7 @@ impl Backend for CpuBackend {
                 } else {
                     head_scores(q, k, &s, (h, kvh), (i0, rows, tk), &mut p);
                 }
-                let mut mass = vec![0f32; rows * n_spans];
+                let mut mass = vec![0f32; rows * n_groups]; // (rows, n_groups)
                 for (r, row) in p.chunks_exact_mut(tk).enumerate() {
                     let visible = if s.causal {
                         (s.q_pos0 + i0 + r + 1).min(tk)
@@ -560,9 +560,11 @@ impl Backend for CpuBackend {
                         tk
                     };
                     softmax_visible(row, visible, hole_of(&s, i0 + r));
-                    if let Some(sp) = spans {
-                        for (g, &(a, b)) in sp.iter().enumerate() {
-                            mass[r * n_spans + g] = row[a.min(tk)..b.min(tk)].iter().sum();
+                    if let Some(gr) = groups {
+                        // a group's mass: the sum over its ranges (which do not overlap); keys past
+                        // tk have probability 0 here (causal) or do not exist
+                        for &(a, b, g) in gr.ranges() {
+                            mass[r * n_groups + g] += row[a.min(tk)..b.min(tk)].iter().sum::<f32>();
                         }
                     }
                 }
@@ -603,10 +605,10 @@ impl Backend for CpuBackend {
                 (i0, mass)
             })
             .collect();
-        let mass = spans.map(|_| {
-            let mut m = vec![0f32; s.tq * n_spans]; // (tq, n_spans), heads averaged
+        let mass = groups.map(|_| {
+            let mut m = vec![0f32; s.tq * n_groups]; // (tq, n_groups), heads averaged
             for (i0, part) in &masses {
-                m[i0 * n_spans..i0 * n_spans + part.len()]
+                m[i0 * n_groups..i0 * n_groups + part.len()]
                     .iter_mut()
                     .zip(part)
                     .for_each(|(a, b)| *a += b);
@@ -1186,18 +1188,21 @@ mod tests {
         }
     }
 
-    /// Plain per-row attention in f64, the definition the blocked kernel must match.
+    /// Plain per-row attention in f64, the definition the blocked kernel must match; the mass of
+    /// group g is the probability of the keys that some range of g covers, from the raw ranges
+    /// (not `KeyGroups`' sorted and merged ones).
     fn naive_attention(
         q: &[f32],
         k: &[f32],
         v: &[f32],
         s: AttnShape,
-        spans: &[KeySpan],
+        ranges: &[crate::backend::KeyRange],
+        n_groups: usize,
     ) -> (Vec<f64>, Vec<f64>) {
         let d = s.head_dim;
         let (qs, ks) = (s.heads * d, s.kv_heads * d);
         let mut out = vec![0f64; s.tq * qs];
-        let mut mass = vec![0f64; s.tq * spans.len()];
+        let mut mass = vec![0f64; s.tq * n_groups]; // (tq, n_groups)
         for h in 0..s.heads {
             let kvh = h / (s.heads / s.kv_heads);
             for i in 0..s.tq {
@@ -1233,9 +1238,10 @@ mod tests {
                         out[i * qs + h * d + c] += ej / z * v[j * ks + kvh * d + c] as f64;
                     }
                 }
-                for (g, &(a, b)) in spans.iter().enumerate() {
-                    mass[i * spans.len() + g] +=
-                        (a..b.min(vis)).map(|j| e[j] / z).sum::<f64>() / s.heads as f64;
+                for g in 0..n_groups {
+                    let inside = |j: usize| ranges.iter().any(|&(a, b, rg)| rg == g && (a..b).contains(&j));
+                    mass[i * n_groups + g] +=
+                        (0..vis).filter(|&j| inside(j)).map(|j| e[j] / z).sum::<f64>() / s.heads as f64;
                 }
             }
         }
@@ -1270,9 +1276,22 @@ mod tests {
             };
             let mut rand = |n: usize| (0..n).map(|_| rng.normal() as f32).collect::<Vec<f32>>();
             let (q, k, v) = (rand(s.tq * 48), rand(s.tk * 16), rand(s.tk * 16));
-            let spans = [(3, 40), (40, 41), (100, 170)];
-            let (out, mass) = CpuBackend.attention(&q, &k, &v, s, Some(&spans));
-            let (want, want_mass) = naive_attention(&q, &k, &v, s, &spans);
+            // group 0: two ranges in different 64-key tiles; 1: one key; 2: every key (overlaps all
+            // others); 3: adjacent ranges (merged) and one past the keys; 4: keys past the end only
+            let ranges = [
+                (100, 170, 0),
+                (3, 40, 0),
+                (40, 41, 1),
+                (0, 400, 2),
+                (20, 30, 3),
+                (30, 35, 3),
+                (60, 65, 3),
+                (165, 300, 3),
+                (500, 600, 4),
+            ];
+            let groups = KeyGroups::new(&ranges, 5).unwrap();
+            let (out, mass) = CpuBackend.attention(&q, &k, &v, s, Some(&groups));
+            let (want, want_mass) = naive_attention(&q, &k, &v, s, &ranges, 5);
             // f32 sums of <= 170 terms of size ~1: 1e-5 is ~100 ulps
             let e = out
                 .iter()
@@ -1285,6 +1304,40 @@ mod tests {
                 .zip(&want_mass)
                 .fold(0f64, |m, (a, b)| m.max((*a as f64 - b).abs()));
             assert!(e < 1e-5, "causal={causal}: mass error {e:e}");
+        }
+    }
+
+    #[test]
+    fn group_mass_is_the_sum_of_its_ranges_one_group_each() {
+        // what select did before groups: one span per patch row, summed on the host
+        use crate::backend::KeySpan;
+        let mut rng = crate::model::random::Rng::new(5);
+        let s = AttnShape {
+            tq: 70,
+            tk: 100 + 70,
+            heads: 4,
+            kv_heads: 1,
+            head_dim: 16,
+            causal: true,
+            q_pos0: 100,
+            hole: None,
+        };
+        let mut rand = |n: usize| (0..n).map(|_| rng.normal() as f32).collect::<Vec<f32>>();
+        let (q, k, v) = (rand(s.tq * 64), rand(s.tk * 16), rand(s.tk * 16));
+        // a 6×6 patch grid at keys 10..46: the whole image, and rows 1..5, columns 1..5
+        let rows: Vec<KeySpan> = (1..5).map(|r| (10 + r * 6 + 1, 10 + r * 6 + 5)).collect();
+        let spans: Vec<KeySpan> = std::iter::once((10, 46)).chain(rows.iter().copied()).collect();
+        let mut ranges = vec![(10, 46, 0)];
+        ranges.extend(rows.iter().map(|&(a, b)| (a, b, 1)));
+        let grouped = KeyGroups::new(&ranges, 2).unwrap();
+        let (_, per_span) = CpuBackend.attention(&q, &k, &v, s, Some(&KeyGroups::per_span(&spans).unwrap()));
+        let (_, mass) = CpuBackend.attention(&q, &k, &v, s, Some(&grouped));
+        let (per_span, mass) = (per_span.unwrap(), mass.unwrap());
+        for i in 0..s.tq {
+            let row = &per_span[i * spans.len()..][..spans.len()];
+            // f32 sums of 5 terms ≤ 1 in another order: a few ulps
+            assert!((mass[i * 2] - row[0]).abs() < 1e-6);
+            assert!((mass[i * 2 + 1] - row[1..].iter().sum::<f32>()).abs() < 1e-6);
         }
     }
 

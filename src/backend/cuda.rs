@@ -14,7 +14,7 @@ use cudarc::driver::{
     CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
 };
 
-use super::{AttnShape, Backend, KeySpan};
+use super::{AttnShape, Backend, KeyGroups, KeyRange};
 use crate::cuda::{nvrtc, FAMILIES};
 use crate::model::config::Activation;
 use crate::model::weights::Tensor;
@@ -145,6 +145,51 @@ fn attention_kernel(base: &str, mass: bool, d: usize) -> String {
     format!("{base}{}_d{d}", if mass { "_mass" } else { "" })
 }
 
+/// What one launch of the fused attention kernels holds: mass accumulators of 16 groups in registers
+/// and 64 ranges in shared memory (`FA_MAX_GROUPS`, `FA_MAX_RANGES` in kernels/attention.cu).
+const FA_MAX_GROUPS: usize = 16;
+const FA_MAX_RANGES: usize = 64;
+
+/// Key groups as the kernels read them (kernels/attention.cu): the (n_groups + 1) offsets of each
+/// group's ranges, then (start, end) per range, sorted by group; ends clipped to i32.
+fn group_layout(groups: &KeyGroups) -> Vec<usize> {
+    let clip = |x: usize| x.min(i32::MAX as usize);
+    let mut v = groups.offsets().to_vec();
+    v.extend(groups.ranges().iter().flat_map(|&(a, b, _)| [clip(a), clip(b)]));
+    v
+}
+
+/// `groups` cut into pieces that one fused launch holds (≤ FA_MAX_GROUPS groups, ≤ FA_MAX_RANGES
+/// ranges), each with the group of `groups` that each of its groups counts for. A group of more
+/// ranges than fit is split over pieces: its ranges do not overlap, so the pieces' masses add up.
+/// Groups without ranges are left out (their mass is 0).
+fn group_pieces(groups: &KeyGroups) -> Vec<(KeyGroups, Vec<usize>)> {
+    let mut pieces = Vec::new();
+    let (mut ranges, mut of): (Vec<KeyRange>, Vec<usize>) = (Vec::new(), Vec::new());
+    let mut flush = |ranges: &mut Vec<KeyRange>, of: &mut Vec<usize>| {
+        if !of.is_empty() {
+            let g = KeyGroups::new(ranges, of.len()).expect("the ranges of valid groups");
+            pieces.push((g, std::mem::take(of)));
+            ranges.clear();
+        }
+    };
+    for g in 0..groups.n_groups() {
+        let mut rest = groups.group(g);
+        while !rest.is_empty() {
+            if of.len() == FA_MAX_GROUPS || ranges.len() == FA_MAX_RANGES {
+                flush(&mut ranges, &mut of);
+            }
+            let (part, more) = rest.split_at(rest.len().min(FA_MAX_RANGES - ranges.len()));
+            let local = of.len();
+            ranges.extend(part.iter().map(|&(a, b, _)| (a, b, local)));
+            of.push(g);
+            rest = more;
+        }
+    }
+    flush(&mut ranges, &mut of);
+    pieces
+}
+
 /// The prefix-shared DPO hole as kernel arguments: (first query position, key start, key end), or
 /// first = -1 for none.
 fn hole_args(s: AttnShape) -> (i32, i32, i32) {
@@ -262,7 +307,8 @@ impl CudaBackend {
 
     /// One attention forward launch: `fused` picks variant 2 (which can also write the log-sum-exp
     /// per row and head, for the backward) over the plain kernel. Returns the output, the per-head
-    /// span mass (tq, heads, n_spans) when spans are given, and the log-sum-exp (tq, heads) if asked.
+    /// group mass (tq, heads, n_groups) when groups are given (at most FA_MAX_GROUPS groups and
+    /// FA_MAX_RANGES ranges for the fused kernel), and the log-sum-exp (tq, heads) if asked.
     #[allow(clippy::too_many_arguments)]
     fn attention_fwd(
         &self,
@@ -270,18 +316,18 @@ impl CudaBackend {
         k: &DBuf,
         v: &DBuf,
         s: AttnShape,
-        spans: Option<&[KeySpan]>,
+        groups: Option<&KeyGroups>,
         fused: bool,
         want_lse: bool,
     ) -> (DBuf, Option<DBuf>, Option<DBuf>) {
-        let n_spans = spans.map_or(0, |x| x.len());
+        let n_groups = groups.map_or(0, |g| g.n_groups());
         let d = s.head_dim;
         assert!(
             fused || !want_lse,
             "only the fused forward writes the log-sum-exp"
         );
         let (name, cfg) = if fused {
-            let name = attention_kernel("attention_fwd", n_spans > 0, d);
+            let name = attention_kernel("attention_fwd", n_groups > 0, d);
             // Q and K tiles of 64 rows (row stride D + 8), V transposed (D rows of 64 + 8), bf16
             let smem = ((64 + 64) * (d + 8) + d * 72) * 2;
             let cfg = LaunchConfig {
@@ -307,12 +353,11 @@ impl CudaBackend {
         };
         let mut out = self.poisoned(s.tq * s.heads * d);
         let mut lse = want_lse.then(|| self.poisoned(s.tq * s.heads));
-        let flat: Vec<usize> = spans.unwrap_or(&[]).iter().flat_map(|&(a, b)| [a, b]).collect();
-        let spans_dev = self.ints(if flat.is_empty() { &[0, 0] } else { &flat });
-        let mut mass = (n_spans > 0).then(|| self.zeros(s.tq * s.heads * n_spans));
+        let groups_dev = self.group_ints(groups);
+        let mut mass = (n_groups > 0).then(|| self.zeros(s.tq * s.heads * n_groups));
         let (hf, ha, hb) = hole_args(s);
         let ints = [s.tq, s.tk, s.heads, s.kv_heads].map(|x| x as i32);
-        let (causal, q0, ns, dd) = (s.causal as i32, s.q_pos0 as i32, n_spans as i32, d as i32);
+        let (causal, q0, ng, dd) = (s.causal as i32, s.q_pos0 as i32, n_groups as i32, d as i32);
         let null: u64 = 0; // for the outputs not asked for
         let mut b = self.stream.launch_builder(self.f(&name));
         b.arg(&q.s).arg(&k.s).arg(&v.s).arg(&mut out.s);
@@ -333,8 +378,8 @@ impl CudaBackend {
             .arg(&hf)
             .arg(&ha)
             .arg(&hb)
-            .arg(&spans_dev)
-            .arg(&ns);
+            .arg(&groups_dev)
+            .arg(&ng);
         match mass.as_mut() {
             Some(m) => b.arg(&mut m.s),
             None => b.arg(&null),
@@ -346,16 +391,17 @@ impl CudaBackend {
     }
 
     /// Variant 3's forward: K and V packed to bf16 (V transposed) once, then 128 query rows per block
-    /// with the key tiles double-buffered by cp.async. Returns the output and the per-head span mass.
+    /// with the key tiles double-buffered by cp.async. Returns the output and the per-head group mass
+    /// (at most FA_MAX_GROUPS groups and FA_MAX_RANGES ranges).
     fn attention_fwd_pipelined(
         &self,
         q: &DBuf,
         k: &DBuf,
         v: &DBuf,
         s: AttnShape,
-        spans: Option<&[KeySpan]>,
+        groups: Option<&KeyGroups>,
     ) -> (DBuf, Option<DBuf>) {
-        let (d, n_spans) = (s.head_dim, spans.map_or(0, |x| x.len()));
+        let (d, n_groups) = (s.head_dim, groups.map_or(0, |g| g.n_groups()));
         let tpad = s.tk.div_ceil(64).max(1) * 64;
         let alloc16 = |n: usize| {
             // SAFETY: the pack kernel writes every element (rows past tk as zeros) before any read.
@@ -379,18 +425,17 @@ impl CudaBackend {
         };
         // SAFETY: k, v (tk, kv_heads·d); kb, vt (kv_heads, tpad, d) written in full.
         unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("CUDA: {pack}: {e:?}"));
-        let name = attention_kernel("attention_fwd3", n_spans > 0, d);
+        let name = attention_kernel("attention_fwd3", n_groups > 0, d);
         let mut out = self.poisoned(s.tq * s.heads * d);
-        let mut mass = (n_spans > 0).then(|| self.zeros(s.tq * s.heads * n_spans));
-        let flat: Vec<usize> = spans.unwrap_or(&[]).iter().flat_map(|&(a, b)| [a, b]).collect();
-        let spans_dev = self.ints(if flat.is_empty() { &[0, 0] } else { &flat });
+        let mut mass = (n_groups > 0).then(|| self.zeros(s.tq * s.heads * n_groups));
+        let groups_dev = self.group_ints(groups);
         let (hf, ha, hb) = hole_args(s);
-        let (tq, heads, causal, q0, ns) = (
+        let (tq, heads, causal, q0, ng) = (
             s.tq as i32,
             s.heads as i32,
             s.causal as i32,
             s.q_pos0 as i32,
-            n_spans as i32,
+            n_groups as i32,
         );
         let null: u64 = 0;
         let mut b = self.stream.launch_builder(self.f(&name));
@@ -401,8 +446,8 @@ impl CudaBackend {
             .arg(&hf)
             .arg(&ha)
             .arg(&hb)
-            .arg(&spans_dev)
-            .arg(&ns);
+            .arg(&groups_dev)
+            .arg(&ng);
         match mass.as_mut() {
             Some(m) => b.arg(&mut m.s),
             None => b.arg(&null),
@@ -421,28 +466,28 @@ impl CudaBackend {
 
     /// Variant 2's decode (flash-decoding): a few query rows against a long cache, the keys split
     /// over enough blocks to fill the GPU, then one merge per (row, head). Returns the output and the
-    /// per-head span mass (tq, heads, n_spans) when spans are given.
+    /// per-head group mass (tq, heads, n_groups) when groups are given (at most FA_MAX_GROUPS groups
+    /// and FA_MAX_RANGES ranges).
     fn attention_decode(
         &self,
         q: &DBuf,
         k: &DBuf,
         v: &DBuf,
         s: AttnShape,
-        spans: Option<&[KeySpan]>,
+        groups: Option<&KeyGroups>,
     ) -> (DBuf, Option<DBuf>) {
-        let (d, n_spans) = (s.head_dim, spans.map_or(0, |x| x.len()));
+        let (d, n_groups) = (s.head_dim, groups.map_or(0, |g| g.n_groups()));
         // ~2 blocks per SM of an H100 (132), at least 64 keys per block
         let rows = s.tq * s.heads;
         let splits = 264usize.div_ceil(rows).clamp(1, s.tk.div_ceil(64).max(1));
         let chunk = s.tk.div_ceil(splits).max(1);
         let splits = s.tk.div_ceil(chunk).max(1);
-        let p = 2 + d + 16; // max, sum, d accumulators, 16 span masses
+        let p = 2 + d + FA_MAX_GROUPS; // max, sum, d accumulators, 16 group masses
         let mut part = self.poisoned(rows * splits * p);
-        let flat: Vec<usize> = spans.unwrap_or(&[]).iter().flat_map(|&(a, b)| [a, b]).collect();
-        let spans_dev = self.ints(if flat.is_empty() { &[0, 0] } else { &flat });
+        let groups_dev = self.group_ints(groups);
         let (hf, ha, hb) = hole_args(s);
         let ints = [s.tq, s.tk, s.heads, s.kv_heads].map(|x| x as i32);
-        let (causal, q0, ns, ch) = (s.causal as i32, s.q_pos0 as i32, n_spans as i32, chunk as i32);
+        let (causal, q0, ng, ch) = (s.causal as i32, s.q_pos0 as i32, n_groups as i32, chunk as i32);
         let name = attention_kernel("attention_decode", false, d);
         let mut b = self.stream.launch_builder(self.f(&name));
         b.arg(&q.s).arg(&k.s).arg(&v.s).arg(&mut part.s);
@@ -454,8 +499,8 @@ impl CudaBackend {
             .arg(&hf)
             .arg(&ha)
             .arg(&hb)
-            .arg(&spans_dev)
-            .arg(&ns)
+            .arg(&groups_dev)
+            .arg(&ng)
             .arg(&ch);
         let cfg = LaunchConfig {
             grid_dim: (splits as u32, s.heads as u32, s.tq as u32),
@@ -465,7 +510,7 @@ impl CudaBackend {
         // SAFETY: part holds (tq, heads, splits, p) floats, every one written by its block.
         unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("CUDA: {name}: {e:?}"));
         let mut out = self.poisoned(rows * d);
-        let mut mass = (n_spans > 0).then(|| self.poisoned(rows * n_spans));
+        let mut mass = (n_groups > 0).then(|| self.poisoned(rows * n_groups));
         let (r, dd, sp) = (rows as i32, d as i32, splits as i32);
         let null: u64 = 0;
         let mut b = self.stream.launch_builder(self.f("attention_decode_combine"));
@@ -474,8 +519,8 @@ impl CudaBackend {
             Some(m) => b.arg(&mut m.s),
             None => b.arg(&null),
         };
-        b.arg(&r).arg(&dd).arg(&sp).arg(&ns);
-        // SAFETY: a warp per (row, head), 8 per block; out (rows, d), mass (rows, n_spans).
+        b.arg(&r).arg(&dd).arg(&sp).arg(&ng);
+        // SAFETY: a warp per (row, head), 8 per block; out (rows, d), mass (rows, n_groups).
         unsafe { b.launch(per_row(rows.div_ceil(8), 256, 0)) }.expect("CUDA: attention_decode_combine");
         (out, mass)
     }
@@ -597,6 +642,11 @@ impl CudaBackend {
     fn ints(&self, v: &[usize]) -> CudaSlice<i32> {
         let v: Vec<i32> = v.iter().map(|&x| x as i32).collect();
         self.stream.clone_htod(&v).expect("CUDA: upload")
+    }
+
+    /// `group_layout` on the device; a lone 0 (no groups, no ranges) when there are none.
+    fn group_ints(&self, groups: Option<&KeyGroups>) -> CudaSlice<i32> {
+        self.ints(&groups.map_or(vec![0], group_layout))
     }
 
     /// x (f32) -> a bf16 copy, for cuBLAS
@@ -961,41 +1011,49 @@ impl Backend for CudaBackend {
         k: &DBuf,
         v: &DBuf,
         s: AttnShape,
-        spans: Option<&[KeySpan]>,
+        groups: Option<&KeyGroups>,
     ) -> (DBuf, Option<Vec<f32>>) {
-        let n_spans = spans.map_or(0, |x| x.len());
+        let n_groups = groups.map_or(0, |g| g.n_groups());
         let fused = self.fused_attention(s);
-        // The fused kernels accumulate at most 16 span masses in registers: more spans (a pic-in-pic
-        // region is 16 patch rows and the whole image) run as one launch per 16, the first one's
-        // output kept. Masses are only asked for at one layer (selection), so the repeat is cheap.
-        let chunks: Vec<Option<&[KeySpan]>> = match spans {
-            Some(sp) if fused && sp.len() > 16 => sp.chunks(16).map(Some).collect(),
-            other => vec![other],
+        // Launches, each with its groups and the group of `groups` each counts for. The fused kernels
+        // hold 16 group masses in registers and 64 ranges in shared memory: more (a sequence prompt
+        // of 17 images) run as one launch per piece, the first one's output kept. Select's groups
+        // (two for grid and pic-in-pic, one per image for sequence) take one launch.
+        let launches: Vec<Option<(KeyGroups, Vec<usize>)>> = match groups {
+            None => vec![None],
+            Some(gr) if !fused => vec![Some((gr.clone(), (0..n_groups).collect()))],
+            Some(gr) => {
+                let pieces = group_pieces(gr);
+                if pieces.is_empty() {
+                    vec![None] // no group has a range: every mass is 0
+                } else {
+                    pieces.into_iter().map(Some).collect()
+                }
+            }
         };
         let mut out = None;
-        let mut m = spans.map(|_| vec![0f32; s.tq * n_spans]);
-        let mut first_span = 0;
-        for chunk in chunks {
+        let mut m = groups.map(|_| vec![0f32; s.tq * n_groups]); // (tq, n_groups)
+        for launch in &launches {
+            let piece = launch.as_ref().map(|(g, _)| g);
             let (o, mass) = if fused && s.tq < 16 {
                 // decode steps: too few rows for a 64-row tile; keys split over blocks instead
-                self.attention_decode(q, k, v, s, chunk)
+                self.attention_decode(q, k, v, s, piece)
             } else if fused && self.attn == AttnKernel::Pipelined {
-                self.attention_fwd_pipelined(q, k, v, s, chunk)
+                self.attention_fwd_pipelined(q, k, v, s, piece)
             } else {
-                let (o, mass, _) = self.attention_fwd(q, k, v, s, chunk, fused, false);
+                let (o, mass, _) = self.attention_fwd(q, k, v, s, piece, fused, false);
                 (o, mass)
             };
-            if let (Some(mass), Some(m), Some(c)) = (mass, m.as_mut(), chunk) {
-                let per_head = self.download(&mass); // (tq, heads, c.len()), averaged over heads
+            if let (Some(mass), Some(m), Some((_, of))) = (mass, m.as_mut(), launch) {
+                let per_head = self.download(&mass); // (tq, heads, of.len()), averaged over heads
                 for i in 0..s.tq {
                     for h in 0..s.heads {
-                        for g in 0..c.len() {
-                            m[i * n_spans + first_span + g] +=
-                                per_head[(i * s.heads + h) * c.len() + g] / s.heads as f32;
+                        for (local, &g) in of.iter().enumerate() {
+                            m[i * n_groups + g] +=
+                                per_head[(i * s.heads + h) * of.len() + local] / s.heads as f32;
                         }
                     }
                 }
-                first_span += c.len();
             }
             out.get_or_insert(o);
         }
@@ -1384,5 +1442,36 @@ impl OnlineLse {
         // SAFETY: every buffer holds `rows` entries.
         unsafe { b.launch(grid1d(rows)) }.expect("CUDA: lse_finish");
         (be.download(&lp), be.download(&lse), be.download(&mp))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn group_layout_is_offsets_then_ranges() {
+        let g = KeyGroups::new(&[(9, 12, 1), (0, 4, 0), (5, 7, 1)], 3).unwrap();
+        assert_eq!(group_layout(&g), [0, 1, 3, 3, 0, 4, 5, 7, 9, 12]);
+    }
+
+    #[test]
+    fn pieces_fit_a_launch_and_keep_every_range() {
+        // 20 one-range groups, a group of 150 ranges, an empty group, one more
+        let mut ranges: Vec<KeyRange> = (0..20).map(|g| (g * 10, g * 10 + 5, g)).collect();
+        ranges.extend((0..150).map(|i| (i * 4, i * 4 + 2, 20)));
+        ranges.push((3, 1000, 22));
+        let groups = KeyGroups::new(&ranges, 23).unwrap();
+        let pieces = group_pieces(&groups);
+        let mut seen: Vec<KeyRange> = Vec::new();
+        for (p, of) in &pieces {
+            assert!(p.n_groups() <= FA_MAX_GROUPS && p.ranges().len() <= FA_MAX_RANGES);
+            assert_eq!(p.n_groups(), of.len());
+            seen.extend(p.ranges().iter().map(|&(a, b, local)| (a, b, of[local])));
+        }
+        seen.sort_unstable_by_key(|&(a, b, g)| (g, a, b));
+        assert_eq!(seen, groups.ranges());
+        // 16 + (4 + 60) + 64 + (26 + 1): four launches
+        assert_eq!(pieces.len(), 4);
     }
 }

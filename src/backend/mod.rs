@@ -12,7 +12,7 @@ use std::str::FromStr;
 
 use crate::model::config::Activation;
 use crate::model::weights::Tensor;
-use crate::Result;
+use crate::{Error, Result};
 
 /// `--device`: where the model runs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -47,8 +47,102 @@ impl fmt::Display for Device {
     }
 }
 
-/// A group of key positions `[start, end)` whose attention probability mass is reported.
+/// Key positions `[start, end)`.
 pub type KeySpan = (usize, usize);
+
+/// Key positions `[start, end)` counted in group `group`: `(start, end, group)`.
+pub type KeyRange = (usize, usize, usize);
+
+/// The key groups whose attention probability mass `attention` reports: each group is a list of key
+/// ranges, so a region of many patch rows (a grid cell, the pic-in-pic centre) is one group and one
+/// mass column. Ranges of one group never overlap (their mass would count twice); ranges of
+/// different groups may (the pic-in-pic centre lies inside the whole-image group). Ranges past the
+/// keys of a call count nothing. Any number of groups: the CUDA kernels hold 16 groups and 64 ranges
+/// per launch, and the backend splits bigger sets over launches.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyGroups {
+    /// sorted by (group, start), adjacent ranges of a group merged: a group's ranges are the
+    /// contiguous run `ranges[offsets[g]..offsets[g + 1]]`, the layout the kernels walk
+    ranges: Vec<KeyRange>,
+    /// (n_groups + 1) CSR offsets into `ranges`
+    offsets: Vec<usize>,
+}
+
+impl KeyGroups {
+    /// `n_groups` ≥ 1 groups from `(start, end, group)` ranges in any order; a group without ranges
+    /// has mass 0. Errors: a group index ≥ `n_groups`, an empty range (start ≥ end), two overlapping
+    /// ranges of the same group.
+    pub fn new(ranges: &[KeyRange], n_groups: usize) -> Result<Self> {
+        if n_groups == 0 {
+            return Err(Error::Invalid("key groups: at least one group is needed".into()));
+        }
+        for &(a, b, g) in ranges {
+            if g >= n_groups {
+                return Err(Error::Invalid(format!(
+                    "key groups: range {a}..{b} is in group {g}, but there are {n_groups} groups"
+                )));
+            }
+            if a >= b {
+                return Err(Error::Invalid(format!(
+                    "key groups: range {a}..{b} of group {g} is empty"
+                )));
+            }
+        }
+        let mut sorted = ranges.to_vec();
+        sorted.sort_unstable_by_key(|&(a, b, g)| (g, a, b));
+        let mut merged: Vec<KeyRange> = Vec::with_capacity(sorted.len());
+        for (a, b, g) in sorted {
+            match merged.last_mut() {
+                Some(last) if last.2 == g && last.1 > a => {
+                    return Err(Error::Invalid(format!(
+                        "key groups: ranges {}..{} and {a}..{b} of group {g} overlap (their mass would count twice)",
+                        last.0, last.1
+                    )))
+                }
+                // adjacent ranges of a group: one range, the same mass, fewer ranges for the kernels
+                Some(last) if last.2 == g && last.1 == a => last.1 = b,
+                _ => merged.push((a, b, g)),
+            }
+        }
+        let mut offsets = vec![0; n_groups + 1];
+        for &(_, _, g) in &merged {
+            offsets[g + 1] += 1;
+        }
+        for g in 0..n_groups {
+            offsets[g + 1] += offsets[g];
+        }
+        Ok(KeyGroups {
+            ranges: merged,
+            offsets,
+        })
+    }
+
+    /// One group per span, in order (the image spans of a sequence prompt, `generate`'s image
+    /// attention). Spans may overlap one another; none may be empty, and at least one is needed.
+    pub fn per_span(spans: &[KeySpan]) -> Result<Self> {
+        let ranges: Vec<KeyRange> = spans.iter().enumerate().map(|(g, &(a, b))| (a, b, g)).collect();
+        Self::new(&ranges, spans.len())
+    }
+
+    pub fn n_groups(&self) -> usize {
+        self.offsets.len() - 1
+    }
+
+    /// Every range, sorted by (group, start).
+    pub fn ranges(&self) -> &[KeyRange] {
+        &self.ranges
+    }
+
+    /// The ranges of group `g`, sorted by start.
+    pub fn group(&self, g: usize) -> &[KeyRange] {
+        &self.ranges[self.offsets[g]..self.offsets[g + 1]]
+    }
+
+    /// The (n_groups + 1) offsets of each group's ranges in [`Self::ranges`].
+    pub fn offsets(&self) -> &[usize] {
+        &self.offsets
+    }
+}
 
 /// Shape of one attention call.
 #[derive(Clone, Copy, Debug)]
@@ -120,15 +214,16 @@ pub trait Backend: Send + Sync {
     /// Rotary embedding (HF rotate_half layout) on x (rows, heads·head_dim), row i at `positions[i]`.
     fn rope(&self, x: &mut Self::Buf, heads: usize, head_dim: usize, positions: &[usize], theta: f64);
     /// Scaled dot-product attention: q (tq, heads·D), k and v (tk, kv_heads·D) -> (tq, heads·D).
-    /// With `spans`, also returns the attention probability mass that each query row puts on each span,
-    /// averaged over heads: (tq, spans.len()) — the per-image attention of MIA-DPO.
+    /// With `groups`, also returns the attention probability mass that each query row puts on each
+    /// group (the sum over its ranges), averaged over heads: (tq, n_groups) — the per-image attention
+    /// of MIA-DPO.
     fn attention(
         &self,
         q: &Self::Buf,
         k: &Self::Buf,
         v: &Self::Buf,
         shape: AttnShape,
-        spans: Option<&[KeySpan]>,
+        groups: Option<&KeyGroups>,
     ) -> (Self::Buf, Option<Vec<f32>>);
     /// The rows of every part, in order (packed batches).
     fn concat_rows(&self, parts: &[Self::Buf]) -> Self::Buf;
@@ -177,7 +272,7 @@ pub trait Backend: Send + Sync {
     );
     /// The backward of SwiGLU `mid = silu(gate) ⊙ up`: (d gate, d up), gate taken before the activation.
     fn swiglu_backward(&self, gate: &Self::Buf, up: &Self::Buf, dmid: &Self::Buf) -> (Self::Buf, Self::Buf);
-    /// The training forward of `attention` (no spans): the output and, where the backend's backward
+    /// The training forward of `attention` (no mass): the output and, where the backend's backward
     /// can use it, the log-sum-exp of each (row, head), (tq, heads), to hand back to
     /// `attention_backward` so that it does not recompute it. The CPU keeps none (its backward
     /// recomputes the probabilities block by block anyway).
@@ -190,7 +285,7 @@ pub trait Backend: Send + Sync {
     ) -> (Self::Buf, Option<Self::Buf>) {
         (self.attention(q, k, v, shape, None).0, None)
     }
-    /// The backward of `attention` (same shapes, no spans): recomputes the probabilities from q and k
+    /// The backward of `attention` (same shapes, no mass): recomputes the probabilities from q and k
     /// block by block and returns (dq, dk, dv); `out` is the forward's output, `lse` what
     /// `attention_train` returned with it (None: recomputed).
     #[allow(clippy::too_many_arguments)]
@@ -264,4 +359,38 @@ pub fn dropout_keep(key: u64, index: u64, p: f32) -> bool {
     z ^= z >> 31;
     // 24 random bits -> [0, 1)
     ((z >> 40) as f32) * (1.0 / (1u64 << 24) as f32) >= p
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_groups_sort_by_group_and_merge_adjacent_ranges() {
+        let g = KeyGroups::new(
+            &[(50, 60, 1), (0, 100, 0), (10, 20, 1), (20, 30, 1), (40, 45, 2)],
+            4,
+        )
+        .unwrap();
+        assert_eq!(g.n_groups(), 4);
+        assert_eq!(g.ranges(), [(0, 100, 0), (10, 30, 1), (50, 60, 1), (40, 45, 2)]);
+        assert_eq!(g.offsets(), [0, 1, 3, 4, 4]);
+        assert_eq!(g.group(1), [(10, 30, 1), (50, 60, 1)]);
+        assert!(g.group(3).is_empty());
+        let p = KeyGroups::per_span(&[(5, 9), (0, 20)]).unwrap();
+        assert_eq!(p.ranges(), [(5, 9, 0), (0, 20, 1)]);
+    }
+
+    #[test]
+    fn key_groups_reject_bad_ranges() {
+        let err = |r: &[KeyRange], n: usize| KeyGroups::new(r, n).unwrap_err().to_string();
+        assert!(err(&[], 0).contains("at least one group"));
+        assert!(err(&[(0, 4, 2)], 2).contains("group 2, but there are 2 groups"));
+        assert!(err(&[(4, 4, 0)], 1).contains("4..4 of group 0 is empty"));
+        assert!(err(&[(5, 3, 0)], 1).contains("empty"));
+        assert!(err(&[(0, 10, 1), (9, 12, 1)], 2).contains("0..10 and 9..12 of group 1 overlap"));
+        assert!(KeyGroups::per_span(&[]).is_err());
+        // different groups may overlap
+        assert!(KeyGroups::new(&[(0, 10, 0), (5, 12, 1)], 2).is_ok());
+    }
 }

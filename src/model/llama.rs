@@ -2,7 +2,7 @@
 use super::config::{Activation, TextConfig};
 use super::lora::{LoraAdapter, Proj as ProjKind};
 use super::weights::WeightStore;
-use crate::backend::{AttnShape, Backend, KeySpan};
+use crate::backend::{AttnShape, Backend, KeyGroups};
 use crate::{Error, Result};
 
 /// A low-rank update `scale · B A` kept beside its base weight (never merged into it).
@@ -102,9 +102,9 @@ pub struct Segment<'a> {
 }
 
 /// Which attention masses a forward pass records: for each layer in `layers`, the mass of every query
-/// row on every span, heads averaged.
+/// row on every key group, heads averaged.
 pub struct MassCapture<'a> {
-    pub spans: &'a [KeySpan],
+    pub groups: &'a KeyGroups,
     pub layers: Vec<usize>,
 }
 
@@ -222,7 +222,7 @@ impl<B: Backend> Decoder<B> {
 
     /// x (t, hidden) of the positions `cache.len..cache.len+t` -> final-normed hidden states (t, hidden).
     /// Appends the new keys/values to `cache`. Returns also the captured masses, per captured layer
-    /// (t, spans) in the order of `capture.layers`.
+    /// (t, n_groups) in the order of `capture.layers`.
     pub fn forward(
         &self,
         be: &B,
@@ -240,7 +240,7 @@ impl<B: Backend> Decoder<B> {
     /// A packed batch: x holds the rows of several sequences back to back (segment i: `segs[i].rows`
     /// rows continuing `caches[i]`). The linear layers run once over all rows (one weight read for the
     /// batch); RoPE and attention run per sequence. Returns the final-normed hidden states of all rows
-    /// and, per segment, its captured masses (per captured layer: (rows, spans)).
+    /// and, per segment, its captured masses (per captured layer: (rows, n_groups)).
     pub fn forward_packed(
         &self,
         be: &B,
@@ -279,10 +279,10 @@ impl<B: Backend> Decoder<B> {
                     be.append_rows(&mut kv.k[li], &be.slice_rows(&k, kvd, r0, r1));
                     be.append_rows(&mut kv.v[li], &be.slice_rows(&v, kvd, r0, r1));
                 }
-                let spans = seg
+                let groups = seg
                     .capture
                     .filter(|cp| cp.layers.contains(&li))
-                    .map(|cp| cp.spans);
+                    .map(|cp| cp.groups);
                 let shape = AttnShape {
                     tq: seg.rows,
                     tk: kv.len + seg.rows,
@@ -298,7 +298,7 @@ impl<B: Backend> Decoder<B> {
                 } else {
                     Some(be.slice_rows(&q, qd, r0, r1))
                 };
-                let (o, mass) = be.attention(qs.as_ref().unwrap_or(&q), &kv.k[li], &kv.v[li], shape, spans);
+                let (o, mass) = be.attention(qs.as_ref().unwrap_or(&q), &kv.k[li], &kv.v[li], shape, groups);
                 if let Some(m) = mass {
                     masses[si].push((li, m));
                 }

@@ -8,7 +8,7 @@ use super::llama::{Decoder, KvCache, MassCapture, Segment};
 use super::lora::LoraAdapter;
 use super::weights::WeightStore;
 use super::Prefixes;
-use crate::backend::{Backend, KeySpan};
+use crate::backend::{Backend, KeyGroups, KeySpan};
 use crate::text::tokenizer::PromptIds;
 use crate::text::{Template, TextTokenizer};
 use crate::vision::preprocess::{AspectMode, ClipProcessor};
@@ -56,28 +56,29 @@ pub struct Generation {
     /// generated ids, EOS included when it was generated
     pub token_ids: Vec<u32>,
     pub text: String,
-    /// per key group (per image by default), normalised over groups; empty when no generated token was
-    /// fed back into the model (fewer than two generated tokens)
+    /// per key group (per image by default), normalised over groups; empty without groups or when no
+    /// generated token was fed back into the model (fewer than two generated tokens)
     pub image_attention: Vec<f64>,
     pub attn_layer: usize,
     pub max_softmax_ppl: f64,
-    /// raw per-row masses at `attn_layer` (rows = generated tokens fed back, groups)
+    /// raw per-row masses at `attn_layer` (rows = generated tokens fed back, groups); empty without
+    /// groups
     pub attention_rows: Vec<Vec<f64>>,
 }
 
 /// One prompt of a batched generation: its ids, its image features (n·image_seq_length, hidden) and
-/// the key spans whose attention is recorded.
+/// the key groups whose attention is recorded (None: no attention recorded).
 pub struct GenerateItem<'a, B: Backend> {
     pub prompt: &'a PromptIds,
     pub features: &'a B::Buf,
-    pub groups: &'a [KeySpan],
+    pub groups: Option<&'a KeyGroups>,
 }
 
 /// Logits and attention statistics of a whole prompt in one forward pass (for parity checks).
 pub struct PromptPass {
     /// (t, vocab)
     pub logits: Vec<f32>,
-    /// per layer: (t, spans), heads averaged
+    /// per layer: (t, image spans), heads averaged; empty without images
     pub image_mass: Vec<Vec<f32>>,
 }
 
@@ -246,7 +247,7 @@ impl<B: Backend> Llava<B> {
     }
 
     /// One forward pass over the whole prompt: logits of every row, and the per-layer attention
-    /// mass of every row on each span (heads averaged).
+    /// mass of every row on each image span (heads averaged).
     pub fn prompt_pass(
         &self,
         prompt: &PromptIds,
@@ -257,27 +258,29 @@ impl<B: Backend> Llava<B> {
         let t = prompt.ids.len();
         let x = self.embed_prompt(&prompt.ids, features)?;
         let mut cache = self.decoder.new_cache(be);
-        let capture = MassCapture {
-            spans: &prompt.image_spans,
+        let groups = image_groups(&prompt.image_spans)?;
+        let capture = groups.as_ref().map(|groups| MassCapture {
+            groups,
             layers: (0..self.cfg.text.num_layers).collect(),
-        };
+        });
         let (h, image_mass) = self
             .decoder
-            .forward(be, x, t, &mut cache, use_adapter, Some(&capture));
+            .forward(be, x, t, &mut cache, use_adapter, capture.as_ref());
         let logits = be.download(&self.decoder.logits(be, &h, t));
         Ok(PromptPass { logits, image_mass })
     }
 
-    /// Greedy decoding until EOS or `max_new_tokens`. `groups` are the key spans whose attention
-    /// share is reported (the image spans for `generate`; collage blocks for `select`).
+    /// Greedy decoding until EOS or `max_new_tokens`. `spans` are the key spans whose attention
+    /// share is reported, one group each (the image spans for `generate`; none: no share);
+    /// [`Self::generate_batch`] takes any [`KeyGroups`].
     pub fn generate_ids(
         &self,
         prompt: &PromptIds,
         features: &B::Buf,
-        groups: &[KeySpan],
+        spans: &[KeySpan],
         opts: &GenerateOptions,
     ) -> Result<Generation> {
-        self.generate_ids_with(prompt, features, groups, opts, &mut |_| {})
+        self.generate_ids_with(prompt, features, spans, opts, &mut |_| {})
     }
 
     /// [`Self::generate_ids`] calling `on_token(n)` after each of the n generated tokens.
@@ -285,14 +288,15 @@ impl<B: Backend> Llava<B> {
         &self,
         prompt: &PromptIds,
         features: &B::Buf,
-        groups: &[KeySpan],
+        spans: &[KeySpan],
         opts: &GenerateOptions,
         on_token: &mut dyn FnMut(usize),
     ) -> Result<Generation> {
+        let groups = image_groups(spans)?;
         let item = GenerateItem {
             prompt,
             features,
-            groups,
+            groups: groups.as_ref(),
         };
         let mut n = 0;
         let mut g = self.generate_batch(&[item], opts, &mut |new| {
@@ -322,11 +326,13 @@ impl<B: Backend> Llava<B> {
             )));
         }
         let use_lora = opts.use_adapter && self.decoder.has_lora();
-        let captures: Vec<MassCapture> = items
+        let captures: Vec<Option<MassCapture>> = items
             .iter()
-            .map(|it| MassCapture {
-                spans: it.groups,
-                layers: vec![layer],
+            .map(|it| {
+                it.groups.map(|groups| MassCapture {
+                    groups,
+                    layers: vec![layer],
+                })
             })
             .collect();
         struct State {
@@ -377,14 +383,16 @@ impl<B: Backend> Llava<B> {
                 .iter()
                 .map(|&i| Segment {
                     rows: 1,
-                    capture: Some(&captures[i]),
+                    capture: captures[i].as_ref(),
                 })
                 .collect();
             let x = be.embed(&feed, &self.decoder.embed);
             let (hid, masses) = self.decoder.forward_packed(be, x, &segs, &mut caches, use_lora);
             let logits = be.download(&self.decoder.logits(be, &hid, active.len())); // (active, vocab)
             for ((&i, m), row) in active.iter().zip(masses).zip(logits.chunks_exact(vocab)) {
-                states[i].rows.push(m[0].iter().map(|&v| v as f64).collect());
+                if let Some(m) = m.first() {
+                    states[i].rows.push(m.iter().map(|&v| v as f64).collect());
+                }
                 states[i].logits = row.to_vec();
             }
         }
@@ -395,7 +403,7 @@ impl<B: Backend> Llava<B> {
                 let image_attention = if st.rows.is_empty() {
                     Vec::new()
                 } else {
-                    let mut per = vec![0f64; it.groups.len()];
+                    let mut per = vec![0f64; it.groups.map_or(0, |g| g.n_groups())];
                     for r in &st.rows {
                         per.iter_mut()
                             .zip(r)
@@ -457,6 +465,13 @@ impl<B: Backend> Llava<B> {
         }
         Ok(out)
     }
+}
+
+/// One key group per image span; None for a prompt without images (nothing to record).
+fn image_groups(spans: &[KeySpan]) -> Result<Option<KeyGroups>> {
+    (!spans.is_empty())
+        .then(|| KeyGroups::per_span(spans))
+        .transpose()
 }
 
 /// argmax (first index on ties, as torch) and log of its softmax probability.

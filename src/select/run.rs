@@ -264,7 +264,8 @@ fn answer_batch<B: Backend>(
                 *target,
             ),
             Mia::Pip { .. } => RatioSpec::pip(patch_span(m, &p.image_spans, &t.id)?, g),
-        };
+        }
+        .map_err(|e| Error::sample(&t.id, e.to_string()))?;
         prompts.push(p);
         specs.push(spec);
     }
@@ -276,7 +277,7 @@ fn answer_batch<B: Backend>(
         .map(|((p, f), s)| GenerateItem {
             prompt: p,
             features: f,
-            groups: &s.spans,
+            groups: Some(&s.groups),
         })
         .collect();
     let gens = m.generate_batch(&items, &o.generate, on_step)?;
