@@ -1,5 +1,6 @@
 // Attention, in numbered variants (llm.c dev/cuda style; `miadpo bench --task ops --filter attention`
-// times them, MIADPO_ATTENTION=plain|fused picks one):
+// times them, MIADPO_ATTENTION=plain|fused|pipelined|wgmma|wgmma128 picks one; variants 3 and 4 are
+// described where they start, below):
 //   1. attention_plain / attention_plain_bwd: one block per (query row, head), the row's scores in
 //      shared memory. Unfused and slow; kept as the first, obviously-correct version, for decode steps
 //      (one query row) and for head dims that are not a multiple of 16.
@@ -186,6 +187,89 @@ __device__ __forceinline__ void fa_q_fragments(const bf16* qw, unsigned (&qf)[D 
     }
 }
 
+// The online-softmax step of one tile of BN keys for this thread's two query rows (variants 2, 3 and
+// 4). sc holds the tile's raw scores in the c-fragment layout that mma.m16n8 (per warp) and wgmma's
+// m64nN accumulator (per warp of the warpgroup) share: lane = 4g + t, sc[j][e] is row g + 8 * (e >> 1)
+// of the warp's 16, key n0 + 8j + 2t + (e & 1). They are scaled (`scale`: 1/sqrt(D) in log2 units),
+// masked (unless `full`: the caller knows that every key of the tile is visible to every row of its
+// warp), and replaced by the probabilities exp2(s - running max); the running max mrow, this thread's
+// part of the row sum lrow and the group masses macc are updated, and alpha gets the factors by which
+// the caller rescales its output rows before adding P V.
+template <int BN, bool MASS>
+__device__ __forceinline__ void fa_softmax(float (&sc)[BN / 8][4], float scale, int n0, const int (&qpos)[2], int tk,
+                                           int causal, int hole_first, int hole_a, int hole_b, bool full,
+                                           const int* sg, int ng, float (&mrow)[2], float (&lrow)[2],
+                                           float (&macc)[2][MASS ? FA_MAX_GROUPS : 1], float (&alpha)[2]) {
+    const int t = threadIdx.x & 3;
+    // scale, mask, new running max (over the 4 threads that share a row)
+    float mnew[2] = {mrow[0], mrow[1]};
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; nt++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            int r = e >> 1, j = n0 + nt * 8 + 2 * t + (e & 1);
+            bool ok = full || (j < tk && (!causal || j <= qpos[r]) &&
+                               !(hole_first >= 0 && qpos[r] >= hole_first && j >= hole_a && j < hole_b));
+            sc[nt][e] = ok ? sc[nt][e] * scale : -INFINITY;
+            mnew[r] = fmaxf(mnew[r], sc[nt][e]);
+        }
+    }
+    float base[2];
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+        mnew[r] = fmaxf(mnew[r], __shfl_xor_sync(0xffffffffu, mnew[r], 1));
+        mnew[r] = fmaxf(mnew[r], __shfl_xor_sync(0xffffffffu, mnew[r], 2));
+        base[r] = mnew[r] == -INFINITY ? 0.0f : mnew[r]; // a row with nothing visible yet
+        alpha[r] = exp2f(mrow[r] - base[r]);
+        mrow[r] = mnew[r];
+    }
+    float rs[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int nt = 0; nt < BN / 8; nt++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            float p = exp2f(sc[nt][e] - base[e >> 1]);
+            sc[nt][e] = p;
+            rs[e >> 1] += p;
+        }
+    }
+    lrow[0] = lrow[0] * alpha[0] + rs[0];
+    lrow[1] = lrow[1] * alpha[1] + rs[1];
+    // per-group mass, rescaled like the row sum; only the group's ranges that meet this tile add.
+    // The group index is unrolled (registers), its ranges a run-time loop over shared memory.
+    const int* rng = sg + ng + 1;
+#pragma unroll
+    for (int gi = 0; gi < (MASS ? FA_MAX_GROUPS : 0); gi++) {
+        if (gi < ng) {
+            float add0 = 0.0f, add1 = 0.0f;
+            for (int r = sg[gi]; r < sg[gi + 1]; r++) {
+                int a = rng[2 * r], b = rng[2 * r + 1];
+                if (a >= n0 + BN) break; // sorted by start: the rest lie past this tile
+                if (a <= n0 && n0 + BN <= b) {
+                    // the tile lies inside the range (most tiles of an image): the row sums; no
+                    // other range of the group meets it
+                    add0 = rs[0];
+                    add1 = rs[1];
+                    break;
+                }
+                if (b > n0) {
+#pragma unroll
+                    for (int nt = 0; nt < BN / 8; nt++) {
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            int j = n0 + nt * 8 + 2 * t + (e & 1);
+                            float x = (j >= a && j < b) ? sc[nt][e] : 0.0f;
+                            if (e < 2) add0 += x; else add1 += x;
+                        }
+                    }
+                }
+            }
+            macc[0][gi] = macc[0][gi] * alpha[0] + add0;
+            macc[1][gi] = macc[1][gi] * alpha[1] + add1;
+        }
+    }
+}
+
 // One key tile of the forward for this warp's 16 query rows (variants 2 and 3 alike): S = Q Kᵀ from
 // the Q fragments and the K tile (row stride D + 8), scale and mask, the online-softmax update of
 // (mrow, lrow, o), the per-group masses, then O += P V from the Vᵀ tile (row stride 64 + 8).
@@ -207,73 +291,9 @@ __device__ __forceinline__ void fa_tile(const unsigned (&qf)[D / 16][4], const b
         for (int kk = 0; kk < D / 16; kk++)
             mma_bf16_16816(sc[nt], qf[kk], *(const unsigned*)(kr + kk * 16), *(const unsigned*)(kr + kk * 16 + 8));
     }
-    // scale, mask, new running max (over the 4 threads that share a row)
-    float mnew[2] = {mrow[0], mrow[1]};
-#pragma unroll
-    for (int nt = 0; nt < FA_BN / 8; nt++) {
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            int r = e >> 1, j = n0 + nt * 8 + 2 * t + (e & 1);
-            bool ok = j < tk && (!causal || j <= qpos[r]) &&
-                      !(hole_first >= 0 && qpos[r] >= hole_first && j >= hole_a && j < hole_b);
-            sc[nt][e] = ok ? sc[nt][e] * scale : -INFINITY;
-            mnew[r] = fmaxf(mnew[r], sc[nt][e]);
-        }
-    }
-    float alpha[2], base[2];
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-        mnew[r] = fmaxf(mnew[r], __shfl_xor_sync(0xffffffffu, mnew[r], 1));
-        mnew[r] = fmaxf(mnew[r], __shfl_xor_sync(0xffffffffu, mnew[r], 2));
-        base[r] = mnew[r] == -INFINITY ? 0.0f : mnew[r]; // a row with nothing visible yet
-        alpha[r] = exp2f(mrow[r] - base[r]);
-        mrow[r] = mnew[r];
-    }
-    float rs[2] = {0.0f, 0.0f};
-#pragma unroll
-    for (int nt = 0; nt < FA_BN / 8; nt++) {
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-            float p = exp2f(sc[nt][e] - base[e >> 1]);
-            sc[nt][e] = p;
-            rs[e >> 1] += p;
-        }
-    }
-    lrow[0] = lrow[0] * alpha[0] + rs[0];
-    lrow[1] = lrow[1] * alpha[1] + rs[1];
-    // per-group mass, rescaled like the row sum; only the group's ranges that meet this tile add.
-    // The group index is unrolled (registers), its ranges a run-time loop over shared memory.
-    const int* rng = sg + ng + 1;
-#pragma unroll
-    for (int gi = 0; gi < (MASS ? FA_MAX_GROUPS : 0); gi++) {
-        if (gi < ng) {
-            float add0 = 0.0f, add1 = 0.0f;
-            for (int r = sg[gi]; r < sg[gi + 1]; r++) {
-                int a = rng[2 * r], b = rng[2 * r + 1];
-                if (a >= n0 + FA_BN) break; // sorted by start: the rest lie past this tile
-                if (a <= n0 && n0 + FA_BN <= b) {
-                    // the tile lies inside the range (most tiles of an image): the row sums; no
-                    // other range of the group meets it
-                    add0 = rs[0];
-                    add1 = rs[1];
-                    break;
-                }
-                if (b > n0) {
-#pragma unroll
-                    for (int nt = 0; nt < FA_BN / 8; nt++) {
-#pragma unroll
-                        for (int e = 0; e < 4; e++) {
-                            int j = n0 + nt * 8 + 2 * t + (e & 1);
-                            float x = (j >= a && j < b) ? sc[nt][e] : 0.0f;
-                            if (e < 2) add0 += x; else add1 += x;
-                        }
-                    }
-                }
-            }
-            macc[0][gi] = macc[0][gi] * alpha[0] + add0;
-            macc[1][gi] = macc[1][gi] * alpha[1] + add1;
-        }
-    }
+    float alpha[2];
+    fa_softmax<FA_BN, MASS>(sc, scale, n0, qpos, tk, causal, hole_first, hole_a, hole_b, false, sg, ng, mrow, lrow,
+                            macc, alpha);
     // O = O·alpha + P V, P from the score registers (the c fragment of S is the a fragment of P)
 #pragma unroll
     for (int dt = 0; dt < D / 8; dt++) {
@@ -1020,5 +1040,388 @@ extern "C" __global__ void __launch_bounds__(256) attention_fwd3_mass_d128(const
         float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
         int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
     flash_fwd_pipelined<128, true>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+        q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
+}
+
+// ---- variant 4: wgmma (sm_90a), FlashAttention-3's forward without warp specialisation ----
+//
+// A block of 256 threads (two warpgroups) takes 128 query rows of one head, each warpgroup 64 of
+// them; the K and Vᵀ tiles of BN keys (packed to bf16 by attention_pack_kv, as for variant 3) are
+// shared by both warpgroups and double-buffered with cp.async (the next tile's copies are in flight
+// while this one is computed). Per tile and warpgroup:
+//   S (64 x BN)  = Q Kᵀ   wgmma m64nBNk16, both operands from shared memory, D/16 k-steps
+//   online softmax on S in registers (fa_softmax, the code variants 2 and 3 use: same fragment layout)
+//   O (64 x D)  += P V    wgmma m64nDk16, P from registers (the a fragment), Vᵀ from shared memory
+// then fa_store as in variants 2 and 3. No producer warp, no ping-pong between the warpgroups and no
+// overlap of one tile's softmax with the next tile's Q Kᵀ (FlashAttention-3 has all three): the
+// simplest wgmma design, first to be made correct on a device.
+//
+// Register fragments (PTX ISA 9.7.15.5.1.1.1, "Matrix Fragments for wgmma.mma_async.m64nNk16",
+// figures "WGMMA .m64nNk16 register fragment layout for accumulator matrix D" and "... for matrix A").
+// Thread i of the warpgroup: warp w = i / 32 (0..3), lane = i % 32 = 4g + t.
+//   Accumulator D (64 x N, f32), N/2 registers d[0..N/2): d[4j + e] is row 16w + g + 8 * (e >> 1),
+//   column 8j + 2t + (e & 1), j < N/8. Here d[4j + e] is held as d[j][e]: per warp exactly the c
+//   fragment of mma.m16n8 that variants 2 and 3 keep in sc[nt][e], o[dt][e], so fa_softmax and
+//   fa_store serve all three; the two rows of a thread are shared by the 4 lanes of its quad (t).
+//   A (64 x 16, bf16) in registers, 4 registers of bf16x2 (lower column in the low half): a0 = row
+//   16w + g, columns 2t, 2t+1; a1 = row 16w + g + 8, the same columns; a2, a3 = the same rows,
+//   columns 2t + 8, 2t + 9: the a fragment of mma.m16n8k16, so P's keys 16kk..16kk+16 are
+//   {pack(sc[2kk][0..1]), pack(sc[2kk][2..3]), pack(sc[2kk+1][0..1]), pack(sc[2kk+1][2..3])}.
+//
+// Shared memory (PTX ISA 9.7.15.5.1.2, K-major, no swizzle: the "interleave" canonical layout
+// ((8,m),(T,2k)):((1T,SBO),(1,LBO)) with T = 8 bf16). Every operand is K-major: Q (rows x D), K
+// (keys x D) and Vᵀ (D x keys; attention_pack_kv already writes V transposed, so no transpose bit is
+// needed and both products use the same layout). A tile of R rows x C columns (C along the product's
+// K dimension) is (R/8) x (C/8) core matrices of 8 rows x 16 bytes; core matrix (r/8, c/8) is the
+// 128 contiguous bytes at 128 * ((r/8) * (C/8) + c/8), its row r % 8 at 16 * (r % 8). So the
+// descriptor's leading-dimension byte offset (next core matrix along K) is 128 and its
+// stride-dimension byte offset (next 8 rows) is 16 * C; one k16 step is two core matrices further,
+// +256 bytes (+16 in the descriptor's address field). No swizzle: a core matrix covers the 32
+// banks once, so reading one should be free of conflicts (to be confirmed by ncu); the 16-byte
+// chunk x of a tile (x = 8 * core matrix + r % 8) lies at byte 16x, so the cp.async and Q stores of
+// consecutive threads fill consecutive 16 bytes.
+//
+// Ordering (PTX ISA 9.7.15, async proxy): K/V arrive by cp.async and Q by ordinary stores (generic
+// proxy); wgmma reads shared memory through the async proxy, so each writing thread runs
+// fence.proxy.async.shared::cta after its writes (after cp.async.wait_group) and before the block
+// barrier. Registers: wgmma.fence before each batch of wgmma (the accumulators and P were written by
+// ordinary instructions), commit_group after it and wait_group 0 before the results are read; the
+// accumulators and P are tied to those asm statements (fa4_pin), so the compiler moves no read of
+// them above the wait and no write below the fence. A buffer is refilled only after the barrier
+// that follows both warpgroups' wait_group on it.
+//
+// sm_90a only: elsewhere (sm_80 builds of the same source) the kernels trap; the host picks them on
+// sm_90a alone.
+
+#define FA4_BM 128 // query rows per block: two warpgroups of 64
+// keys per tile: 64 (attention_fwd4[_mass]_d*; at d128 the plain kernel keeps to 128 registers, so
+// two blocks share an SM) or 128 (attention_fwd4w_d*: wider Q Kᵀ products, half the barriers, one
+// block per SM at d128); the mass kernels take 64 (at 128 they would hold 253 registers at d128)
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+template <int N>
+struct Wgmma; // ss: d (64 x N) = A·B (+ d if accumulate), A and B from shared memory (descriptors);
+              // rs: d += A·B, A from registers (the a fragment above), B from shared memory
+
+template <>
+struct Wgmma<64> {
+    static __device__ __forceinline__ void ss(float (&d)[8][4], u64 a, u64 b, int accumulate) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+                     "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+                     "}, %32, %33, p, 1, 1, 0, 0;\n}\n"
+                     : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+                       "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+                       "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+                       "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+                       "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+                       "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+                       "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+                       "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+                     : "l"(a), "l"(b), "r"(accumulate)
+                     : "memory");
+    }
+    static __device__ __forceinline__ void rs(float (&d)[8][4], const unsigned (&a)[4], u64 b) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 {"
+                     "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+                     "}, {%32, %33, %34, %35}, %36, p, 1, 1, 0;\n}\n"
+                     : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+                       "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+                       "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+                       "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+                       "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+                       "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+                       "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+                       "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1)
+                     : "memory");
+    }
+};
+
+template <>
+struct Wgmma<128> {
+    static __device__ __forceinline__ void ss(float (&d)[16][4], u64 a, u64 b, int accumulate) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+                     "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                     "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                     "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+                     "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                     : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+                       "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+                       "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+                       "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+                       "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+                       "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+                       "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+                       "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
+                       "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
+                       "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
+                       "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]),
+                       "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+                       "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]),
+                       "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
+                       "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
+                       "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+                     : "l"(a), "l"(b), "r"(accumulate)
+                     : "memory");
+    }
+    static __device__ __forceinline__ void rs(float (&d)[16][4], const unsigned (&a)[4], u64 b) {
+        asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                     "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {"
+                     "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+                     "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+                     "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+                     "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
+                     "}, {%64, %65, %66, %67}, %68, p, 1, 1, 0;\n}\n"
+                     : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]),
+                       "+f"(d[1][0]), "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]),
+                       "+f"(d[2][0]), "+f"(d[2][1]), "+f"(d[2][2]), "+f"(d[2][3]),
+                       "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]), "+f"(d[3][3]),
+                       "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+                       "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]),
+                       "+f"(d[6][0]), "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]),
+                       "+f"(d[7][0]), "+f"(d[7][1]), "+f"(d[7][2]), "+f"(d[7][3]),
+                       "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]), "+f"(d[8][3]),
+                       "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
+                       "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]),
+                       "+f"(d[11][0]), "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]),
+                       "+f"(d[12][0]), "+f"(d[12][1]), "+f"(d[12][2]), "+f"(d[12][3]),
+                       "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]), "+f"(d[13][3]),
+                       "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
+                       "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1)
+                     : "memory");
+    }
+};
+
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wg_wait() { asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory"); }
+// this thread's shared-memory writes (ordinary stores, completed cp.async) visible to the async proxy
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// Ties registers to this point of the program (an empty asm that reads and writes them): an
+// accumulator read after wg_wait, or written before wg_fence, stays on its side.
+template <int N>
+__device__ __forceinline__ void fa4_pin(float (&r)[N][4]) {
+#pragma unroll
+    for (int j = 0; j < N; j++)
+        asm volatile("" : "+f"(r[j][0]), "+f"(r[j][1]), "+f"(r[j][2]), "+f"(r[j][3])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void fa4_pin(unsigned (&r)[N][4]) {
+#pragma unroll
+    for (int j = 0; j < N; j++)
+        asm volatile("" : "+r"(r[j][0]), "+r"(r[j][1]), "+r"(r[j][2]), "+r"(r[j][3])::"memory");
+}
+
+// wgmma descriptor of a K-major, unswizzled tile (layout above) whose 8-row groups are sbo bytes
+// apart: start address, leading-dimension byte offset 128, stride-dimension byte offset, each >> 4;
+// base offset 0, swizzle mode 0 (bits 62-63).
+__device__ __forceinline__ u64 fa4_desc(const bf16* tile, int sbo) {
+    unsigned a = (unsigned)__cvta_generic_to_shared(tile);
+    return (u64)((a & 0x3FFFFu) >> 4) | ((u64)(128 >> 4) << 16) | ((u64)(sbo >> 4) << 32);
+}
+
+// An R x C bf16 tile (row stride `stride` elements in global memory) into the core-matrix layout by
+// 16-byte cp.async; chunk x (8 bf16) goes to dst + 8x.
+template <int R, int C>
+__device__ __forceinline__ void fa4_load_tile(bf16* dst, const bf16* src, long stride) {
+    for (int x = threadIdx.x; x < R * C / 8; x += blockDim.x) {
+        int rest = x >> 3, r = (rest / (C / 8)) * 8 + (x & 7), c = (rest % (C / 8)) * 8;
+        cp_async16(dst + x * 8, src + r * stride + c);
+    }
+}
+
+// Query rows m0 .. m0 + 128 (f32, row stride `stride`) -> bf16 in the core-matrix layout (128 x D);
+// rows past tq are zero.
+template <int D>
+__device__ __forceinline__ void fa4_load_q(bf16* sq, const act* q, int m0, int tq, int stride) {
+    for (int x = threadIdx.x; x < FA4_BM * D / 8; x += blockDim.x) {
+        int rest = x >> 3, r = m0 + (rest / (D / 8)) * 8 + (x & 7), c = (rest % (D / 8)) * 8;
+        uint4 w = make_uint4(0u, 0u, 0u, 0u);
+        if (r < tq) {
+            const float4* src = (const float4*)(q + (long)r * stride + c);
+            float4 a = src[0], b = src[1];
+            w = make_uint4(pack_bf16(a.x, a.y), pack_bf16(a.z, a.w), pack_bf16(b.x, b.y), pack_bf16(b.z, b.w));
+        }
+        *(uint4*)(sq + x * 8) = w;
+    }
+}
+#endif
+
+// q (tq, H*D) f32; kb (KV, tpad, D) and vt (KV, D, tpad) bf16 from attention_pack_kv with tpad a
+// multiple of BN; out, lse, groups, mass as variant 2. Grid (ceil(tq / 128), H), 256 threads,
+// dynamic shared memory (128 + 4 * BN) * D * 2 bytes.
+template <int D, int BN, bool MASS>
+__device__ __forceinline__ void flash_fwd_wgmma(const act* q, const bf16* kb, const bf16* vt, act* out, float* lse,
+                                                int tq, int tk, int tpad, int heads, int kv_heads, int causal,
+                                                int q_pos0, int hole_first, int hole_a, int hole_b,
+                                                const int* groups, int n_groups, float* mass) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    static_assert(sizeof(act) == 4, "the query tile load reads f32 activations");
+    static_assert(D % 16 == 0 && BN % 16 == 0, "k16 steps");
+    extern __shared__ __align__(16) unsigned char fa_smem[];
+    bf16* sq = (bf16*)fa_smem;     // (128, D): the two warpgroups' (64, D) query tiles
+    bf16* sk0 = sq + FA4_BM * D;   // 2 x (BN, D) key tiles
+    bf16* sv0 = sk0 + 2 * BN * D;  // 2 x (D, BN) Vᵀ tiles
+    __shared__ int sg[MASS ? FA_MAX_GROUPS + 1 + 2 * FA_MAX_RANGES : 1];
+    // heaviest (latest, under the causal mask) query blocks first
+    int m0 = (gridDim.x - 1 - blockIdx.x) * FA4_BM, h = blockIdx.y, kvh = h / (heads / kv_heads);
+    int warp = threadIdx.x >> 5, wg = warp >> 2, g = (threadIdx.x & 31) >> 2;
+    int ng = MASS ? min(n_groups, FA_MAX_GROUPS) : 0;
+    if (MASS) load_groups(sg, groups, n_groups, ng);
+    const bf16* kh = kb + (long)kvh * tpad * D;
+    const bf16* vh = vt + (long)kvh * D * tpad;
+    auto load_tile = [&](int n0, int buf) {
+        fa4_load_tile<BN, D>(sk0 + buf * BN * D, kh + (long)n0 * D, D);
+        fa4_load_tile<D, BN>(sv0 + buf * D * BN, vh + n0, tpad);
+        cp_async_commit();
+    };
+    int last = min(tq, m0 + FA4_BM) - 1 + q_pos0; // the block's last query position
+    int kend = causal ? min(tk, last + 1) : tk;
+    int first = m0 + q_pos0;
+    // a tile inside the hole for every row of the block
+    auto skipped = [&](int n0) {
+        return hole_first >= 0 && first >= hole_first && n0 >= hole_a && n0 + BN <= hole_b;
+    };
+    // the first tile's copies start before the query tile is converted
+    int n_first = 0;
+    while (n_first < kend && skipped(n_first)) n_first += BN;
+    if (n_first < kend) load_tile(n_first, 0);
+    fa4_load_q<D>(sq, q + h * D, m0, tq, heads * D);
+    fence_proxy_async(); // the query stores, before the loop's first barrier
+    // this warpgroup's rows: does a tile hold any key one of them sees?
+    int wg_row0 = m0 + 64 * wg;
+    int wg_first = q_pos0 + wg_row0, wg_last = q_pos0 + min(tq, wg_row0 + 64) - 1;
+    bool wg_live = wg_row0 < tq;
+    // this warp's 16 rows, for the tiles where no key is masked for any of them
+    int w_first = q_pos0 + m0 + warp * 16, w_last = w_first + 15;
+    // this thread's two rows: g and g + 8 of its warp's 16
+    int qpos[2] = {w_first + g, w_first + g + 8};
+    const u64 dq = fa4_desc(sq + wg * 64 * D, 16 * D);
+    const float scale = rsqrtf((float)D) * 1.4426950408889634f; // scores in log2 units, for exp2f
+    float o[D / 8][4], sc[BN / 8][4];
+#pragma unroll
+    for (int j = 0; j < D / 8; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
+#pragma unroll
+    for (int j = 0; j < BN / 8; j++) sc[j][0] = sc[j][1] = sc[j][2] = sc[j][3] = 0.0f;
+    float mrow[2] = {-INFINITY, -INFINITY}, lrow[2] = {0.0f, 0.0f}; // lrow: this thread's columns only
+    float macc[2][MASS ? FA_MAX_GROUPS : 1];
+#pragma unroll
+    for (int gi = 0; gi < (MASS ? FA_MAX_GROUPS : 1); gi++) macc[0][gi] = macc[1][gi] = 0.0f;
+    int buf = 0;
+    for (int n0 = n_first; n0 < kend;) {
+        int next = n0 + BN;
+        while (next < kend && skipped(next)) next += BN;
+        if (next < kend) {
+            load_tile(next, buf ^ 1); // the other buffer: its readers finished before the last barrier
+            cp_async_wait<1>();       // this tile's copies are done (the next one's may be in flight)
+        } else {
+            cp_async_wait<0>();
+        }
+        fence_proxy_async(); // this thread's copies, visible to the tensor cores after the barrier
+        __syncthreads();
+        bool in_hole = hole_first >= 0 && wg_first >= hole_first && n0 >= hole_a && n0 + BN <= hole_b;
+        if (wg_live && (!causal || n0 <= wg_last) && !in_hole) { // uniform over the warpgroup
+            const u64 dk = fa4_desc(sk0 + buf * BN * D, 16 * D);
+            const u64 dv = fa4_desc(sv0 + buf * D * BN, 16 * BN);
+            // S = Q Kᵀ (the first k-step overwrites the previous tile's probabilities)
+            fa4_pin(sc);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) Wgmma<BN>::ss(sc, dq + 16 * kk, dk + 16 * kk, kk > 0);
+            wg_commit();
+            wg_wait<0>();
+            fa4_pin(sc);
+            // no key of the tile masked for any row of this warp: past the end, the diagonal, the hole
+            bool full = n0 + BN <= tk && (!causal || n0 + BN - 1 <= w_first) &&
+                        !(hole_first >= 0 && w_last >= hole_first && n0 < hole_b && n0 + BN > hole_a);
+            float alpha[2];
+            fa_softmax<BN, MASS>(sc, scale, n0, qpos, tk, causal, hole_first, hole_a, hole_b, full, sg, ng, mrow,
+                                 lrow, macc, alpha);
+#pragma unroll
+            for (int j = 0; j < D / 8; j++) {
+                o[j][0] *= alpha[0];
+                o[j][1] *= alpha[0];
+                o[j][2] *= alpha[1];
+                o[j][3] *= alpha[1];
+            }
+            // P as the a fragments of the k16 steps over the tile's keys
+            unsigned pa[BN / 16][4];
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; kk++) {
+                pa[kk][0] = pack_bf16(sc[2 * kk][0], sc[2 * kk][1]);
+                pa[kk][1] = pack_bf16(sc[2 * kk][2], sc[2 * kk][3]);
+                pa[kk][2] = pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+                pa[kk][3] = pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+            }
+            // O += P V
+            fa4_pin(o);
+            fa4_pin(pa);
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; kk++) Wgmma<D>::rs(o, pa[kk], dv + 16 * kk);
+            wg_commit();
+            wg_wait<0>();
+            fa4_pin(o);
+        }
+        __syncthreads(); // both warpgroups' products on this buffer are done before it is refilled
+        buf ^= 1;
+        n0 = next;
+    }
+    fa_store<D, MASS>(o, mrow, lrow, macc, m0 + warp * 16, out, lse, mass, tq, heads, h, ng);
+#else
+    __trap(); // wgmma is sm_90a only; the host never launches these elsewhere
+#endif
+}
+
+// Same arguments as attention_fwd3_* (kb, vt with tpad a multiple of 128).
+
+extern "C" __global__ void __launch_bounds__(256, 2) attention_fwd4_d64(const act* q, const bf16* kb, const bf16* vt, act* out,
+        float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
+        int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
+    flash_fwd_wgmma<64, 64, false>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+        q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) attention_fwd4_d128(const act* q, const bf16* kb, const bf16* vt, act* out,
+        float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
+        int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
+    flash_fwd_wgmma<128, 64, false>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+        q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
+}
+
+extern "C" __global__ void __launch_bounds__(256) attention_fwd4_mass_d64(const act* q, const bf16* kb, const bf16* vt, act* out,
+        float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
+        int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
+    flash_fwd_wgmma<64, 64, true>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+        q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
+}
+
+extern "C" __global__ void __launch_bounds__(256) attention_fwd4_mass_d128(const act* q, const bf16* kb, const bf16* vt, act* out,
+        float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
+        int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
+    flash_fwd_wgmma<128, 64, true>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+        q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) attention_fwd4w_d64(const act* q, const bf16* kb, const bf16* vt, act* out,
+        float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
+        int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
+    flash_fwd_wgmma<64, 128, false>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+        q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
+}
+
+extern "C" __global__ void __launch_bounds__(256) attention_fwd4w_d128(const act* q, const bf16* kb, const bf16* vt, act* out,
+        float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
+        int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
+    flash_fwd_wgmma<128, 128, false>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
         q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
 }

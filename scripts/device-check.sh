@@ -58,6 +58,21 @@ grep -E 'rel err' "$OUT/gpu-tests.log" \
     | sed -E 's/^(.*[^ ]) +rel err ([^ ]+) \(tol ([^)]+)\)(  cosine ([^ ]+))?$/| \1 | \2 | \3 | \5 |/' >> "$md"
 grep -E '^test |panicked|skipped' "$OUT/gpu-tests.log" | sed 's/^/    /' >> "$md"
 echo >> "$md"
+# variant 4's tensor-core instructions in the compiled attention family (HGMMA: wgmma; HMMA: mma.sync)
+if [ "$arch" = "sm_90a" ] && command -v cuobjdump > /dev/null; then
+    echo "## SASS of the attention kernels (per kernel: HGMMA, HMMA)" >> "$md"
+    echo >> "$md"
+    echo '```' >> "$md"
+    for cubin in "$MIADPO_KERNEL_CACHE"/attention-sm_90a-*.cubin; do
+        cuobjdump --dump-sass "$cubin" 2>> "$OUT/commands.log" | awk '
+            /Function :/ { name = $3 }
+            /HGMMA/ { hg[name]++ } /HMMA/ { hm[name]++ }
+            END { for (n in hg) printf "%-36s HGMMA %d\n", n, hg[n]; for (n in hm) if (!(n in hg)) printf "%-36s HMMA %d\n", n, hm[n] }' \
+            | sort >> "$md"
+    done
+    echo '```' >> "$md"
+    echo >> "$md"
+fi
 echo "## Commands on the GPU vs the CPU (fixture, then the random small LLaVA)" >> "$md"
 echo >> "$md"
 python3 - > "$OUT/pairs.jsonl" <<'PY'
@@ -101,6 +116,12 @@ for t in 1024 16384; do
 done
 MIADPO_ATTENTION=plain timeout 90 $B --filter attention --seq-len 4096 --repeats 3 > "$OUT/attn-plain-4096.jsonl" 2>> "$OUT/commands.log" || status=1
 MIADPO_ATTENTION=pipelined timeout 90 $B --filter attention --seq-len 4096 --repeats 7 > "$OUT/attn-pipelined-4096.jsonl" 2>> "$OUT/commands.log" || status=1
+# variant 4 (wgmma, sm_90a only): 64- and 128-key tiles
+if [ "$arch" = "sm_90a" ]; then
+    for w in wgmma wgmma128; do
+        MIADPO_ATTENTION=$w timeout 90 $B --filter attention --seq-len 4096 --repeats 7 > "$OUT/attn-$w-4096.jsonl" 2>> "$OUT/commands.log" || status=1
+    done
+fi
 # the selection path: miadpo select vs HF generate(output_attentions=True, eager, bf16), random small LLaVA
 timeout 60 target/device/miadpo bench --save-model /tmp/small-llava --repeats 1 --new-tokens 2 --device cuda \
     > /dev/null 2>> "$OUT/commands.log" || status=1
@@ -132,6 +153,8 @@ for t in (1024, 16384):
     table(load(f"attn-miadpo-{t}.jsonl"), load(f"attn-torch-{t}.jsonl"), f" T={t}")
 table(load("attn-plain-4096.jsonl"), load("ops-torch.jsonl"), " variant 1 (plain) T=4096")
 table(load("attn-pipelined-4096.jsonl"), load("ops-torch.jsonl"), " variant 3 (pipelined) T=4096")
+table(load("attn-wgmma-4096.jsonl"), load("ops-torch.jsonl"), " variant 4 (wgmma) T=4096")
+table(load("attn-wgmma128-4096.jsonl"), load("ops-torch.jsonl"), " variant 4 (wgmma128) T=4096")
 PY
 echo >> "$md"
 echo "## Selection: miadpo select vs HF eager generate(output_attentions=True)" >> "$md"

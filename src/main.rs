@@ -512,7 +512,8 @@ enum KernelsCmd {
     /// Print every kernel as family/name
     List,
     /// Compile every kernel family for an architecture (needs libnvrtc, no GPU) and print
-    /// `family/name  regs=N  smem=N  spill=N  ok`; fails on a compile error or any spill
+    /// `family/name  regs=N  smem=N  spill=N  ok`; fails on a compile error, any spill or stack frame,
+    /// and on ptxas serializing `wgmma` (sm_90a)
     Check {
         /// sm_80 or sm_90a
         #[arg(long, default_value = "sm_90a")]
@@ -1690,6 +1691,10 @@ fn kernels_cmd(k: KernelsCmd) -> Result<()> {
             let mut bad = Vec::new();
             for f in FAMILIES {
                 let c = nvrtc::compile(f, &arch)?;
+                for note in nvrtc::wgmma_notes(&c.log) {
+                    eprintln!("{}: {note}", f.name);
+                    bad.push(format!("{}: ptxas serialized wgmma ({note})", f.name));
+                }
                 for name in f.kernels {
                     let Some(s) = c.stats.iter().find(|s| s.name == *name) else {
                         bad.push(format!("{}/{name}: no ptxas report", f.name));

@@ -58,6 +58,17 @@ const GEMM_TOL: f64 = 2e-2;
 /// f32 on both sides, other summation order and exp
 const F32_TOL: f64 = 1e-4;
 
+/// The tensor-core attention variants to test on this GPU with their tolerance (bf16 operands):
+/// variants 2 and 3, and on sm_90a variant 4 (`wgmma`) with 64- and 128-key tiles.
+fn tensor_core_variants(g: &CudaBackend) -> Vec<(AttnKernel, f64)> {
+    let mut v = vec![(AttnKernel::Fused, GEMM_TOL), (AttnKernel::Pipelined, GEMM_TOL)];
+    if g.arch() == "sm_90a" {
+        v.push((AttnKernel::Wgmma, GEMM_TOL));
+        v.push((AttnKernel::WgmmaWide, GEMM_TOL));
+    }
+    v
+}
+
 #[test]
 fn linear_and_its_backward_at_llama_shapes() {
     let Some(g) = gpu() else { return };
@@ -180,7 +191,7 @@ fn elementwise_norm_rope_and_dropout() {
     );
 }
 
-/// Both attention variants against the CPU twin: causal and bidirectional, head dims 16/64/128, GQA
+/// Every attention variant (variant 4 on sm_90a only) against the CPU twin: causal and bidirectional, head dims 16/64/128, GQA
 /// 1 and 4, lengths that are not multiples of the 64-row tiles, a chunk of queries after a prefix
 /// (q_pos0 > 0), the prefix-shared DPO hole, T up to 8192, decode steps of 1 and 3 rows; the per-span
 /// mass against the CPU's materialised softmax; the backward of both variants (the plain one where its
@@ -260,12 +271,11 @@ fn attention_variants_forward_mass_and_backward() {
             if x.causal { "causal" } else { "bidir" },
             if x.hole.is_some() { " hole" } else { "" }
         );
-        // plain: f32 throughout; fused: Q, K, V and the probabilities enter the tensor cores as bf16
-        for (variant, tol) in [
-            (AttnKernel::Plain, F32_TOL),
-            (AttnKernel::Fused, GEMM_TOL),
-            (AttnKernel::Pipelined, GEMM_TOL),
-        ] {
+        // plain: f32 throughout; the others: Q, K, V and the probabilities enter the tensor cores as
+        // bf16 (variant 4 on sm_90a only; its head dims 16 and 32 run as variant 3)
+        let mut variants = vec![(AttnKernel::Plain, F32_TOL)];
+        variants.extend(tensor_core_variants(&g));
+        for (variant, tol) in variants {
             g.set_attention(variant);
             let (og, mg) = g.attention(&qg, &kg, &vg, s, Some(&groups));
             check(
@@ -295,14 +305,19 @@ fn attention_variants_forward_mass_and_backward() {
         let dout = rng.vec(x.tq * x.heads * x.d, 1.0);
         let (cq, ck, cv) = c.attention_backward(&q, &k, &v, &oc, &dout, None, s);
         let (og, dg) = (g.upload(&oc), g.upload(&dout));
-        for (variant, tol) in [(AttnKernel::Plain, F32_TOL), (AttnKernel::Fused, GEMM_TOL)] {
+        // variant 4's forward (sm_90a) hands its log-sum-exp to variant 2's backward
+        let mut variants = vec![(AttnKernel::Plain, F32_TOL), (AttnKernel::Fused, GEMM_TOL)];
+        if g.arch() == "sm_90a" {
+            variants.push((AttnKernel::Wgmma, GEMM_TOL));
+        }
+        for (variant, tol) in variants {
             if variant == AttnKernel::Plain && x.tk > 1024 {
                 continue;
             }
             g.set_attention(variant);
             // the log-sum-exp recomputed by the backward, and handed over by attention_train
             let (o_train, lse) = g.attention_train(&qg, &kg, &vg, s);
-            assert_eq!(lse.is_some(), variant == AttnKernel::Fused);
+            assert_eq!(lse.is_some(), variant != AttnKernel::Plain);
             check(
                 &format!("attention_train {variant:?} {name}"),
                 &g.download(&o_train),
@@ -519,7 +534,7 @@ fn attention_mass_over_more_than_16_groups_or_64_ranges() {
                 rng.vec(tk * kv * d, 1.0),
             );
             let (oc, mc) = c.attention(&q, &k, &v, s, Some(groups));
-            for variant in [AttnKernel::Fused, AttnKernel::Pipelined] {
+            for (variant, _) in tensor_core_variants(&g) {
                 g.set_attention(variant);
                 let (og, mg) = g.attention(&g.upload(&q), &g.upload(&k), &g.upload(&v), s, Some(groups));
                 let name = format!("attention {variant:?} tq={tq} {what}");
@@ -572,18 +587,150 @@ fn attention_mass_of_grid_and_pip_groups() {
             );
             let (oc, mc) = c.attention(&q, &k, &v, s, Some(groups));
             let mc = mc.unwrap();
-            // plain: f32 throughout; fused and pipelined: bf16 tensor-core probabilities (module
-            // comment); the masses are sums of those probabilities, bounded by 1
-            for (variant, tol) in [
-                (AttnKernel::Plain, F32_TOL),
-                (AttnKernel::Fused, GEMM_TOL),
-                (AttnKernel::Pipelined, GEMM_TOL),
-            ] {
+            // plain: f32 throughout; the tensor-core variants: bf16 probabilities (module comment);
+            // the masses are sums of those probabilities, bounded by 1
+            let mut variants = vec![(AttnKernel::Plain, F32_TOL)];
+            variants.extend(tensor_core_variants(&g));
+            for (variant, tol) in variants {
                 g.set_attention(variant);
                 let (og, mg) = g.attention(&g.upload(&q), &g.upload(&k), &g.upload(&v), s, Some(groups));
                 let name = format!("attention {variant:?} tq={tq} {what}");
                 check(&name, &g.download(&og), &oc, tol);
                 check(&format!("{name} mass"), &mg.unwrap(), &mc, tol);
+            }
+        }
+    }
+}
+
+/// The natural log-sum-exp per (row, head) of the scaled scores over the visible keys, in f64: what
+/// the fused forwards hand to the backward. (tq, heads)
+fn lse_reference(q: &[f32], k: &[f32], s: AttnShape) -> Vec<f32> {
+    let (d, group) = (s.head_dim, s.heads / s.kv_heads);
+    let scale = 1.0 / (d as f64).sqrt();
+    let mut out = vec![0f32; s.tq * s.heads];
+    for i in 0..s.tq {
+        let qpos = s.q_pos0 + i;
+        for h in 0..s.heads {
+            let qr = &q[(i * s.heads + h) * d..][..d];
+            let kvh = h / group;
+            let scores: Vec<f64> = (0..s.tk)
+                .filter(|&j| {
+                    let in_hole = s
+                        .hole
+                        .is_some_and(|(first, a, b)| qpos >= first && j >= a && j < b);
+                    !in_hole && (!s.causal || j <= qpos)
+                })
+                .map(|j| {
+                    let kr = &k[(j * s.kv_heads + kvh) * d..][..d];
+                    scale * qr.iter().zip(kr).map(|(x, y)| *x as f64 * *y as f64).sum::<f64>()
+                })
+                .collect();
+            let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            out[i * s.heads + h] = (m + scores.iter().map(|x| (x - m).exp()).sum::<f64>().ln()) as f32;
+        }
+    }
+    out
+}
+
+/// Variant 4 (wgmma, sm_90a) against the CPU twin where its tiles meet the edges: fewer rows than a
+/// warpgroup or a block (77, 130), key counts that are no multiple of the 64- or 128-key tiles,
+/// queries after a prefix (q_pos0), the DPO hole across and along tile edges, causal and
+/// bidirectional, head dims 64 and 128, GQA 1 and 4; both tile widths, with and without the mass
+/// output, and the log-sum-exp against an f64 reference and through variant 2's backward. Queries
+/// are scaled up (scores of a few units) so that the running maximum moves between tiles.
+#[test]
+fn attention_wgmma_variant_4() {
+    let Some(mut g) = gpu() else { return };
+    if g.arch() != "sm_90a" {
+        eprintln!(
+            "skipped: variant 4 (wgmma) needs sm_90a; this GPU is {}",
+            g.device()
+        );
+        return;
+    }
+    let c = CpuBackend::new();
+    let mut rng = TestRng(17);
+    // (tq, tk, heads, kv heads, d, causal, hole, f64 log-sum-exp and backward checked)
+    type Case = (
+        usize,
+        usize,
+        usize,
+        usize,
+        usize,
+        bool,
+        Option<(usize, usize, usize)>,
+        bool,
+    );
+    let cases: [Case; 9] = [
+        (77, 77, 4, 4, 64, true, None, true),
+        (77, 77, 4, 1, 128, false, None, true),
+        (130, 700, 8, 2, 128, true, None, true),
+        (200, 777, 4, 4, 64, false, Some((650, 100, 300)), true),
+        (1000, 1000, 4, 4, 64, true, Some((600, 200, 450)), true),
+        (640, 640, 8, 8, 128, false, Some((300, 128, 384)), true),
+        (515, 515, 4, 1, 128, true, Some((400, 300, 400)), false),
+        (2048, 2048, 8, 2, 64, true, None, false),
+        (4096, 4096, 4, 4, 64, false, None, false),
+    ];
+    for (tq, tk, heads, kv, d, causal, hole, deep) in cases {
+        let s = AttnShape {
+            tq,
+            tk,
+            heads,
+            kv_heads: kv,
+            head_dim: d,
+            causal,
+            q_pos0: tk - tq,
+            hole,
+        };
+        let (q, k, v) = (
+            rng.vec(tq * heads * d, 3.0),
+            rng.vec(tk * kv * d, 1.0),
+            rng.vec(tk * kv * d, 1.0),
+        );
+        // group 0: a range inside the first 64-key tile and one across tile edges; 1: the rest up to
+        // the end; 2: every key
+        let (t3, t5) = (tk / 3, tk / 2 + tk / 8);
+        let ranges = [(5, 20, 0), (t3, t5, 0), (t5 + 1, tk, 1), (0, tk, 2)];
+        let groups = KeyGroups::new(&ranges, 3).unwrap();
+        let (qg, kg, vg) = (g.upload(&q), g.upload(&k), g.upload(&v));
+        let (oc, mc) = c.attention(&q, &k, &v, s, Some(&groups));
+        let mc = mc.unwrap();
+        let name = format!(
+            "t={tq}/{tk} h={heads}/{kv} d={d} {}{}",
+            if causal { "causal" } else { "bidir" },
+            if hole.is_some() { " hole" } else { "" }
+        );
+        // the f64 log-sum-exp and the CPU backward (the CPU's output as `o`: the check is of the
+        // backward given variant 4's log-sum-exp)
+        let deep_ref = deep.then(|| {
+            let dout = rng.vec(tq * heads * d, 1.0);
+            let grads = c.attention_backward(&q, &k, &v, &oc, &dout, None, s);
+            (lse_reference(&q, &k, s), dout, grads)
+        });
+        for variant in [AttnKernel::Wgmma, AttnKernel::WgmmaWide] {
+            g.set_attention(variant);
+            let (og, mg) = g.attention(&qg, &kg, &vg, s, Some(&groups));
+            let what = format!("attention {variant:?} {name}");
+            // bf16 operands on the tensor cores (module comment)
+            check(&what, &g.download(&og), &oc, GEMM_TOL);
+            check(&format!("{what} mass"), &mg.unwrap(), &mc, GEMM_TOL);
+            let (og, none) = g.attention(&qg, &kg, &vg, s, None);
+            assert!(none.is_none());
+            check(&format!("{what} no mass"), &g.download(&og), &oc, GEMM_TOL);
+            let (ot, lse) = g.attention_train(&qg, &kg, &vg, s);
+            let what = format!("attention_train {variant:?} {name}");
+            check(&what, &g.download(&ot), &oc, GEMM_TOL);
+            let lse = lse.expect("variant 4 writes the log-sum-exp");
+            if let Some((lse_ref, dout, (cq, ck, cv))) = &deep_ref {
+                // scores from bf16 Q and K: ~1e-3 of a few units, against a log-sum-exp of ~log(tk)
+                check(&format!("{what} lse"), &g.download(&lse), lse_ref, GEMM_TOL);
+                let (og, dg) = (g.upload(&oc), g.upload(dout));
+                let (dq, dk, dv) = g.attention_backward(&qg, &kg, &vg, &og, &dg, Some(&lse), s);
+                let what = format!("attention backward {variant:?} {name} lse given");
+                check(&format!("{what} dq"), &g.download(&dq), cq, GEMM_TOL);
+                check(&format!("{what} dk"), &g.download(&dk), ck, GEMM_TOL);
+                check(&format!("{what} dv"), &g.download(&dv), cv, GEMM_TOL);
             }
         }
     }

@@ -62,7 +62,8 @@ pub struct CudaBackend {
     poison: bool,
     /// The attention kernel family: `Fused` (mma.sync flash attention, the default where the head dim
     /// is a multiple of 16 and there are 16+ query rows) or `Plain` (`MIADPO_ATTENTION=plain`), the
-    /// first, unfused version kept as variant 1 for the benchmarks and as a second opinion.
+    /// first, unfused version kept as variant 1 for the benchmarks and as a second opinion; the
+    /// forward's later variants by `MIADPO_ATTENTION=pipelined|wgmma|wgmma128` (`AttnKernel`).
     attn: AttnKernel,
     /// the device's default memory pool, where every buffer lives (None: no stream-ordered allocator)
     pool: Option<cudarc::driver::sys::CUmemoryPool>,
@@ -78,6 +79,12 @@ pub enum AttnKernel {
     /// variant 3: variant 2's forward with K/V packed to bf16 once and the tiles pipelined by cp.async
     /// (decode and backward as variant 2)
     Pipelined,
+    /// variant 4: the forward on Hopper's `wgmma` (sm_90a only), K/V packed as for variant 3, 64-key
+    /// tiles; head dims 64 and 128 (others as variant 3), decode and backward as variant 2. It also
+    /// serves `attention_train` (with the log-sum-exp for the backward).
+    Wgmma,
+    /// variant 4 with 128-key tiles (`attention_fwd4w_d*`); mass requests take the 64-key kernels
+    WgmmaWide,
 }
 
 // SAFETY: cuBLAS handles may be used from any thread as long as calls do not overlap; the backend's
@@ -263,6 +270,15 @@ impl CudaBackend {
                     )
                     .map_err(|e| dev_err(&format!("shared memory of {k}"), e))?;
                 }
+                if k.starts_with("attention_fwd4") {
+                    // variant 4 holds 96 KB (64-key tiles at d128) to 160 KB per block: ask for the
+                    // whole carveout as shared memory, so that two 96 KB blocks can share an SM
+                    func.set_attribute(
+                        CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+                        100,
+                    )
+                    .map_err(|e| dev_err(&format!("shared memory carveout of {k}"), e))?;
+                }
                 funcs.insert(k, func);
             }
         }
@@ -271,7 +287,6 @@ impl CudaBackend {
             blas,
             funcs,
             device,
-            arch,
             smem_optin,
             poison: std::env::var("MIADPO_POISON").is_ok_and(|v| v == "1"),
             pool,
@@ -279,12 +294,20 @@ impl CudaBackend {
                 Ok("plain") => AttnKernel::Plain,
                 Ok("fused") | Err(_) => AttnKernel::Fused,
                 Ok("pipelined") => AttnKernel::Pipelined,
+                Ok(w @ ("wgmma" | "wgmma128")) if arch != "sm_90a" => {
+                    return Err(Error::Invalid(format!(
+                        "MIADPO_ATTENTION={w}: wgmma needs a Hopper GPU (sm_90a); this one is {arch}"
+                    )))
+                }
+                Ok("wgmma") => AttnKernel::Wgmma,
+                Ok("wgmma128") => AttnKernel::WgmmaWide,
                 Ok(other) => {
                     return Err(Error::Invalid(format!(
-                        "MIADPO_ATTENTION={other}: expected `plain`, `fused` or `pipelined`"
+                        "MIADPO_ATTENTION={other}: expected plain, fused, pipelined, wgmma or wgmma128"
                     )))
                 }
             },
+            arch,
         })
     }
 
@@ -294,9 +317,24 @@ impl CudaBackend {
         self
     }
 
-    /// Picks the attention kernels (benchmarks of the numbered variants, tests of both).
+    /// Picks the attention kernels (benchmarks of the numbered variants, tests of both). Variant 4
+    /// (`Wgmma*`) on a GPU other than sm_90a runs as variant 3.
     pub fn set_attention(&mut self, k: AttnKernel) {
         self.attn = k;
+    }
+
+    /// The arch the kernels were compiled for (`sm_90a` on Hopper).
+    pub fn arch(&self) -> &str {
+        &self.arch
+    }
+
+    /// Whether variant 4 (wgmma) serves this shape: picked, on sm_90a, head dim 64 or 128, a prefill
+    /// (decode steps take flash-decoding).
+    fn wgmma_attention(&self, s: AttnShape) -> bool {
+        matches!(self.attn, AttnKernel::Wgmma | AttnKernel::WgmmaWide)
+            && self.arch == "sm_90a"
+            && matches!(s.head_dim, 64 | 128)
+            && s.tq >= 16
     }
 
     /// Whether the tensor-core kernels (variants 2 and 3) serve this shape: a head dim they are built
@@ -403,28 +441,8 @@ impl CudaBackend {
     ) -> (DBuf, Option<DBuf>) {
         let (d, n_groups) = (s.head_dim, groups.map_or(0, |g| g.n_groups()));
         let tpad = s.tk.div_ceil(64).max(1) * 64;
-        let alloc16 = |n: usize| {
-            // SAFETY: the pack kernel writes every element (rows past tk as zeros) before any read.
-            unsafe { self.stream.alloc::<u16>(n) }.expect("CUDA: out of memory")
-        };
-        let (mut kb, mut vt) = (alloc16(s.kv_heads * tpad * d), alloc16(s.kv_heads * tpad * d));
+        let (kb, vt) = self.pack_kv(k, v, s, tpad);
         let (tk, tp, kvh) = (s.tk as i32, tpad as i32, s.kv_heads as i32);
-        let pack = attention_kernel("attention_pack_kv", false, d);
-        let mut b = self.stream.launch_builder(self.f(&pack));
-        b.arg(&k.s)
-            .arg(&v.s)
-            .arg(&mut kb)
-            .arg(&mut vt)
-            .arg(&tk)
-            .arg(&tp)
-            .arg(&kvh);
-        let cfg = LaunchConfig {
-            grid_dim: ((tpad / 64) as u32, s.kv_heads as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: 0,
-        };
-        // SAFETY: k, v (tk, kv_heads·d); kb, vt (kv_heads, tpad, d) written in full.
-        unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("CUDA: {pack}: {e:?}"));
         let name = attention_kernel("attention_fwd3", n_groups > 0, d);
         let mut out = self.poisoned(s.tq * s.heads * d);
         let mut mass = (n_groups > 0).then(|| self.zeros(s.tq * s.heads * n_groups));
@@ -462,6 +480,109 @@ impl CudaBackend {
         // SAFETY: shapes of AttnShape; argument list as in kernels/attention.cu (variant 3).
         unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("CUDA: {name}: {e:?}"));
         (out, mass)
+    }
+
+    /// K (tk, kv_heads·d) and V as bf16 for variants 3 and 4: K as (kv_heads, tpad, d), V transposed
+    /// as (kv_heads, d, tpad), rows tk..tpad zero (tpad a multiple of 64, at least tk).
+    fn pack_kv(&self, k: &DBuf, v: &DBuf, s: AttnShape, tpad: usize) -> (CudaSlice<u16>, CudaSlice<u16>) {
+        let d = s.head_dim;
+        assert!(tpad.is_multiple_of(64) && tpad >= s.tk);
+        let alloc16 = |n: usize| {
+            // SAFETY: the pack kernel writes every element (rows past tk as zeros) before any read.
+            unsafe { self.stream.alloc::<u16>(n) }.expect("CUDA: out of memory")
+        };
+        let (mut kb, mut vt) = (alloc16(s.kv_heads * tpad * d), alloc16(s.kv_heads * tpad * d));
+        let (tk, tp, kvh) = (s.tk as i32, tpad as i32, s.kv_heads as i32);
+        let pack = attention_kernel("attention_pack_kv", false, d);
+        let mut b = self.stream.launch_builder(self.f(&pack));
+        b.arg(&k.s)
+            .arg(&v.s)
+            .arg(&mut kb)
+            .arg(&mut vt)
+            .arg(&tk)
+            .arg(&tp)
+            .arg(&kvh);
+        let cfg = LaunchConfig {
+            grid_dim: ((tpad / 64) as u32, s.kv_heads as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: k, v (tk, kv_heads·d); kb, vt (kv_heads, tpad, d) written in full.
+        unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("CUDA: {pack}: {e:?}"));
+        (kb, vt)
+    }
+
+    /// Variant 4's forward (sm_90a, head dim 64 or 128): K and V packed as for variant 3, then 128
+    /// query rows per block of two warpgroups, S = QKᵀ and O += PV on `wgmma`, the key tiles (64, or
+    /// 128 for `WgmmaWide` without mass) double-buffered by cp.async. Returns the output, the per-head
+    /// group mass (at most FA_MAX_GROUPS groups and FA_MAX_RANGES ranges) and the log-sum-exp if asked.
+    fn attention_fwd_wgmma(
+        &self,
+        q: &DBuf,
+        k: &DBuf,
+        v: &DBuf,
+        s: AttnShape,
+        groups: Option<&KeyGroups>,
+        want_lse: bool,
+    ) -> (DBuf, Option<DBuf>, Option<DBuf>) {
+        let (d, n_groups) = (s.head_dim, groups.map_or(0, |g| g.n_groups()));
+        assert!(
+            self.arch == "sm_90a" && matches!(d, 64 | 128),
+            "variant 4 is sm_90a, d 64 or 128"
+        );
+        let tpad = s.tk.div_ceil(128).max(1) * 128; // a whole number of tiles of either width
+        let (kb, vt) = self.pack_kv(k, v, s, tpad);
+        let wide = self.attn == AttnKernel::WgmmaWide && n_groups == 0;
+        let (base, bn) = match (n_groups > 0, wide) {
+            (true, _) => ("attention_fwd4_mass", 64),
+            (false, true) => ("attention_fwd4w", 128),
+            (false, false) => ("attention_fwd4", 64),
+        };
+        let name = attention_kernel(base, false, d);
+        let mut out = self.poisoned(s.tq * s.heads * d);
+        let mut lse = want_lse.then(|| self.poisoned(s.tq * s.heads));
+        let mut mass = (n_groups > 0).then(|| self.zeros(s.tq * s.heads * n_groups));
+        let groups_dev = self.group_ints(groups);
+        let (hf, ha, hb) = hole_args(s);
+        let (tq, tk, tp, heads, kvh) = (
+            s.tq as i32,
+            s.tk as i32,
+            tpad as i32,
+            s.heads as i32,
+            s.kv_heads as i32,
+        );
+        let (causal, q0, ng) = (s.causal as i32, s.q_pos0 as i32, n_groups as i32);
+        let null: u64 = 0;
+        let mut b = self.stream.launch_builder(self.f(&name));
+        b.arg(&q.s).arg(&kb).arg(&vt).arg(&mut out.s);
+        match lse.as_mut() {
+            Some(l) => b.arg(&mut l.s),
+            None => b.arg(&null),
+        };
+        b.arg(&tq).arg(&tk).arg(&tp).arg(&heads).arg(&kvh);
+        b.arg(&causal)
+            .arg(&q0)
+            .arg(&hf)
+            .arg(&ha)
+            .arg(&hb)
+            .arg(&groups_dev)
+            .arg(&ng);
+        match mass.as_mut() {
+            Some(m) => b.arg(&mut m.s),
+            None => b.arg(&null),
+        };
+        // the two warpgroups' Q tiles (128 rows), two K tiles (bn rows) and two Vᵀ tiles (d rows of
+        // bn keys), bf16
+        let smem = (128 + 4 * bn) * d * 2;
+        let cfg = LaunchConfig {
+            grid_dim: (s.tq.div_ceil(128) as u32, s.heads as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        // SAFETY: shapes of AttnShape; argument list as in kernels/attention.cu (variant 4); the
+        // kernels exist for sm_90a only, checked above.
+        unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("CUDA: {name}: {e:?}"));
+        (out, mass, lse)
     }
 
     /// Variant 2's decode (flash-decoding): a few query rows against a long cache, the keys split
@@ -1038,7 +1159,16 @@ impl Backend for CudaBackend {
             let (o, mass) = if fused && s.tq < 16 {
                 // decode steps: too few rows for a 64-row tile; keys split over blocks instead
                 self.attention_decode(q, k, v, s, piece)
-            } else if fused && self.attn == AttnKernel::Pipelined {
+            } else if self.wgmma_attention(s) {
+                let (o, mass, _) = self.attention_fwd_wgmma(q, k, v, s, piece, false);
+                (o, mass)
+            } else if fused
+                && matches!(
+                    self.attn,
+                    AttnKernel::Pipelined | AttnKernel::Wgmma | AttnKernel::WgmmaWide
+                )
+            {
+                // variant 3, and variant 4's fallback (head dims 16 and 32, GPUs other than sm_90a)
                 self.attention_fwd_pipelined(q, k, v, s, piece)
             } else {
                 let (o, mass, _) = self.attention_fwd(q, k, v, s, piece, fused, false);
@@ -1183,8 +1313,12 @@ impl Backend for CudaBackend {
         if !self.fused_attention(s) {
             return (self.attention(q, k, v, s, None).0, None);
         }
-        // variant 2's forward, which also writes the log-sum-exp for the backward
-        let (out, _, lse) = self.attention_fwd(q, k, v, s, None, true, true);
+        // variant 4 or 2's forward, which also write the log-sum-exp for the backward
+        let (out, _, lse) = if self.wgmma_attention(s) {
+            self.attention_fwd_wgmma(q, k, v, s, None, true)
+        } else {
+            self.attention_fwd(q, k, v, s, None, true, true)
+        };
         (out, lse)
     }
 

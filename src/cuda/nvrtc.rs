@@ -158,6 +158,17 @@ pub fn parse_ptxas(log: &str) -> Vec<KernelStats> {
     out
 }
 
+/// ptxas' notes that it serialized `wgmma` or waited on its results where the source does not
+/// (`(C7511) Potential Performance Loss: wgmma.mma_async instructions are serialized ...`, `(C7517)
+/// warpgroup.wait is injected ...`, `(C7519) warpgroup.arrive is injected ...`): the kernel is still
+/// correct, but its tensor-core pipeline is not the one written. One line per note.
+pub fn wgmma_notes(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains("Potential Performance Loss") || l.contains(" is injected "))
+        .map(|l| l.trim().to_string())
+        .collect()
+}
+
 /// Where compiled kernels are kept: `$MIADPO_KERNEL_CACHE`, else `$XDG_CACHE_HOME/miadpo/kernels`, else
 /// `~/.cache/miadpo/kernels`.
 pub fn cache_dir() -> PathBuf {
@@ -229,6 +240,18 @@ ptxas info    : Used 10 registers, used 0 barriers, 372 bytes cmem[0]\n";
                 },
             ]
         );
+    }
+
+    #[test]
+    fn wgmma_serialization_notes_are_found() {
+        let log = "ptxas info    : (C7519) warpgroup.arrive is injected in around line 81 by compiler to allow use of registers in GMMA in function 'bad'\n\
+ptxas info    : (C7511) Potential Performance Loss: wgmma.mma_async instructions are serialized due to insufficient register resources for the wgmma pipeline in the function 'bad'\n\
+ptxas info    : 0 bytes gmem\n\
+ptxas info    : Compiling entry function 'bad' for 'sm_90a'\n";
+        let notes = wgmma_notes(log);
+        assert_eq!(notes.len(), 2);
+        assert!(notes[1].contains("(C7511)"));
+        assert!(wgmma_notes("ptxas info    : Used 10 registers, used 0 barriers\n").is_empty());
     }
 
     #[test]
