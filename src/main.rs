@@ -563,6 +563,10 @@ macro_rules! on_device {
 
 fn main() {
     use clap::{CommandFactory, FromArgMatches};
+    // `MIADPO_DEVICE=` (set but empty) means unset, as for most tools' variables, not "device ``"
+    if std::env::var_os("MIADPO_DEVICE").is_some_and(|v| v.is_empty()) {
+        std::env::remove_var("MIADPO_DEVICE");
+    }
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // the train flags given on the command line (not defaults): the SFT stage refuses DPO-only ones

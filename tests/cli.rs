@@ -176,6 +176,29 @@ fn score_json_gives_policy_and_reference_logps_in_input_order() {
     }
 }
 
+/// `MIADPO_DEVICE=` (empty) is unset: the default `auto` runs (on the CPU here, or a GPU), not an
+/// error about a device named ``.
+#[test]
+fn empty_device_variable_means_the_default() {
+    let img = fixture_dir().join("images/sq0.png");
+    let out = Command::new(env!("CARGO_BIN_EXE_miadpo"))
+        .env("MIADPO_DEVICE", "")
+        .args([
+            "generate",
+            "--model",
+            s(&model_dir()),
+            "--image",
+            s(&img),
+            "--prompt",
+            "<image>",
+            "--max-new-tokens",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
 #[test]
 /// `--device cuda` without a usable GPU fails with one line naming what is missing (never a panic).
 fn device_cuda_without_a_gpu_fails_with_one_line() {
