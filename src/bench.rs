@@ -213,13 +213,7 @@ pub fn run_train<B: Backend>(
         o.lora_r,
         2.0 * o.lora_r as f64,
         0,
-        |_, p| match p {
-            Proj::Gate | Proj::Up => (t.intermediate_size, t.hidden_size),
-            Proj::Down => (t.hidden_size, t.intermediate_size),
-            Proj::K | Proj::V => (t.num_kv_heads * t.head_dim, t.hidden_size),
-            Proj::Q => (t.num_heads * t.head_dim, t.hidden_size),
-            Proj::O => (t.hidden_size, t.num_heads * t.head_dim),
-        },
+        |_, p| p.shape(&t),
     );
     let total = o.warmup + o.repeats;
     let cfg = TrainConfig {

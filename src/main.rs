@@ -1056,20 +1056,9 @@ fn train_dpo<B: Backend>(a: TrainArgs, c: TrainCommon, be: B) -> Result<()> {
         }
         (None, None) => {
             let t = model.cfg.text.clone();
-            LoraWeights::init(
-                t.num_layers,
-                &targets,
-                a.lora_r,
-                a.lora_alpha,
-                a.seed,
-                |_, p| match p {
-                    Proj::Gate | Proj::Up => (t.intermediate_size, t.hidden_size),
-                    Proj::Down => (t.hidden_size, t.intermediate_size),
-                    Proj::K | Proj::V => (t.num_kv_heads * t.head_dim, t.hidden_size),
-                    Proj::Q => (t.num_heads * t.head_dim, t.hidden_size),
-                    Proj::O => (t.hidden_size, t.num_heads * t.head_dim),
-                },
-            )
+            LoraWeights::init(t.num_layers, &targets, a.lora_r, a.lora_alpha, a.seed, |_, p| {
+                p.shape(&t)
+            })
         }
     };
     let cfg = miadpo::train::trainer::TrainConfig {

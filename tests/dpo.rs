@@ -229,12 +229,7 @@ fn a_fresh_adapter_starts_at_ln2_and_saves_as_peft() {
     let dir = fixture_dir();
     let mut m = Llava::load(&dir.join("model"), CpuBackend::new()).unwrap();
     let t = m.cfg.text.clone();
-    let dims = |_: usize, p: Proj| match p {
-        Proj::Gate | Proj::Up => (t.intermediate_size, t.hidden_size),
-        Proj::Down => (t.hidden_size, t.intermediate_size),
-        Proj::K | Proj::V => (t.num_kv_heads * t.head_dim, t.hidden_size),
-        Proj::Q | Proj::O => (t.num_heads * t.head_dim, t.hidden_size),
-    };
+    let dims = |_: usize, p: Proj| p.shape(&t);
     let w = LoraWeights::init(t.num_layers, &Proj::ALL, 4, 8.0, 7, dims);
     assert!(w
         .modules
@@ -353,11 +348,7 @@ fn a_short_training_run_learns_the_preferences() {
         })
         .collect();
     let t = m.cfg.text.clone();
-    let dims = |_: usize, p: Proj| match p {
-        Proj::Gate | Proj::Up => (t.intermediate_size, t.hidden_size),
-        Proj::Down => (t.hidden_size, t.intermediate_size),
-        _ => (t.hidden_size, t.hidden_size),
-    };
+    let dims = |_: usize, p: Proj| p.shape(&t);
     let mut w = LoraWeights::init(t.num_layers, &Proj::ALL, 4, 8.0, 1, dims);
     let cfg = TrainConfig {
         dpo: DpoConfig::default(),

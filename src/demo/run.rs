@@ -852,13 +852,7 @@ pub fn run<B: Backend>(be: B, o: &DemoOptions, events: &mut dyn FnMut(Event)) ->
             s.lora_r,
             s.lora_alpha,
             o.seed,
-            |_, p| match p {
-                Proj::Gate | Proj::Up => (t.intermediate_size, t.hidden_size),
-                Proj::Down => (t.hidden_size, t.intermediate_size),
-                Proj::K | Proj::V => (t.num_kv_heads * t.head_dim, t.hidden_size),
-                Proj::Q => (t.num_heads * t.head_dim, t.hidden_size),
-                Proj::O => (t.hidden_size, t.num_heads * t.head_dim),
-            },
+            |_, p| p.shape(&t),
         );
         let steps = s.dpo_epochs * prepared.pairs.len().div_ceil(s.dpo_batch);
         let cfg = TrainConfig {

@@ -22,6 +22,17 @@ pub enum Proj {
 }
 
 impl Proj {
+    /// (out, in) features of this linear in a decoder of config `t` (the LoRA B and A shapes follow).
+    pub fn shape(self, t: &crate::model::config::TextConfig) -> (usize, usize) {
+        match self {
+            Proj::Gate | Proj::Up => (t.intermediate_size, t.hidden_size),
+            Proj::Down => (t.hidden_size, t.intermediate_size),
+            Proj::K | Proj::V => (t.num_kv_heads * t.head_dim, t.hidden_size),
+            Proj::Q => (t.num_heads * t.head_dim, t.hidden_size),
+            Proj::O => (t.hidden_size, t.num_heads * t.head_dim),
+        }
+    }
+
     pub const ALL: [Proj; 7] = [
         Proj::Q,
         Proj::K,
