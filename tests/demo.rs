@@ -1,6 +1,7 @@
 //! `miadpo demo --quick` end to end through the built binary: every stage runs, `summary.json` has
-//! the fields with numbers in range, `report.png` is a picture, and an earlier run is not
-//! overwritten unless asked.
+//! the fields with numbers in range, `report.png` is a picture, an earlier run is not
+//! overwritten unless asked, and the ablations (`--sft-from`, `--selection random`,
+//! `--no-post-select`) run on its SFT model.
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -138,14 +139,70 @@ fn quick_demo_runs_every_stage_and_writes_summary_and_report() {
         assert!(out.join(f).is_file(), "{f} missing");
     }
 
-    // a second run into the same folder is refused, and a file that is not the demo's survives
-    // --overwrite
+    // a second run into the same folder is refused
     std::fs::write(out.join("mine.txt"), "keep").unwrap();
     let again = miadpo(&["demo", "--quick", "--out", s(&out)]);
     assert!(!again.status.success());
     let err = String::from_utf8_lossy(&again.stderr);
     assert!(err.contains("--overwrite"), "{err}");
     assert_eq!(std::fs::read_to_string(out.join("mine.txt")).unwrap(), "keep");
+
+    // the ablations on this run's SFT model: random selection without post-selection
+    let abl = tmp.path().join("ablation");
+    let args = [
+        "demo",
+        "--quick",
+        "--out",
+        s(&abl),
+        "--seed",
+        "1",
+        "--sft-from",
+        s(&out),
+        "--selection",
+        "random",
+        "--no-post-select",
+    ];
+    let o = miadpo(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let a: Value = serde_json::from_slice(&std::fs::read(abl.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(a["selection"], "random");
+    assert_eq!(a["post_select"], false);
+    assert_eq!(a["sft_from"], s(&out));
+    assert_eq!(
+        a["before"], v["before"],
+        "the same SFT model on the same questions"
+    );
+    let (pairs, pool) = (
+        a["pairs"].as_u64().unwrap(),
+        a["select_candidates"].as_u64().unwrap(),
+    );
+    assert!(0 < pairs && pairs <= pool, "{a}");
+    assert!(!abl.join("init").exists(), "no model was initialised");
+    assert!(
+        abl.join("sft/metrics.jsonl").is_file(),
+        "the SFT curves are copied"
+    );
+
+    // --overwrite replaces only the demo's own files
+    std::fs::write(abl.join("mine.txt"), "keep").unwrap();
+    let o = miadpo(&[&args[..], &["--overwrite"]].concat());
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(std::fs::read_to_string(abl.join("mine.txt")).unwrap(), "keep");
+
+    // an SFT model of another seed is refused, naming the difference
+    let o = miadpo(&[
+        "demo",
+        "--quick",
+        "--out",
+        s(&tmp.path().join("other")),
+        "--seed",
+        "2",
+        "--sft-from",
+        s(&out),
+    ]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("seed 1 (here 2)"), "{err}");
 }
 
 #[test]
