@@ -448,7 +448,7 @@ struct DemoArgs {
     /// Seed of the world, the random model, the data order and the LoRA init
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Every stage on a tiny world with a few steps (a smoke test: minutes, not a result)
+    /// Every stage on a tiny world with a few steps (a smoke test of under a minute on two cores, not a result)
     #[arg(long)]
     quick: bool,
     /// How rejected answers are chosen: `attention` (MIA-DPO) or `random` (the ablation: as many
