@@ -264,9 +264,21 @@ impl CudaBackend {
                     .load_function(k)
                     .map_err(|e| dev_err(&format!("kernel {}/{k}", f.name), e))?;
                 if f.name == "attention" {
+                    // static + dynamic may not exceed the opt-in limit (cuFuncSetAttribute fails
+                    // with CUDA_ERROR_INVALID_VALUE otherwise): the pack and decode kernels hold
+                    // 1–16 KB of static shared memory, the others at most the 1 KB reserved here
+                    // SAFETY: `func` was just loaded from `module`, which outlives this call.
+                    let static_smem = unsafe {
+                        cudarc::driver::result::function::get_function_attribute(
+                            func.cu_function(),
+                            CUfunction_attribute::CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES,
+                        )
+                    }
+                    .map_err(|e| dev_err(&format!("static shared memory of {k}"), e))?
+                        as usize;
                     func.set_attribute(
                         CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        (smem_optin - 1024) as i32, // the kernels' static reduction scratch
+                        smem_optin.saturating_sub(static_smem.max(1024)) as i32,
                     )
                     .map_err(|e| dev_err(&format!("shared memory of {k}"), e))?;
                 }
