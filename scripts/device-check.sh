@@ -18,7 +18,7 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda-13.0/lib64 "$nv/cu13/lib" "$nv"/*
         export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     fi
 done
-echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" > "$OUT/env.txt"
+echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}" > "$OUT/env.txt"
 # the kernel cache outside $OUT: at most 8 files come back from a device call
 export MIADPO_REPO="$PWD" MIADPO_KERNEL_CACHE=/tmp/miadpo-kernel-cache
 card=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)
