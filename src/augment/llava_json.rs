@@ -34,6 +34,32 @@ pub struct Skipped {
     pub reason: String,
 }
 
+/// Sample `index` of the list in `path`: its object, its id (`#index` when it has none) and its
+/// `conversations`; anything else is an error naming the file and the sample.
+pub fn sample_head<'a>(
+    path: &Path,
+    index: usize,
+    r: &'a Value,
+) -> Result<(&'a serde_json::Map<String, Value>, String, Vec<Turn>)> {
+    let bad = |id: &str, msg: String| Error::file(path, format!("sample `{id}`: {msg}"));
+    let obj = r
+        .as_object()
+        .ok_or_else(|| bad(&format!("#{index}"), "expected an object".into()))?;
+    let id = sample_id(r)
+        .map_err(|e| bad(&format!("#{index}"), e))?
+        .unwrap_or_else(|| format!("#{index}"));
+    let conversations: Vec<Turn> = match obj.get("conversations") {
+        Some(c) => serde_json::from_value(c.clone()).map_err(|e| {
+            bad(
+                &id,
+                format!("`conversations` must be a list of {{\"from\", \"value\"}}: {e}"),
+            )
+        })?,
+        None => return Err(bad(&id, "missing `conversations`".into())),
+    };
+    Ok((obj, id, conversations))
+}
+
 /// Reads the input list. Samples without an image (or with several) are returned as skipped; anything
 /// that is not LLaVA conversation data is an error naming the file and the sample.
 pub fn load_llava_json(path: &Path) -> Result<(Vec<SourceSample>, Vec<Skipped>)> {
@@ -44,21 +70,7 @@ pub fn load_llava_json(path: &Path) -> Result<(Vec<SourceSample>, Vec<Skipped>)>
     let (mut samples, mut skipped) = (Vec::new(), Vec::new());
     for (index, r) in list.iter().enumerate() {
         let bad = |id: &str, msg: String| Error::file(path, format!("sample `{id}`: {msg}"));
-        let obj = r
-            .as_object()
-            .ok_or_else(|| bad(&format!("#{index}"), "expected an object".into()))?;
-        let id = sample_id(r)
-            .map_err(|e| bad(&format!("#{index}"), e))?
-            .unwrap_or_else(|| format!("#{index}"));
-        let conversations: Vec<Turn> = match obj.get("conversations") {
-            Some(c) => serde_json::from_value(c.clone()).map_err(|e| {
-                bad(
-                    &id,
-                    format!("`conversations` must be a list of {{\"from\", \"value\"}}: {e}"),
-                )
-            })?,
-            None => return Err(bad(&id, "missing `conversations`".into())),
-        };
+        let (obj, id, conversations) = sample_head(path, index, r)?;
         let image = match obj.get("image") {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) => Some(s.clone()),

@@ -26,9 +26,9 @@ use serde_json::Value;
 use super::backward::{backward_full, forward, FullGrads, LoraGrads, PassOptions};
 use super::dpo::RunningMean;
 use super::trainer::{MicroAt, Stage};
-use crate::augment::llava_json::Turn;
+use crate::augment::llava_json::sample_head;
 use crate::backend::Backend;
-use crate::data::{read_json_list, resolve_image, sample_id};
+use crate::data::{read_json_list, resolve_image};
 use crate::model::llava::Llava;
 use crate::model::lora::Proj;
 use crate::model::weights::{DType, Tensor, WeightStore};
@@ -95,21 +95,7 @@ fn read_records(path: &Path) -> Result<Vec<Record>> {
     let mut records = Vec::with_capacity(list.len());
     for (index, r) in list.iter().enumerate() {
         let bad = |id: &str, msg: String| Error::file(path, format!("sample `{id}`: {msg}"));
-        let obj = r
-            .as_object()
-            .ok_or_else(|| bad(&format!("#{index}"), "expected an object".into()))?;
-        let id = sample_id(r)
-            .map_err(|e| bad(&format!("#{index}"), e))?
-            .unwrap_or_else(|| format!("#{index}"));
-        let conversations: Vec<Turn> = match obj.get("conversations") {
-            Some(c) => serde_json::from_value(c.clone()).map_err(|e| {
-                bad(
-                    &id,
-                    format!("`conversations` must be a list of {{\"from\", \"value\"}}: {e}"),
-                )
-            })?,
-            None => return Err(bad(&id, "missing `conversations`".into())),
-        };
+        let (obj, id, conversations) = sample_head(path, index, r)?;
         let images = match obj.get("image") {
             None | Some(Value::Null) => Vec::new(),
             Some(Value::String(s)) => vec![s.clone()],
