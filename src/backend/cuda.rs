@@ -452,24 +452,57 @@ impl CudaBackend {
         groups: Option<&KeyGroups>,
     ) -> (DBuf, Option<DBuf>) {
         let (d, n_groups) = (s.head_dim, groups.map_or(0, |g| g.n_groups()));
-        let tpad = s.tk.div_ceil(64).max(1) * 64;
-        let (kb, vt) = self.pack_kv(k, v, s, tpad);
-        let (tk, tp, kvh) = (s.tk as i32, tpad as i32, s.kv_heads as i32);
         let name = attention_kernel("attention_fwd3", n_groups > 0, d);
+        // Q tile of 128 rows, two K tiles (64 rows, stride d + 8) and two Vᵀ tiles (d rows of 64 + 8)
+        let smem = (128 * (d + 8) + 2 * 64 * (d + 8) + 2 * d * 72) * 2;
+        let cfg = LaunchConfig {
+            grid_dim: (s.tq.div_ceil(128) as u32, s.heads as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
+        let tpad = s.tk.div_ceil(64).max(1) * 64;
+        let (out, mass, _) = self.attention_fwd_packed(&name, cfg, q, k, v, s, tpad, groups, false);
+        (out, mass)
+    }
+
+    /// The launch of variants 3 and 4 (one argument list): K and V packed to bf16 with `tpad` rows,
+    /// then kernel `name` with `cfg`. Returns the output, the per-head group mass when groups are
+    /// given, and the log-sum-exp if asked.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_fwd_packed(
+        &self,
+        name: &str,
+        cfg: LaunchConfig,
+        q: &DBuf,
+        k: &DBuf,
+        v: &DBuf,
+        s: AttnShape,
+        tpad: usize,
+        groups: Option<&KeyGroups>,
+        want_lse: bool,
+    ) -> (DBuf, Option<DBuf>, Option<DBuf>) {
+        let (d, n_groups) = (s.head_dim, groups.map_or(0, |g| g.n_groups()));
+        let (kb, vt) = self.pack_kv(k, v, s, tpad);
         let mut out = self.poisoned(s.tq * s.heads * d);
+        let mut lse = want_lse.then(|| self.poisoned(s.tq * s.heads));
         let mut mass = (n_groups > 0).then(|| self.zeros(s.tq * s.heads * n_groups));
         let groups_dev = self.group_ints(groups);
         let (hf, ha, hb) = hole_args(s);
-        let (tq, heads, causal, q0, ng) = (
+        let (tq, tk, tp, heads, kvh) = (
             s.tq as i32,
+            s.tk as i32,
+            tpad as i32,
             s.heads as i32,
-            s.causal as i32,
-            s.q_pos0 as i32,
-            n_groups as i32,
+            s.kv_heads as i32,
         );
+        let (causal, q0, ng) = (s.causal as i32, s.q_pos0 as i32, n_groups as i32);
         let null: u64 = 0;
-        let mut b = self.stream.launch_builder(self.f(&name));
-        b.arg(&q.s).arg(&kb).arg(&vt).arg(&mut out.s).arg(&null); // no log-sum-exp
+        let mut b = self.stream.launch_builder(self.f(name));
+        b.arg(&q.s).arg(&kb).arg(&vt).arg(&mut out.s);
+        match lse.as_mut() {
+            Some(l) => b.arg(&mut l.s),
+            None => b.arg(&null),
+        };
         b.arg(&tq).arg(&tk).arg(&tp).arg(&heads).arg(&kvh);
         b.arg(&causal)
             .arg(&q0)
@@ -482,16 +515,10 @@ impl CudaBackend {
             Some(m) => b.arg(&mut m.s),
             None => b.arg(&null),
         };
-        // Q tile of 128 rows, two K tiles (64 rows, stride d + 8) and two Vᵀ tiles (d rows of 64 + 8)
-        let smem = (128 * (d + 8) + 2 * 64 * (d + 8) + 2 * d * 72) * 2;
-        let cfg = LaunchConfig {
-            grid_dim: (s.tq.div_ceil(128) as u32, s.heads as u32, 1),
-            block_dim: (256, 1, 1),
-            shared_mem_bytes: smem as u32,
-        };
-        // SAFETY: shapes of AttnShape; argument list as in kernels/attention.cu (variant 3).
+        // SAFETY: shapes of AttnShape; the argument list of attention_fwd3_* and attention_fwd4*
+        // (kernels/attention.cu); smem and grid sized by the caller for its kernel.
         unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("CUDA: {name}: {e:?}"));
-        (out, mass)
+        (out, mass, lse)
     }
 
     /// K (tk, kv_heads·d) and V as bf16 for variants 3 and 4: K as (kv_heads, tpad, d), V transposed
@@ -543,7 +570,6 @@ impl CudaBackend {
             "variant 4 is sm_90a, d 64 or 128"
         );
         let tpad = s.tk.div_ceil(128).max(1) * 128; // a whole number of tiles of either width
-        let (kb, vt) = self.pack_kv(k, v, s, tpad);
         let wide = self.attn == AttnKernel::WgmmaWide && n_groups == 0;
         let (base, bn) = match (n_groups > 0, wide) {
             (true, _) => ("attention_fwd4_mass", 64),
@@ -551,38 +577,6 @@ impl CudaBackend {
             (false, false) => ("attention_fwd4", 64),
         };
         let name = attention_kernel(base, false, d);
-        let mut out = self.poisoned(s.tq * s.heads * d);
-        let mut lse = want_lse.then(|| self.poisoned(s.tq * s.heads));
-        let mut mass = (n_groups > 0).then(|| self.zeros(s.tq * s.heads * n_groups));
-        let groups_dev = self.group_ints(groups);
-        let (hf, ha, hb) = hole_args(s);
-        let (tq, tk, tp, heads, kvh) = (
-            s.tq as i32,
-            s.tk as i32,
-            tpad as i32,
-            s.heads as i32,
-            s.kv_heads as i32,
-        );
-        let (causal, q0, ng) = (s.causal as i32, s.q_pos0 as i32, n_groups as i32);
-        let null: u64 = 0;
-        let mut b = self.stream.launch_builder(self.f(&name));
-        b.arg(&q.s).arg(&kb).arg(&vt).arg(&mut out.s);
-        match lse.as_mut() {
-            Some(l) => b.arg(&mut l.s),
-            None => b.arg(&null),
-        };
-        b.arg(&tq).arg(&tk).arg(&tp).arg(&heads).arg(&kvh);
-        b.arg(&causal)
-            .arg(&q0)
-            .arg(&hf)
-            .arg(&ha)
-            .arg(&hb)
-            .arg(&groups_dev)
-            .arg(&ng);
-        match mass.as_mut() {
-            Some(m) => b.arg(&mut m.s),
-            None => b.arg(&null),
-        };
         // the two warpgroups' Q tiles (128 rows), two K tiles (bn rows) and two Vᵀ tiles (d rows of
         // bn keys), bf16
         let smem = (128 + 4 * bn) * d * 2;
@@ -591,10 +585,8 @@ impl CudaBackend {
             block_dim: (256, 1, 1),
             shared_mem_bytes: smem as u32,
         };
-        // SAFETY: shapes of AttnShape; argument list as in kernels/attention.cu (variant 4); the
-        // kernels exist for sm_90a only, checked above.
-        unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("CUDA: {name}: {e:?}"));
-        (out, mass, lse)
+        // the kernels exist for sm_90a only, checked above
+        self.attention_fwd_packed(&name, cfg, q, k, v, s, tpad, groups, want_lse)
     }
 
     /// Variant 2's decode (flash-decoding): a few query rows against a long cache, the keys split
