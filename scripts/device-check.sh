@@ -2,15 +2,35 @@
 # One call on a GPU machine (no Rust there): the card, the NVRTC compile check, every GPU test
 # (CUDA backend vs CPU twin, op by op and end to end on the fixture), and a markdown summary in $OUT.
 #
-# Here, before the call:   scripts/build-device-bundle.sh        (writes target/device/, ~30 MiB)
+# Here, before the call:   scripts/build-device-bundle.sh        (writes target/device/, ~18 MiB)
 # Device tool call:        command "bash scripts/device-check.sh", carry ["target/device"],
-#                          timeout_s 480 (the whole script stays under ~6 minutes)
-# Output:                  $OUT/device-check.md (table), $OUT/logs.tgz (gpu-tests.log, kernels-check.log, jsonl)
+#                          timeout_s 480; the script keeps to BUDGET seconds (default 450) on its own
+# Output:                  $OUT/device-check.md (table), $OUT/logs.tgz (gpu-tests.log, kernels-check.log, jsonl),
+#                          both rewritten after every section, so a cut-off run still brings back what it did
+# SECTIONS (default "kernels tests attention select commands ops sweep", run in that order, most
+# wanted first): a subset for a rerun with little device time left, e.g.
+#   SECTIONS="tests select commands" BUDGET=200 bash scripts/device-check.sh
+# ("plain" adds variant 1 to the sweep). The time each section took is at the end of the table.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/device-check}
 mkdir -p "$OUT"
-md="$OUT/device-check.md"
+# at most 8 files come back from a device call: everything is written to W, and $OUT gets the table
+# and one archive of W
+W=$(mktemp -d /tmp/device-check.XXXX)
+md="$W/device-check.md"
+SECTIONS=${SECTIONS:-kernels tests attention select commands ops sweep}
+BUDGET=${BUDGET:-450}
+t0=$SECONDS
+want() { [[ " $SECTIONS " == *" $1 "* ]]; }
+# a step's time limit: its own, cut to what is left of BUDGET (minus 10 s to pack); 0 means skip it
+cap() { local left=$((BUDGET - (SECONDS - t0) - 10)); [ "$left" -lt "$1" ] && echo $((left > 5 ? left : 0)) || echo "$1"; }
+# tm N CMD...: runs CMD under timeout cap(N), or reports the skip (exit 124 like a timeout)
+tm() { local n; n=$(cap "$1"); shift; if [ "$n" = 0 ]; then echo "skipped (out of time): $*" >> "$W/commands.log"; return 124; fi; timeout "$n" "$@"; }
+pack() { cp "$md" "$OUT/device-check.md"; (cd "$W" && tar czf "$OUT/logs.tgz" --exclude device-check.md .); }
+# lap NAME: notes the section's time and packs what is there so far
+laps=""; tl=$SECONDS
+lap() { laps="$laps $1=$((SECONDS - tl))s"; tl=$SECONDS; pack; }
 # NVRTC 13.0 and cuBLAS 13: the CUDA toolkit's lib64 and/or the nvidia-* wheels that come with torch
 nv=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__file__))' 2>/dev/null)
 for d in /usr/local/cuda/lib64 /usr/local/cuda-13.0/lib64 "$nv/cu13/lib" "$nv"/*/lib; do
@@ -18,7 +38,7 @@ for d in /usr/local/cuda/lib64 /usr/local/cuda-13.0/lib64 "$nv/cu13/lib" "$nv"/*
         export LD_LIBRARY_PATH="$d${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     fi
 done
-echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}" > "$OUT/env.txt"
+echo "LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}" > "$W/env.txt"
 # the kernel cache outside $OUT: at most 8 files come back from a device call
 export MIADPO_REPO="$PWD" MIADPO_KERNEL_CACHE=/tmp/miadpo-kernel-cache
 card=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1 | head -1)
@@ -30,51 +50,41 @@ card=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,nohe
     echo "- bundle: $(sha256sum target/device/miadpo | cut -c1-16) (miadpo), $(sha256sum target/device/gpu-tests | cut -c1-16) (gpu tests)"
     echo
 } > "$md"
-nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
+nvidia-smi > "$W/nvidia-smi.txt" 2>&1
 status=0
 arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
 arch="sm_${arch}"; [ "$arch" = "sm_90" ] && arch="sm_90a"
+if want kernels; then
 echo "## NVRTC compile check ($arch)" >> "$md"
-if timeout 120 target/device/miadpo kernels check --arch "$arch" > "$OUT/kernels-check.log" 2>&1; then
-    echo "all $(grep -c ' ok$' "$OUT/kernels-check.log") kernels compile, no spills" >> "$md"
+if tm 120 target/device/miadpo kernels check --arch "$arch" > "$W/kernels-check.log" 2>&1; then
+    echo "all $(grep -c ' ok$' "$W/kernels-check.log") kernels compile, no spills" >> "$md"
 else
     status=1; echo "FAILED (see kernels-check.log)" >> "$md"
 fi
 echo >> "$md"
+lap kernels
+fi
+if want tests; then
 echo "## GPU tests (CUDA backend vs CPU twin)" >> "$md"
 echo >> "$md"
-# Two processes: every test without variant 4 (wgmma, never run on a GPU yet), then the attention
-# tests with it, so that a fault of variant 4 (a sticky CUDA error poisons the whole process) cannot
-# take the other tests with it; its benchmarks below run only if its tests passed.
-if MIADPO_TEST_NO_WGMMA=1 timeout 240 target/device/gpu-tests --nocapture --test-threads 1 > "$OUT/gpu-tests.log" 2>&1; then
-    if grep -q "skipped: no usable GPU" "$OUT/gpu-tests.log"; then
+# one process: every test, variant 4 (wgmma) included on sm_90a (it passed its first run, and is the
+# default attention there); MIADPO_TEST_NO_WGMMA=1 leaves its own tests out when one is suspect
+if tm 240 target/device/gpu-tests --nocapture --test-threads 1 > "$W/gpu-tests.log" 2>&1; then
+    if grep -q "skipped: no usable GPU" "$W/gpu-tests.log"; then
         # the tests pass by skipping when the backend cannot start: on this machine that is a failure
-        status=1; echo "FAILED: the CUDA backend did not start, every test skipped ($(grep -m1 'skipped: no usable GPU' "$OUT/gpu-tests.log"))" >> "$md"
+        status=1; echo "FAILED: the CUDA backend did not start, every test skipped ($(grep -m1 'skipped: no usable GPU' "$W/gpu-tests.log"))" >> "$md"
     else
-        echo "all passed (variant 4 excluded)" >> "$md"
+        echo "all passed" >> "$md"
     fi
 else
     status=1; echo "FAILED (see gpu-tests.log)" >> "$md"
 fi
-wgmma_ok=0
-: > "$OUT/gpu-tests-wgmma.log"
-if [ "$arch" = "sm_90a" ]; then
-    if timeout 150 target/device/gpu-tests attention --nocapture --test-threads 1 > "$OUT/gpu-tests-wgmma.log" 2>&1; then
-        wgmma_ok=1; echo "variant 4 (the attention tests with wgmma): all passed" >> "$md"
-    else
-        status=1; echo "variant 4 (the attention tests with wgmma): FAILED (see gpu-tests-wgmma.log)" >> "$md"
-    fi
-fi
-if nvidia-smi > /dev/null 2>&1 && grep -q 'skipped: no usable GPU' "$OUT/gpu-tests.log" "$OUT/gpu-tests-wgmma.log"; then
-    status=1; echo "FAILED: a GPU is present but the tests found none usable (see gpu-tests.log)" >> "$md"
-fi
 echo >> "$md"
 echo '| check | relative error | tolerance | cosine |' >> "$md"
 echo '|---|---:|---:|---:|' >> "$md"
-{ grep -E 'rel err' "$OUT/gpu-tests.log"; grep -E 'rel err' "$OUT/gpu-tests-wgmma.log" | grep Wgmma; } \
+grep -E 'rel err' "$W/gpu-tests.log" \
     | sed -E 's/^(.*[^ ]) +rel err ([^ ]+) \(tol ([^)]+)\)(  cosine ([^ ]+))?$/| \1 | \2 | \3 | \5 |/' >> "$md"
-grep -E '^test |panicked|skipped' "$OUT/gpu-tests.log" | sed 's/^/    /' >> "$md"
-grep -E '^test |panicked|skipped' "$OUT/gpu-tests-wgmma.log" | sed 's/^/    wgmma: /' >> "$md"
+grep -E '^test |panicked|skipped' "$W/gpu-tests.log" | sed 's/^/    /' >> "$md"
 echo >> "$md"
 # variant 4's tensor-core instructions in the compiled attention family (HGMMA: wgmma; HMMA: mma.sync)
 if [ "$arch" = "sm_90a" ] && command -v cuobjdump > /dev/null; then
@@ -82,7 +92,7 @@ if [ "$arch" = "sm_90a" ] && command -v cuobjdump > /dev/null; then
     echo >> "$md"
     echo '```' >> "$md"
     for cubin in "$MIADPO_KERNEL_CACHE"/attention-sm_90a-*.cubin; do
-        cuobjdump --dump-sass "$cubin" 2>> "$OUT/commands.log" | awk '
+        cuobjdump --dump-sass "$cubin" 2>> "$W/commands.log" | awk '
             /Function :/ { name = $3 }
             /HGMMA/ { hg[name]++ } /HMMA/ { hm[name]++ }
             END { for (n in hg) printf "%-36s HGMMA %d\n", n, hg[n]; for (n in hm) if (!(n in hg)) printf "%-36s HMMA %d\n", n, hm[n] }' \
@@ -91,9 +101,35 @@ if [ "$arch" = "sm_90a" ] && command -v cuobjdump > /dev/null; then
     echo '```' >> "$md"
     echo >> "$md"
 fi
+lap tests
+fi
+B="target/device/miadpo bench --task ops --device cuda --json"
+T="python3 benches/torch_compare.py --device cuda"
+# attention at T = 4096, default variant, side by side with SDPA: the issue 7 targets (speed, mass cost)
+if want attention; then
+tm 60 $B --filter attention --seq-len 4096 --repeats 7 > "$W/attn-miadpo-4096.jsonl" 2>> "$W/commands.log" || status=1
+tm 60 $T --filter attention --seq-len 4096 --repeats 7 > "$W/attn-torch-4096.jsonl" 2>> "$W/commands.log" || status=1
+lap attention-4096
+fi
+# the selection path: miadpo select vs HF generate(output_attentions=True, eager, bf16), random small LLaVA
+if want select; then
+tm 60 target/device/miadpo bench --save-model /tmp/small-llava --repeats 1 --new-tokens 2 --device cuda \
+    > /dev/null 2>> "$W/commands.log" || status=1
+tm 150 python3 scripts/side_by_side_select.py --model /tmp/small-llava --miadpo target/device/miadpo \
+    ${SELECT_ARGS:---images 2 5 --batch 1 --new-tokens 16} --device cuda > "$W/select-vs-hf.md" 2>> "$W/commands.log" || status=1
+lap select
+fi
+if want commands; then
 echo "## Commands on the GPU vs the CPU (fixture, then the random small LLaVA)" >> "$md"
 echo >> "$md"
-python3 - > "$OUT/pairs.jsonl" <<'PY'
+echo '```' >> "$md"
+# prefix sharing first (issue 7's target: >= 1.3x the two-sequence step on two-image-length prompts)
+for ps in true false; do
+    echo "bench --task train --device cuda --prompt-tokens 600 --prefix-sharing $ps:" >> "$md"
+    tm 60 target/device/miadpo bench --task train --device cuda --prompt-tokens 600 --prefix-sharing $ps \
+        --repeats 5 --warmup 1 >> "$md" 2>> "$W/commands.log" || { status=1; echo "FAILED" >> "$md"; }
+done
+python3 - > "$W/pairs.jsonl" <<'PY'
 import json
 for i, c in enumerate(json.load(open("tests/fixtures/tiny-llava/cases.json"))["score"]):
     im = c["images"]
@@ -101,51 +137,45 @@ for i, c in enumerate(json.load(open("tests/fixtures/tiny-llava/cases.json"))["s
                       "chosen": c["chosen"], "rejected": c["rejected"]}))
 PY
 F=tests/fixtures/tiny-llava
-echo '```' >> "$md"
 for dev in cpu cuda; do
     echo "score --device $dev:" >> "$md"
-    timeout 120 target/device/miadpo score --model $F/model --adapter $F/adapter --data "$OUT/pairs.jsonl" \
-        --image-root $F/images --device $dev >> "$md" 2>> "$OUT/commands.log" || { status=1; echo "FAILED" >> "$md"; }
+    tm 60 target/device/miadpo score --model $F/model --adapter $F/adapter --data "$W/pairs.jsonl" \
+        --image-root $F/images --device $dev >> "$md" 2>> "$W/commands.log" || { status=1; echo "FAILED" >> "$md"; }
 done
-for dev in cpu cuda; do
+for dev in cuda cpu; do
     for task in generate train; do
         echo "bench --task $task --device $dev:" >> "$md"
-        timeout 150 target/device/miadpo bench --task $task --device $dev --repeats 3 --warmup 1 >> "$md" 2>> "$OUT/commands.log" \
+        tm 60 target/device/miadpo bench --task $task --device $dev --repeats 3 --warmup 1 >> "$md" 2>> "$W/commands.log" \
             || { status=1; echo "FAILED" >> "$md"; }
     done
 done
-# prefix sharing (issue 7's target: >= 1.3x the two-sequence step on two-image-length prompts)
-for ps in true false; do
-    echo "bench --task train --device cuda --prompt-tokens 600 --prefix-sharing $ps:" >> "$md"
-    timeout 120 target/device/miadpo bench --task train --device cuda --prompt-tokens 600 --prefix-sharing $ps \
-        --repeats 5 --warmup 1 >> "$md" 2>> "$OUT/commands.log" || { status=1; echo "FAILED" >> "$md"; }
-done
 echo '```' >> "$md"
 echo >> "$md"
-echo "## Ops: miadpo CUDA backend vs PyTorch (same shapes: 4096 rows of hidden 4096; attention 32 heads of 128)" >> "$md"
-echo >> "$md"
-B="target/device/miadpo bench --task ops --device cuda --json"
-T="python3 benches/torch_compare.py --device cuda"
-timeout 120 $B --seq-len 4096 --rows 4096 --repeats 7 > "$OUT/ops-miadpo.jsonl" 2>> "$OUT/commands.log" || status=1
-timeout 120 $T --seq-len 4096 --rows 4096 --repeats 7 > "$OUT/ops-torch.jsonl" 2>> "$OUT/commands.log" || status=1
-for t in 1024 16384; do
-    timeout 90 $B --filter attention --seq-len $t --repeats 3 > "$OUT/attn-miadpo-$t.jsonl" 2>> "$OUT/commands.log" || status=1
-    timeout 60 $T --filter attention --seq-len $t --repeats 3 > "$OUT/attn-torch-$t.jsonl" 2>> "$OUT/commands.log" || status=1
-done
-MIADPO_ATTENTION=plain timeout 90 $B --filter attention --seq-len 4096 --repeats 3 > "$OUT/attn-plain-4096.jsonl" 2>> "$OUT/commands.log" || status=1
-MIADPO_ATTENTION=pipelined timeout 90 $B --filter attention --seq-len 4096 --repeats 7 > "$OUT/attn-pipelined-4096.jsonl" 2>> "$OUT/commands.log" || status=1
-# variant 4 (wgmma, sm_90a only): 64- and 128-key tiles
-if [ "$arch" = "sm_90a" ] && [ "$wgmma_ok" = 1 ]; then
-    for w in wgmma wgmma128; do
-        MIADPO_ATTENTION=$w timeout 90 $B --filter attention --seq-len 4096 --repeats 7 > "$OUT/attn-$w-4096.jsonl" 2>> "$OUT/commands.log" || status=1
-    done
+lap commands
 fi
-# the selection path: miadpo select vs HF generate(output_attentions=True, eager, bf16), random small LLaVA
-timeout 60 target/device/miadpo bench --save-model /tmp/small-llava --repeats 1 --new-tokens 2 --device cuda \
-    > /dev/null 2>> "$OUT/commands.log" || status=1
-timeout 240 python3 scripts/side_by_side_select.py --model /tmp/small-llava --miadpo target/device/miadpo \
-    --images 2 5 --batch 1 8 --new-tokens 32 --device cuda > "$OUT/select-vs-hf.md" 2>> "$OUT/commands.log" || status=1
-python3 - "$OUT" >> "$md" <<'PY'
+if want ops; then
+tm 90 $B --seq-len 4096 --rows 4096 --repeats 7 > "$W/ops-miadpo.jsonl" 2>> "$W/commands.log" || status=1
+tm 90 $T --seq-len 4096 --rows 4096 --repeats 7 > "$W/ops-torch.jsonl" 2>> "$W/commands.log" || status=1
+lap ops
+fi
+# the sweep: T = 1024 and 16384 side by side with SDPA, the other variants at T = 4096 (variant 1,
+# the plain kernel, only when SECTIONS names "plain": ~40 s for numbers that do not change)
+if want sweep; then
+for t in 1024 16384; do
+    tm 60 $B --filter attention --seq-len $t --repeats 3 > "$W/attn-miadpo-$t.jsonl" 2>> "$W/commands.log" || status=1
+    tm 60 $T --filter attention --seq-len $t --repeats 3 > "$W/attn-torch-$t.jsonl" 2>> "$W/commands.log" || status=1
+done
+variants="fused pipelined"
+[ "$arch" = "sm_90a" ] && variants="$variants wgmma128"
+want plain && variants="plain $variants"
+for w in $variants; do
+    MIADPO_ATTENTION=$w tm 60 $B --filter attention --seq-len 4096 --repeats 5 > "$W/attn-$w-4096.jsonl" 2>> "$W/commands.log" || status=1
+done
+lap sweep
+fi
+echo "## Ops and attention: miadpo CUDA backend vs PyTorch (4096 rows of hidden 4096; attention 32 heads of 128, T = 4096 unless named)" >> "$md"
+echo >> "$md"
+python3 - "$W" >> "$md" <<'PY'
 import json, os, sys
 d = sys.argv[1]
 def load(name):
@@ -167,18 +197,17 @@ def table(m, t, label=""):
 print("| op | miadpo ms | torch ms | miadpo speed / torch | miadpo (of ceiling) | torch (of ceiling) | miadpo extra MiB | torch extra MiB |")
 print("|---|---:|---:|---:|---:|---:|---:|---:|")
 table(load("ops-miadpo.jsonl"), load("ops-torch.jsonl"), "")
+table(load("attn-miadpo-4096.jsonl"), load("attn-torch-4096.jsonl"), " (default variant)")
 for t in (1024, 16384):
     table(load(f"attn-miadpo-{t}.jsonl"), load(f"attn-torch-{t}.jsonl"), f" T={t}")
-table(load("attn-plain-4096.jsonl"), load("ops-torch.jsonl"), " variant 1 (plain) T=4096")
-table(load("attn-pipelined-4096.jsonl"), load("ops-torch.jsonl"), " variant 3 (pipelined) T=4096")
-table(load("attn-wgmma-4096.jsonl"), load("ops-torch.jsonl"), " variant 4 (wgmma) T=4096")
-table(load("attn-wgmma128-4096.jsonl"), load("ops-torch.jsonl"), " variant 4 (wgmma128) T=4096")
+for w, label in (("plain", "1 (plain)"), ("fused", "2 (fused)"), ("pipelined", "3 (pipelined)"), ("wgmma128", "4 (wgmma128)")):
+    table(load(f"attn-{w}-4096.jsonl"), load("attn-torch-4096.jsonl"), f" variant {label}")
 PY
 echo >> "$md"
 echo "## Selection: miadpo select vs HF eager generate(output_attentions=True)" >> "$md"
 echo >> "$md"
-cat "$OUT/select-vs-hf.md" >> "$md" 2>/dev/null
+cat "$W/select-vs-hf.md" >> "$md" 2>/dev/null
 cat "$md"
-# everything but the table in one archive (at most 8 files come back from a device call)
-(cd "$OUT" && tar czf /tmp/logs.tgz --exclude device-check.md . && mv /tmp/logs.tgz . && find . -type f ! -name device-check.md ! -name logs.tgz -delete)
+echo "- script time: $((SECONDS - t0)) s of a $BUDGET s budget; sections:$laps" >> "$md"
+pack
 exit $status

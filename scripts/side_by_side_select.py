@@ -78,8 +78,10 @@ def main():
             for r in range(a.rounds):
                 hf.append(run_hf(a.model, data, d, a.new_tokens, b, a.threads, a.device))
                 ours.append(run_ours(a.miadpo, a.model, data, d, a.new_tokens, b, a.threads, a.device))
-                print(f"{n} images, batch {b}, round {r + 1}: HF {hf[-1]['answers_per_s']:.3f} answers/s, "
-                      f"miadpo {ours[-1]['answers_per_s']:.3f}", file=sys.stderr, flush=True)
+                # each result as it comes (to stderr), so that a run cut off by a time limit keeps them
+                print(f"{n} images, batch {b}, round {r + 1}: HF {hf[-1]['answers_per_s']:.3f} answers/s "
+                      f"({hf[-1][mem] or 0:.0f} MiB), miadpo {ours[-1]['answers_per_s']:.3f} "
+                      f"({ours[-1][mem] or 0:.0f} MiB)", file=sys.stderr, flush=True)
             med = lambda xs, k: statistics.median(x[k] for x in xs)
             same = sum(ours[-1]["answers"].get(i) == t for i, t in hf[-1]["answers"].items())
             rows.append((n, b, med(hf, "answers_per_s"), med(ours, "answers_per_s"), med(hf, "tokens_per_s"),
