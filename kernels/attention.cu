@@ -817,6 +817,19 @@ extern "C" __global__ void attention_decode_combine(const float* part, act* out,
     }
 }
 
+// The per-head group mass (tq, H, n_groups) averaged over the heads -> (tq, n_groups), so that only
+// the average leaves the device; one thread per (row, group), heads summed in order (deterministic).
+extern "C" __global__ void attention_mass_heads(const float* per_head, float* mass, int tq, int heads,
+                                                int n_groups) {
+    int x = blockIdx.x * blockDim.x + threadIdx.x;
+    if (x >= tq * n_groups) return;
+    int i = x / n_groups, g = x % n_groups;
+    const float* p = per_head + (long)i * heads * n_groups + g;
+    float a = 0.0f;
+    for (int h = 0; h < heads; h++) a += p[(long)h * n_groups];
+    mass[x] = a / (float)heads;
+}
+
 extern "C" __global__ void __launch_bounds__(128) attention_decode_d16(const act* q, const act* k, const act* v,
         float* part, int tq, int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first, int hole_a,
         int hole_b, const int* groups, int n_groups, int chunk) {

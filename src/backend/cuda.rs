@@ -60,10 +60,11 @@ pub struct CudaBackend {
     /// comparison with the CPU twin instead of passing as stale memory: on for the GPU tests
     /// (`with_poison`) or with `MIADPO_POISON=1`; off otherwise, as it costs a write pass per output.
     poison: bool,
-    /// The attention kernel family: `Fused` (mma.sync flash attention, the default where the head dim
-    /// is a multiple of 16 and there are 16+ query rows) or `Plain` (`MIADPO_ATTENTION=plain`), the
-    /// first, unfused version kept as variant 1 for the benchmarks and as a second opinion; the
-    /// forward's later variants by `MIADPO_ATTENTION=pipelined|wgmma|wgmma128` (`AttnKernel`).
+    /// The attention kernel family (`AttnKernel`, `MIADPO_ATTENTION=plain|fused|pipelined|wgmma|
+    /// wgmma128`): by default variant 4 (`Wgmma`) on sm_90a and variant 3 (`Pipelined`) elsewhere,
+    /// the fastest forwards measured on an H100 that passed the GPU tests; each falls back to variant
+    /// 2 for decode steps and the backward, and variant 4 to 3 for head dims 16 and 32. `Plain`, the
+    /// first, unfused version, is kept as variant 1 for the benchmarks and as a second opinion.
     attn: AttnKernel,
     /// the device's default memory pool, where every buffer lives (None: no stream-ordered allocator)
     pool: Option<cudarc::driver::sys::CUmemoryPool>,
@@ -304,7 +305,11 @@ impl CudaBackend {
             pool,
             attn: match std::env::var("MIADPO_ATTENTION").as_deref() {
                 Ok("plain") => AttnKernel::Plain,
-                Ok("fused") | Err(_) => AttnKernel::Fused,
+                // the fastest that has passed the GPU tests on a device (docs/attention-notes.md):
+                // variant 4 on Hopper, variant 3 elsewhere
+                Err(_) if arch == "sm_90a" => AttnKernel::Wgmma,
+                Err(_) => AttnKernel::Pipelined,
+                Ok("fused") => AttnKernel::Fused,
                 Ok("pipelined") => AttnKernel::Pipelined,
                 Ok(w @ ("wgmma" | "wgmma128")) if arch != "sm_90a" => {
                     return Err(Error::Invalid(format!(
@@ -551,7 +556,20 @@ impl CudaBackend {
         (kb, vt)
     }
 
-    /// Variant 4's forward (sm_90a, head dim 64 or 128): K and V packed as for variant 3, then 128
+    /// The per-head group mass (tq, heads, ng) averaged over the heads: (tq, ng).
+    fn mass_over_heads(&self, per_head: &DBuf, tq: usize, heads: usize, ng: usize) -> DBuf {
+        assert_eq!(per_head.len(), tq * heads * ng);
+        let mut avg = self.poisoned(tq * ng);
+        let (t, h, g) = (tq as i32, heads as i32, ng as i32);
+        let mut b = self.stream.launch_builder(self.f("attention_mass_heads"));
+        b.arg(&per_head.s).arg(&mut avg.s).arg(&t).arg(&h).arg(&g);
+        // SAFETY: per_head (tq, heads, ng), avg (tq, ng): a thread per element of avg.
+        unsafe { b.launch(LaunchConfig::for_num_elems((tq * ng) as u32)) }
+            .expect("CUDA: attention_mass_heads");
+        avg
+    }
+
+    /// Variant 4's forward (sm_90a    /// Variant 4's forward (sm_90a, head dim 64 or 128): K and V packed as for variant 3, then 128
     /// query rows per block of two warpgroups, S = QKᵀ and O += PV on `wgmma`, the key tiles (64, or
     /// 128 for `WgmmaWide` without mass) double-buffered by cp.async. Returns the output, the per-head
     /// group mass (at most FA_MAX_GROUPS groups and FA_MAX_RANGES ranges) and the log-sum-exp if asked.
@@ -1179,13 +1197,13 @@ impl Backend for CudaBackend {
                 (o, mass)
             };
             if let (Some(mass), Some(m), Some((_, of))) = (mass, m.as_mut(), launch) {
-                let per_head = self.download(&mass); // (tq, heads, of.len()), averaged over heads
+                // (tq, heads, of.len()) averaged over the heads on the device: only (tq, of.len())
+                // is copied back (the per-head download and host loop cost 2 ms at T = 4096 on an
+                // H100, more than the kernel)
+                let avg = self.download(&self.mass_over_heads(&mass, s.tq, s.heads, of.len()));
                 for i in 0..s.tq {
-                    for h in 0..s.heads {
-                        for (local, &g) in of.iter().enumerate() {
-                            m[i * n_groups + g] +=
-                                per_head[(i * s.heads + h) * of.len() + local] / s.heads as f32;
-                        }
+                    for (local, &g) in of.iter().enumerate() {
+                        m[i * n_groups + g] += avg[i * of.len() + local];
                     }
                 }
             }
