@@ -1219,6 +1219,37 @@ __device__ __forceinline__ void wg_wait() { asm volatile("wgmma.wait_group.sync.
 // this thread's shared-memory writes (ordinary stores, completed cp.async) visible to the async proxy
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
 
+// Variant 5's copies and barriers (PTX ISA 9.7.9.25 cp.async.bulk, 9.7.13.15 mbarrier). An mbarrier
+// of count 1 per stage: the copying thread's arrive.expect_tx is the one arrival, and the phase
+// completes when the bulk copies' bytes have landed (complete_tx); waiters test the phase's parity.
+__device__ __forceinline__ unsigned smem_addr(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void mbar_init(u64* bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void fence_mbar_init() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
+__device__ __forceinline__ void mbar_expect_tx(u64* bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void mbar_wait(u64* bar, unsigned parity) {
+    unsigned done = 0;
+    while (!done) {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done)
+                     : "r"(smem_addr(bar)), "r"(parity)
+                     : "memory");
+    }
+}
+// bytes (a multiple of 16, both addresses 16-byte aligned) from global to this block's shared memory
+__device__ __forceinline__ void bulk_g2s(void* dst, const void* src, unsigned bytes, u64* bar) {
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
+                     smem_addr(dst)),
+                 "l"(src), "r"(bytes), "r"(smem_addr(bar))
+                 : "memory");
+}
+// the 128 threads of one warpgroup (named barrier id 1 or 2; 0 is __syncthreads')
+__device__ __forceinline__ void wg_bar_sync(int id) { asm volatile("bar.sync %0, 128;\n" ::"r"(id) : "memory"); }
+
 // Ties registers to this point of the program (an empty asm that reads and writes them): an
 // accumulator read after wg_wait, or written before wg_fence, stays on its side.
 template <int N>
@@ -1267,12 +1298,84 @@ __device__ __forceinline__ void fa4_load_q(bf16* sq, const act* q, int m0, int t
         *(uint4*)(sq + x * 8) = w;
     }
 }
+
+// One key tile for this thread's warpgroup (variants 4 and 5): S = Q Kᵀ on wgmma (both operands in
+// shared memory), the online softmax and group masses (fa_softmax), O = O·alpha + P V on wgmma (P
+// from registers, Vᵀ in shared memory); every wgmma is complete when it returns, so the tile's
+// buffers may be refilled after it. sk (BN, D) and svt (D, BN): the key tile at n0 in the
+// core-matrix layout above. The rest is fixed for the block (computed once, before the key loop):
+// the warpgroup's first and last query positions (wg_live: it has rows; the last block may hold
+// fewer than 128), its warp's first and last (w_first, w_last), its own two rows (qpos: g and g + 8
+// of the warp's 16), and the descriptor of the warpgroup's (64, D) query tile (dq). Skipped
+// (uniformly over the warpgroup) where none of the warpgroup's rows sees a key of the tile.
+template <int D, int BN, bool MASS>
+__device__ __forceinline__ void fa4_step(bool wg_live, int wg_first, int wg_last, int w_first, int w_last,
+                                         const int (&qpos)[2], u64 dq, const bf16* sk, const bf16* svt, int n0,
+                                         int tk, int causal, int hole_first, int hole_a, int hole_b, const int* sg,
+                                         int ng, float (&o)[D / 8][4], float (&sc)[BN / 8][4], float (&mrow)[2],
+                                         float (&lrow)[2], float (&macc)[2][MASS ? FA_MAX_GROUPS : 1]) {
+    bool in_hole = hole_first >= 0 && wg_first >= hole_first && n0 >= hole_a && n0 + BN <= hole_b;
+    // (an if around the body, not an early return: with a return ptxas kept 30 more registers in
+    // the mass kernels and spilled in attention_fwd4w_d64)
+    if (wg_live && (!causal || n0 <= wg_last) && !in_hole) { // uniform over the warpgroup
+        const u64 dk = fa4_desc(sk, 16 * D);
+        const u64 dv = fa4_desc(svt, 16 * BN);
+        const float scale = rsqrtf((float)D) * 1.4426950408889634f; // scores in log2 units, for exp2f
+        // S = Q Kᵀ (the first k-step overwrites the previous tile's probabilities)
+        fa4_pin(sc);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < D / 16; kk++) Wgmma<BN>::ss(sc, dq + 16 * kk, dk + 16 * kk, kk > 0);
+        wg_commit();
+        wg_wait<0>();
+        fa4_pin(sc);
+        // no key of the tile masked for any row of this warp: past the end, the diagonal, the hole
+        bool full = n0 + BN <= tk && (!causal || n0 + BN - 1 <= w_first) &&
+                    !(hole_first >= 0 && w_last >= hole_first && n0 < hole_b && n0 + BN > hole_a);
+        float alpha[2];
+        fa_softmax<BN, MASS>(sc, scale, n0, qpos, tk, causal, hole_first, hole_a, hole_b, full, sg, ng, mrow, lrow,
+                             macc, alpha);
+#pragma unroll
+        for (int j = 0; j < D / 8; j++) {
+            o[j][0] *= alpha[0];
+            o[j][1] *= alpha[0];
+            o[j][2] *= alpha[1];
+            o[j][3] *= alpha[1];
+        }
+        // P as the a fragments of the k16 steps over the tile's keys
+        unsigned pa[BN / 16][4];
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; kk++) {
+            pa[kk][0] = pack_bf16(sc[2 * kk][0], sc[2 * kk][1]);
+            pa[kk][1] = pack_bf16(sc[2 * kk][2], sc[2 * kk][3]);
+            pa[kk][2] = pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+            pa[kk][3] = pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+        }
+        // O += P V
+        fa4_pin(o);
+        fa4_pin(pa);
+        wg_fence();
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; kk++) Wgmma<D>::rs(o, pa[kk], dv + 16 * kk);
+        wg_commit();
+        wg_wait<0>();
+        fa4_pin(o);
+    }
+}
 #endif
 
-// q (tq, H*D) f32; kb (KV, tpad, D) and vt (KV, D, tpad) bf16 from attention_pack_kv with tpad a
-// multiple of BN; out, lse, groups, mass as variant 2. Grid (ceil(tq / 128), H), 256 threads,
-// dynamic shared memory (128 + 4 * BN) * D * 2 bytes.
-template <int D, int BN, bool MASS>
+// q (tq, H*D) f32; out, lse, groups, mass as variant 2. Grid (ceil(tq / 128), H), 256 threads,
+// dynamic shared memory (128 + 4 * BN) * D * 2 bytes (+ 16 for BULK's barriers).
+// Variant 4 (BULK false): kb (KV, tpad, D) and vt (KV, D, tpad) bf16 from attention_pack_kv, tpad a
+// multiple of BN; every thread copies 16-byte pieces of the next tile by cp.async, and two block
+// barriers per tile keep the warpgroups in step.
+// Variant 5 (BULK true): kb and vt hold each tile as its shared-memory image (attention_pack_kv_tiles:
+// (KV, tpad / BN, BN * D) and (KV, tpad / BN, D * BN)), so one thread moves a tile with two bulk
+// copies (cp.async.bulk, the async proxy, like TMA without a tensor map) that complete on the
+// stage's mbarrier; the warpgroups wait on that barrier, not on each other, and the stage is
+// refilled by whichever warpgroup finishes it last. The warpgroups drift apart, so one's softmax can
+// run under the other's wgmma (FlashAttention-3's ping-pong, without its explicit ordering).
+template <int D, int BN, bool MASS, bool BULK>
 __device__ __forceinline__ void flash_fwd_wgmma(const act* q, const bf16* kb, const bf16* vt, act* out, float* lse,
                                                 int tq, int tk, int tpad, int heads, int kv_heads, int causal,
                                                 int q_pos0, int hole_first, int hole_a, int hole_b,
@@ -1284,42 +1387,68 @@ __device__ __forceinline__ void flash_fwd_wgmma(const act* q, const bf16* kb, co
     bf16* sq = (bf16*)fa_smem;     // (128, D): the two warpgroups' (64, D) query tiles
     bf16* sk0 = sq + FA4_BM * D;   // 2 x (BN, D) key tiles
     bf16* sv0 = sk0 + 2 * BN * D;  // 2 x (D, BN) Vᵀ tiles
+    // BULK: a stage's "tile landed" barrier, and how many warpgroups are done with it
+    u64* full = (u64*)(sv0 + 2 * D * BN);
+    __shared__ int done_with[2];
     __shared__ int sg[MASS ? FA_MAX_GROUPS + 1 + 2 * FA_MAX_RANGES : 1];
     // heaviest (latest, under the causal mask) query blocks first
     int m0 = (gridDim.x - 1 - blockIdx.x) * FA4_BM, h = blockIdx.y, kvh = h / (heads / kv_heads);
-    int warp = threadIdx.x >> 5, wg = warp >> 2, g = (threadIdx.x & 31) >> 2;
+    int warp = threadIdx.x >> 5;
     int ng = MASS ? min(n_groups, FA_MAX_GROUPS) : 0;
     if (MASS) load_groups(sg, groups, n_groups, ng);
-    const bf16* kh = kb + (long)kvh * tpad * D;
-    const bf16* vh = vt + (long)kvh * D * tpad;
-    auto load_tile = [&](int n0, int buf) {
-        fa4_load_tile<BN, D>(sk0 + buf * BN * D, kh + (long)n0 * D, D);
-        fa4_load_tile<D, BN>(sv0 + buf * D * BN, vh + n0, tpad);
-        cp_async_commit();
-    };
     int last = min(tq, m0 + FA4_BM) - 1 + q_pos0; // the block's last query position
     int kend = causal ? min(tk, last + 1) : tk;
     int first = m0 + q_pos0;
-    // a tile inside the hole for every row of the block
-    auto skipped = [&](int n0) {
-        return hole_first >= 0 && first >= hole_first && n0 >= hole_a && n0 + BN <= hole_b;
+    // the tile after n0 (or kend): tiles inside the hole for every row of the block are skipped
+    auto next_tile = [&](int n0) {
+        int n = n0 + BN;
+        while (n < kend && hole_first >= 0 && first >= hole_first && n >= hole_a && n + BN <= hole_b) n += BN;
+        return n;
     };
-    // the first tile's copies start before the query tile is converted
-    int n_first = 0;
-    while (n_first < kend && skipped(n_first)) n_first += BN;
-    if (n_first < kend) load_tile(n_first, 0);
+    int n_first = next_tile(-BN);
+    const bf16* kh = kb + (long)kvh * tpad * D; // variant 4's tiles of this kv head
+    const bf16* vh = vt + (long)kvh * D * tpad;
+    auto load_tile = [&](int n0, int buf) {
+        if constexpr (BULK) {
+            // one thread: both tiles' images, completing on the stage's barrier
+            long tile = (long)kvh * (tpad / BN) + n0 / BN;
+            mbar_expect_tx(&full[buf], 2 * BN * D * 2);
+            bulk_g2s(sk0 + buf * BN * D, kb + tile * BN * D, BN * D * 2, &full[buf]);
+            bulk_g2s(sv0 + buf * D * BN, vt + tile * D * BN, D * BN * 2, &full[buf]);
+        } else {
+            fa4_load_tile<BN, D>(sk0 + buf * BN * D, kh + (long)n0 * D, D);
+            fa4_load_tile<D, BN>(sv0 + buf * D * BN, vh + n0, tpad);
+            cp_async_commit();
+        }
+    };
+    if constexpr (BULK) {
+        if (threadIdx.x == 0) {
+            mbar_init(&full[0], 1);
+            mbar_init(&full[1], 1);
+            done_with[0] = done_with[1] = 0;
+            fence_mbar_init();
+        }
+        __syncthreads(); // the barriers exist before anyone copies to or waits on them
+        if (threadIdx.x == 0) {
+            // both stages' first tiles
+            if (n_first < kend) load_tile(n_first, 0);
+            int n_second = next_tile(n_first);
+            if (n_second < kend) load_tile(n_second, 1);
+        }
+    } else {
+        // the first tile's copies start before the query tile is converted
+        if (n_first < kend) load_tile(n_first, 0);
+    }
     fa4_load_q<D>(sq, q + h * D, m0, tq, heads * D);
-    fence_proxy_async(); // the query stores, before the loop's first barrier
-    // this warpgroup's rows: does a tile hold any key one of them sees?
+    fence_proxy_async(); // the query stores, before the barrier below or the loop's first one
+    if constexpr (BULK) __syncthreads();
+    int wg = warp >> 2, g = (threadIdx.x & 31) >> 2;
     int wg_row0 = m0 + 64 * wg;
     int wg_first = q_pos0 + wg_row0, wg_last = q_pos0 + min(tq, wg_row0 + 64) - 1;
     bool wg_live = wg_row0 < tq;
-    // this warp's 16 rows, for the tiles where no key is masked for any of them
     int w_first = q_pos0 + m0 + warp * 16, w_last = w_first + 15;
-    // this thread's two rows: g and g + 8 of its warp's 16
     int qpos[2] = {w_first + g, w_first + g + 8};
     const u64 dq = fa4_desc(sq + wg * 64 * D, 16 * D);
-    const float scale = rsqrtf((float)D) * 1.4426950408889634f; // scores in log2 units, for exp2f
     float o[D / 8][4], sc[BN / 8][4];
 #pragma unroll
     for (int j = 0; j < D / 8; j++) o[j][0] = o[j][1] = o[j][2] = o[j][3] = 0.0f;
@@ -1330,62 +1459,40 @@ __device__ __forceinline__ void flash_fwd_wgmma(const act* q, const bf16* kb, co
 #pragma unroll
     for (int gi = 0; gi < (MASS ? FA_MAX_GROUPS : 1); gi++) macc[0][gi] = macc[1][gi] = 0.0f;
     int buf = 0;
+    unsigned phase = 0; // BULK: the parity of the stages' barriers in this round (both stages share it)
     for (int n0 = n_first; n0 < kend;) {
-        int next = n0 + BN;
-        while (next < kend && skipped(next)) next += BN;
-        if (next < kend) {
-            load_tile(next, buf ^ 1); // the other buffer: its readers finished before the last barrier
-            cp_async_wait<1>();       // this tile's copies are done (the next one's may be in flight)
+        int next = next_tile(n0);
+        if constexpr (BULK) {
+            mbar_wait(&full[buf], phase); // this tile's bytes are in shared memory
         } else {
-            cp_async_wait<0>();
-        }
-        fence_proxy_async(); // this thread's copies, visible to the tensor cores after the barrier
-        __syncthreads();
-        bool in_hole = hole_first >= 0 && wg_first >= hole_first && n0 >= hole_a && n0 + BN <= hole_b;
-        if (wg_live && (!causal || n0 <= wg_last) && !in_hole) { // uniform over the warpgroup
-            const u64 dk = fa4_desc(sk0 + buf * BN * D, 16 * D);
-            const u64 dv = fa4_desc(sv0 + buf * D * BN, 16 * BN);
-            // S = Q Kᵀ (the first k-step overwrites the previous tile's probabilities)
-            fa4_pin(sc);
-            wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < D / 16; kk++) Wgmma<BN>::ss(sc, dq + 16 * kk, dk + 16 * kk, kk > 0);
-            wg_commit();
-            wg_wait<0>();
-            fa4_pin(sc);
-            // no key of the tile masked for any row of this warp: past the end, the diagonal, the hole
-            bool full = n0 + BN <= tk && (!causal || n0 + BN - 1 <= w_first) &&
-                        !(hole_first >= 0 && w_last >= hole_first && n0 < hole_b && n0 + BN > hole_a);
-            float alpha[2];
-            fa_softmax<BN, MASS>(sc, scale, n0, qpos, tk, causal, hole_first, hole_a, hole_b, full, sg, ng, mrow,
-                                 lrow, macc, alpha);
-#pragma unroll
-            for (int j = 0; j < D / 8; j++) {
-                o[j][0] *= alpha[0];
-                o[j][1] *= alpha[0];
-                o[j][2] *= alpha[1];
-                o[j][3] *= alpha[1];
+            if (next < kend) {
+                load_tile(next, buf ^ 1); // the other buffer: its readers finished before the last barrier
+                cp_async_wait<1>();       // this tile's copies are done (the next one's may be in flight)
+            } else {
+                cp_async_wait<0>();
             }
-            // P as the a fragments of the k16 steps over the tile's keys
-            unsigned pa[BN / 16][4];
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; kk++) {
-                pa[kk][0] = pack_bf16(sc[2 * kk][0], sc[2 * kk][1]);
-                pa[kk][1] = pack_bf16(sc[2 * kk][2], sc[2 * kk][3]);
-                pa[kk][2] = pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
-                pa[kk][3] = pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
-            }
-            // O += P V
-            fa4_pin(o);
-            fa4_pin(pa);
-            wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; kk++) Wgmma<D>::rs(o, pa[kk], dv + 16 * kk);
-            wg_commit();
-            wg_wait<0>();
-            fa4_pin(o);
+            fence_proxy_async(); // this thread's copies, visible to the tensor cores after the barrier
+            __syncthreads();
         }
-        __syncthreads(); // both warpgroups' products on this buffer are done before it is refilled
+        fa4_step<D, BN, MASS>(wg_live, wg_first, wg_last, w_first, w_last, qpos, dq, sk0 + buf * BN * D,
+                              sv0 + buf * D * BN, n0, tk, causal, hole_first, hole_a, hole_b, sg, ng, o, sc, mrow,
+                              lrow, macc);
+        if constexpr (BULK) {
+            // this warpgroup is done with the stage (fa4_step waited for its wgmma); the second
+            // warpgroup to say so refills it with the tile two ahead
+            wg_bar_sync(1 + ((warp >> 2) & 1));
+            if ((threadIdx.x & 127) == 0 && atomicAdd(&done_with[buf], 1) == 1) {
+                atomicExch(&done_with[buf], 0);
+                int n2 = next < kend ? next_tile(next) : kend;
+                if (n2 < kend) {
+                    fence_proxy_async(); // the generic side's reads of the stage before the async writes
+                    load_tile(n2, buf);
+                }
+            }
+            phase ^= buf; // a round is both stages
+        } else {
+            __syncthreads(); // both warpgroups' products on this buffer are done before it is refilled
+        }
         buf ^= 1;
         n0 = next;
     }
@@ -1400,41 +1507,114 @@ __device__ __forceinline__ void flash_fwd_wgmma(const act* q, const bf16* kb, co
 extern "C" __global__ void __launch_bounds__(256, 2) attention_fwd4_d64(const act* q, const bf16* kb, const bf16* vt, act* out,
         float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
         int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
-    flash_fwd_wgmma<64, 64, false>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+    flash_fwd_wgmma<64, 64, false, false>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
         q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2) attention_fwd4_d128(const act* q, const bf16* kb, const bf16* vt, act* out,
         float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
         int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
-    flash_fwd_wgmma<128, 64, false>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+    flash_fwd_wgmma<128, 64, false, false>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
         q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
 }
 
 extern "C" __global__ void __launch_bounds__(256) attention_fwd4_mass_d64(const act* q, const bf16* kb, const bf16* vt, act* out,
         float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
         int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
-    flash_fwd_wgmma<64, 64, true>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+    flash_fwd_wgmma<64, 64, true, false>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
         q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
 }
 
 extern "C" __global__ void __launch_bounds__(256) attention_fwd4_mass_d128(const act* q, const bf16* kb, const bf16* vt, act* out,
         float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
         int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
-    flash_fwd_wgmma<128, 64, true>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+    flash_fwd_wgmma<128, 64, true, false>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
         q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2) attention_fwd4w_d64(const act* q, const bf16* kb, const bf16* vt, act* out,
         float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
         int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
-    flash_fwd_wgmma<64, 128, false>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+    flash_fwd_wgmma<64, 128, false, false>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
         q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
 }
 
 extern "C" __global__ void __launch_bounds__(256) attention_fwd4w_d128(const act* q, const bf16* kb, const bf16* vt, act* out,
         float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
         int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
-    flash_fwd_wgmma<128, 128, false>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+    flash_fwd_wgmma<128, 128, false, false>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
         q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
+}
+
+// Variant 5: variant 4 with tile images moved by bulk copies on mbarriers (64-key tiles; same
+// arguments, kb and vt from attention_pack_kv_tiles).
+
+extern "C" __global__ void __launch_bounds__(256, 2) attention_fwd5_d64(const act* q, const bf16* kb, const bf16* vt, act* out,
+        float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
+        int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
+    flash_fwd_wgmma<64, 64, false, true>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+        q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
+}
+
+extern "C" __global__ void __launch_bounds__(256) attention_fwd5_mass_d64(const act* q, const bf16* kb, const bf16* vt, act* out,
+        float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
+        int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
+    flash_fwd_wgmma<64, 64, true, true>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+        q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2) attention_fwd5_d128(const act* q, const bf16* kb, const bf16* vt, act* out,
+        float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
+        int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
+    flash_fwd_wgmma<128, 64, false, true>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+        q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
+}
+
+extern "C" __global__ void __launch_bounds__(256) attention_fwd5_mass_d128(const act* q, const bf16* kb, const bf16* vt, act* out,
+        float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
+        int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
+    flash_fwd_wgmma<128, 64, true, true>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+        q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
+}
+
+// K (tk, KV*D) f32 -> kt (KV, tpad / 64, 64 * D) bf16 and V -> vtt (KV, tpad / 64, D * 64) bf16: each
+// 64-key tile of K and of Vᵀ as the image variant 5 copies into shared memory in one piece (the
+// core-matrix layout of fa4_load_tile: 16-byte chunk x of an R x C tile holds row 8 * (x / 8 / (C / 8))
+// + x % 8, columns 8 * (x / 8 % (C / 8)) ..+ 8). Keys past tk are zero. Grid (tpad / 64, KV), 256 threads.
+template <int D>
+__device__ __forceinline__ void pack_kv_tiles(const act* k, const act* v, bf16* kt, bf16* vtt, int tk, int tpad,
+                                              int kv_heads) {
+    int n0 = blockIdx.x * 64, kvh = blockIdx.y;
+    long tile = (long)kvh * (tpad / 64) + blockIdx.x;
+    bf16* kd = kt + tile * 64 * D;
+    bf16* vd = vtt + tile * D * 64;
+    for (int x = threadIdx.x; x < 64 * D / 8; x += blockDim.x) {
+        // K: row r (key), columns c..c+8 (dims)
+        int rest = x >> 3, r = (rest / (D / 8)) * 8 + (x & 7), c = (rest % (D / 8)) * 8;
+        uint4 w = make_uint4(0u, 0u, 0u, 0u);
+        if (n0 + r < tk) {
+            const float4* src = (const float4*)(k + ((long)(n0 + r) * kv_heads + kvh) * D + c);
+            float4 a = src[0], b = src[1];
+            w = make_uint4(pack_bf16(a.x, a.y), pack_bf16(a.z, a.w), pack_bf16(b.x, b.y), pack_bf16(b.z, b.w));
+        }
+        *(uint4*)(kd + x * 8) = w;
+        // Vᵀ: row r (dim), columns c..c+8 (keys)
+        int rv = (rest / 8) * 8 + (x & 7), cv = (rest % 8) * 8;
+        float e[8];
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+            e[j] = n0 + cv + j < tk ? v[((long)(n0 + cv + j) * kv_heads + kvh) * D + rv] : 0.0f;
+        *(uint4*)(vd + x * 8) = make_uint4(pack_bf16(e[0], e[1]), pack_bf16(e[2], e[3]), pack_bf16(e[4], e[5]),
+                                           pack_bf16(e[6], e[7]));
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(256) attention_pack_kv_tiles_d64(const act* k, const act* v, bf16* kt,
+        bf16* vtt, int tk, int tpad, int kv_heads) {
+    pack_kv_tiles<64>(k, v, kt, vtt, tk, tpad, kv_heads);
+}
+
+extern "C" __global__ void __launch_bounds__(256) attention_pack_kv_tiles_d128(const act* k, const act* v, bf16* kt,
+        bf16* vtt, int tk, int tpad, int kv_heads) {
+    pack_kv_tiles<128>(k, v, kt, vtt, tk, tpad, kv_heads);
 }

@@ -86,6 +86,10 @@ pub enum AttnKernel {
     Wgmma,
     /// variant 4 with 128-key tiles (`attention_fwd4w_d*`); mass requests take the 64-key kernels
     WgmmaWide,
+    /// variant 5: variant 4 with each tile packed as its shared-memory image and moved by bulk
+    /// copies (`cp.async.bulk`) that complete on per-stage mbarriers, so the two warpgroups no longer
+    /// wait for each other at every tile (`attention_fwd5[_mass]_d*`)
+    WgmmaBulk,
 }
 
 // SAFETY: cuBLAS handles may be used from any thread as long as calls do not overlap; the backend's
@@ -311,16 +315,17 @@ impl CudaBackend {
                 Err(_) => AttnKernel::Pipelined,
                 Ok("fused") => AttnKernel::Fused,
                 Ok("pipelined") => AttnKernel::Pipelined,
-                Ok(w @ ("wgmma" | "wgmma128")) if arch != "sm_90a" => {
+                Ok(w @ ("wgmma" | "wgmma128" | "wgmma-bulk")) if arch != "sm_90a" => {
                     return Err(Error::Invalid(format!(
                         "MIADPO_ATTENTION={w}: wgmma needs a Hopper GPU (sm_90a); this one is {arch}"
                     )))
                 }
                 Ok("wgmma") => AttnKernel::Wgmma,
                 Ok("wgmma128") => AttnKernel::WgmmaWide,
+                Ok("wgmma-bulk") => AttnKernel::WgmmaBulk,
                 Ok(other) => {
                     return Err(Error::Invalid(format!(
-                        "MIADPO_ATTENTION={other}: expected plain, fused, pipelined, wgmma or wgmma128"
+                        "MIADPO_ATTENTION={other}: expected plain, fused, pipelined, wgmma, wgmma128 or wgmma-bulk"
                     )))
                 }
             },
@@ -348,8 +353,10 @@ impl CudaBackend {
     /// Whether variant 4 (wgmma) serves this shape: picked, on sm_90a, head dim 64 or 128, a prefill
     /// (decode steps take flash-decoding).
     fn wgmma_attention(&self, s: AttnShape) -> bool {
-        matches!(self.attn, AttnKernel::Wgmma | AttnKernel::WgmmaWide)
-            && self.arch == "sm_90a"
+        matches!(
+            self.attn,
+            AttnKernel::Wgmma | AttnKernel::WgmmaWide | AttnKernel::WgmmaBulk
+        ) && self.arch == "sm_90a"
             && matches!(s.head_dim, 64 | 128)
             && s.tq >= 16
     }
@@ -466,7 +473,8 @@ impl CudaBackend {
             shared_mem_bytes: smem as u32,
         };
         let tpad = s.tk.div_ceil(64).max(1) * 64;
-        let (out, mass, _) = self.attention_fwd_packed(&name, cfg, q, k, v, s, tpad, groups, false);
+        let (kb, vt) = self.pack_kv(k, v, s, tpad, false);
+        let (out, mass, _) = self.attention_fwd_packed(&name, cfg, q, (&kb, &vt), s, tpad, groups, false);
         (out, mass)
     }
 
@@ -479,15 +487,13 @@ impl CudaBackend {
         name: &str,
         cfg: LaunchConfig,
         q: &DBuf,
-        k: &DBuf,
-        v: &DBuf,
+        (kb, vt): (&CudaSlice<u16>, &CudaSlice<u16>),
         s: AttnShape,
         tpad: usize,
         groups: Option<&KeyGroups>,
         want_lse: bool,
     ) -> (DBuf, Option<DBuf>, Option<DBuf>) {
         let (d, n_groups) = (s.head_dim, groups.map_or(0, |g| g.n_groups()));
-        let (kb, vt) = self.pack_kv(k, v, s, tpad);
         let mut out = self.poisoned(s.tq * s.heads * d);
         let mut lse = want_lse.then(|| self.poisoned(s.tq * s.heads));
         let mut mass = (n_groups > 0).then(|| self.zeros(s.tq * s.heads * n_groups));
@@ -503,7 +509,7 @@ impl CudaBackend {
         let (causal, q0, ng) = (s.causal as i32, s.q_pos0 as i32, n_groups as i32);
         let null: u64 = 0;
         let mut b = self.stream.launch_builder(self.f(name));
-        b.arg(&q.s).arg(&kb).arg(&vt).arg(&mut out.s);
+        b.arg(&q.s).arg(kb).arg(vt).arg(&mut out.s);
         match lse.as_mut() {
             Some(l) => b.arg(&mut l.s),
             None => b.arg(&null),
@@ -527,8 +533,17 @@ impl CudaBackend {
     }
 
     /// K (tk, kv_heads·d) and V as bf16 for variants 3 and 4: K as (kv_heads, tpad, d), V transposed
-    /// as (kv_heads, d, tpad), rows tk..tpad zero (tpad a multiple of 64, at least tk).
-    fn pack_kv(&self, k: &DBuf, v: &DBuf, s: AttnShape, tpad: usize) -> (CudaSlice<u16>, CudaSlice<u16>) {
+    /// as (kv_heads, d, tpad), rows tk..tpad zero (tpad a multiple of 64, at least tk). For variant 5
+    /// (`tiles`), each 64-key tile as the image its kernel copies into shared memory in one piece: K
+    /// as (kv_heads, tpad / 64, 64·d), Vᵀ as (kv_heads, tpad / 64, d·64), head dims 64 and 128.
+    fn pack_kv(
+        &self,
+        k: &DBuf,
+        v: &DBuf,
+        s: AttnShape,
+        tpad: usize,
+        tiles: bool,
+    ) -> (CudaSlice<u16>, CudaSlice<u16>) {
         let d = s.head_dim;
         assert!(tpad.is_multiple_of(64) && tpad >= s.tk);
         let alloc16 = |n: usize| {
@@ -537,7 +552,12 @@ impl CudaBackend {
         };
         let (mut kb, mut vt) = (alloc16(s.kv_heads * tpad * d), alloc16(s.kv_heads * tpad * d));
         let (tk, tp, kvh) = (s.tk as i32, tpad as i32, s.kv_heads as i32);
-        let pack = attention_kernel("attention_pack_kv", false, d);
+        let base = if tiles {
+            "attention_pack_kv_tiles"
+        } else {
+            "attention_pack_kv"
+        };
+        let pack = attention_kernel(base, false, d);
         let mut b = self.stream.launch_builder(self.f(&pack));
         b.arg(&k.s)
             .arg(&v.s)
@@ -551,7 +571,7 @@ impl CudaBackend {
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        // SAFETY: k, v (tk, kv_heads·d); kb, vt (kv_heads, tpad, d) written in full.
+        // SAFETY: k, v (tk, kv_heads·d); kb, vt (kv_heads·tpad·d elements) written in full.
         unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("CUDA: {pack}: {e:?}"));
         (kb, vt)
     }
@@ -569,7 +589,7 @@ impl CudaBackend {
         avg
     }
 
-    /// Variant 4's forward (sm_90a    /// Variant 4's forward (sm_90a, head dim 64 or 128): K and V packed as for variant 3, then 128
+    /// Variant 4's forward (sm_90a, head dim 64 or 128): K and V packed as for variant 3, then 128
     /// query rows per block of two warpgroups, S = QKᵀ and O += PV on `wgmma`, the key tiles (64, or
     /// 128 for `WgmmaWide` without mass) double-buffered by cp.async. Returns the output, the per-head
     /// group mass (at most FA_MAX_GROUPS groups and FA_MAX_RANGES ranges) and the log-sum-exp if asked.
@@ -589,22 +609,26 @@ impl CudaBackend {
         );
         let tpad = s.tk.div_ceil(128).max(1) * 128; // a whole number of tiles of either width
         let wide = self.attn == AttnKernel::WgmmaWide && n_groups == 0;
-        let (base, bn) = match (n_groups > 0, wide) {
-            (true, _) => ("attention_fwd4_mass", 64),
-            (false, true) => ("attention_fwd4w", 128),
-            (false, false) => ("attention_fwd4", 64),
+        let bulk = self.attn == AttnKernel::WgmmaBulk;
+        let (base, bn) = match (n_groups > 0, wide, bulk) {
+            (true, _, true) => ("attention_fwd5_mass", 64),
+            (false, _, true) => ("attention_fwd5", 64),
+            (true, _, false) => ("attention_fwd4_mass", 64),
+            (false, true, false) => ("attention_fwd4w", 128),
+            (false, false, false) => ("attention_fwd4", 64),
         };
         let name = attention_kernel(base, false, d);
         // the two warpgroups' Q tiles (128 rows), two K tiles (bn rows) and two Vᵀ tiles (d rows of
-        // bn keys), bf16
-        let smem = (128 + 4 * bn) * d * 2;
+        // bn keys), bf16; variant 5 adds its two stages' mbarriers
+        let smem = (128 + 4 * bn) * d * 2 + if bulk { 16 } else { 0 };
         let cfg = LaunchConfig {
             grid_dim: (s.tq.div_ceil(128) as u32, s.heads as u32, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: smem as u32,
         };
+        let (kb, vt) = self.pack_kv(k, v, s, tpad, bulk);
         // the kernels exist for sm_90a only, checked above
-        self.attention_fwd_packed(&name, cfg, q, k, v, s, tpad, groups, want_lse)
+        self.attention_fwd_packed(&name, cfg, q, (&kb, &vt), s, tpad, groups, want_lse)
     }
 
     /// Variant 2's decode (flash-decoding): a few query rows against a long cache, the keys split
@@ -1187,7 +1211,7 @@ impl Backend for CudaBackend {
             } else if fused
                 && matches!(
                     self.attn,
-                    AttnKernel::Pipelined | AttnKernel::Wgmma | AttnKernel::WgmmaWide
+                    AttnKernel::Pipelined | AttnKernel::Wgmma | AttnKernel::WgmmaWide | AttnKernel::WgmmaBulk
                 )
             {
                 // variant 3, and variant 4's fallback (head dims 16 and 32, GPUs other than sm_90a)
