@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Replays variant 4's shared-memory layout, wgmma descriptors and register-fragment mapping
-(kernels/attention.cu, `flash_fwd_wgmma`) in numpy, reading wgmma.mma_async as the PTX ISA describes it
+(kernels/attention.cu, `flash_fwd_wgmma`) and variant 5's tile images (`pack_kv_tiles`) in numpy, reading wgmma.mma_async as the PTX ISA describes it
 (9.7.15.5.1: K-major no-swizzle canonical layout ((8,m),(T,2k)):((1T,SBO),(1,LBO)), the descriptor's bit
 fields, the m64nNk16 accumulator and A-register fragments), and checks S = Q Kᵀ and O = P V for one tile
 of each warpgroup at d 64/128 and 64/128-key tiles. No GPU: it checks that the kernel's index arithmetic
@@ -91,3 +91,35 @@ for D, BN in [(64, 64), (128, 64), (64, 128), (128, 128)]:
                     for c in range(2):
                         assert acc_pos(i, 4 * dt + 2 * r + c) == (16 * w + g + 8 * r, 8 * dt + 2 * t + c)
     print(f"ok: d={D}, {BN}-key tiles")
+
+# Variant 5: attention_pack_kv_tiles writes each 64-key tile of K and Vᵀ as the image that
+# fa4_load_tile would build in shared memory from variant 4's packing; its bulk copy moves the image
+# unchanged. Replays pack_kv_tiles' index arithmetic against load_tile, tk not a multiple of 64.
+for D in (64, 128):
+    tk, kv_heads = 150, 2
+    tiles = (tk + 63) // 64
+    k = rng.standard_normal((tk, kv_heads * D))
+    v = rng.standard_normal((tk, kv_heads * D))
+    kt = np.full(kv_heads * tiles * 64 * D, np.nan)
+    vtt = np.full(kv_heads * tiles * D * 64, np.nan)
+    for kvh in range(kv_heads):
+        for bx in range(tiles):
+            n0, tile = 64 * bx, kvh * tiles + bx
+            for x in range(64 * D // 8):
+                rest = x >> 3
+                r, c = (rest // (D // 8)) * 8 + (x & 7), (rest % (D // 8)) * 8
+                kt[tile * 64 * D + 8 * x: tile * 64 * D + 8 * x + 8] = (
+                    k[n0 + r, kvh * D + c:kvh * D + c + 8] if n0 + r < tk else 0.0)
+                rv, cv = (rest // 8) * 8 + (x & 7), (rest % 8) * 8
+                vtt[tile * D * 64 + 8 * x: tile * D * 64 + 8 * x + 8] = [
+                    v[n0 + cv + j, kvh * D + rv] if n0 + cv + j < tk else 0.0 for j in range(8)]
+            # what variant 4 builds from kb (tpad, D) and vt (D, tpad) of this head
+            kb, vt = np.zeros((tiles * 64, D)), np.zeros((D, tiles * 64))
+            kb[:tk] = k[:, kvh * D:(kvh + 1) * D]
+            vt[:, :tk] = v[:, kvh * D:(kvh + 1) * D].T
+            want_k, want_v = np.zeros(64 * D), np.zeros(D * 64)
+            load_tile(want_k, 0, kb[n0:n0 + 64], 64, D)
+            load_tile(want_v, 0, vt[:, n0:n0 + 64], D, 64)
+            assert np.array_equal(kt[tile * 64 * D:(tile + 1) * 64 * D], want_k), (D, kvh, bx, "K image")
+            assert np.array_equal(vtt[tile * D * 64:(tile + 1) * D * 64], want_v), (D, kvh, bx, "V image")
+    print(f"ok: d={D}, variant 5's tile images")
