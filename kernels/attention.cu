@@ -1299,7 +1299,44 @@ __device__ __forceinline__ void fa4_load_q(bf16* sq, const act* q, int m0, int t
     }
 }
 
-// One key tile for this thread's warpgroup (variants 4 and 5): S = Q Kᵀ on wgmma (both operands in
+// The pieces of a tile step (fa4_step; variant 6 interleaves them across tiles). Issue only: the
+// caller fences, commits and waits.
+// S (64 x BN) = Q Kᵀ over D / 16 k-steps, both operands in shared memory
+template <int D, int BN>
+__device__ __forceinline__ void fa4_qk(float (&sc)[BN / 8][4], u64 dq, u64 dk) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) Wgmma<BN>::ss(sc, dq + 16 * kk, dk + 16 * kk, kk > 0);
+}
+// O (64 x D) += P Vᵀᵀ over BN / 16 k-steps, P from registers
+template <int D, int BN>
+__device__ __forceinline__ void fa4_pv(float (&o)[D / 8][4], const unsigned (&pa)[BN / 16][4], u64 dv) {
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; kk++) Wgmma<D>::rs(o, pa[kk], dv + 16 * kk);
+}
+// O's two rows of this thread times the softmax's rescaling factors
+template <int D>
+__device__ __forceinline__ void fa4_rescale(float (&o)[D / 8][4], const float (&alpha)[2]) {
+#pragma unroll
+    for (int j = 0; j < D / 8; j++) {
+        o[j][0] *= alpha[0];
+        o[j][1] *= alpha[0];
+        o[j][2] *= alpha[1];
+        o[j][3] *= alpha[1];
+    }
+}
+// P (the probabilities in S's accumulator) as the a fragments of the k16 steps over the tile's keys
+template <int BN>
+__device__ __forceinline__ void fa4_pack_p(const float (&sc)[BN / 8][4], unsigned (&pa)[BN / 16][4]) {
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; kk++) {
+        pa[kk][0] = pack_bf16(sc[2 * kk][0], sc[2 * kk][1]);
+        pa[kk][1] = pack_bf16(sc[2 * kk][2], sc[2 * kk][3]);
+        pa[kk][2] = pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
+        pa[kk][3] = pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
+    }
+}
+
+// One key tile for this thread's warpgroup (variants 4 and 5; variant 6 interleaves its pieces): S = Q Kᵀ on wgmma (both operands in
 // shared memory), the online softmax and group masses (fa_softmax), O = O·alpha + P V on wgmma (P
 // from registers, Vᵀ in shared memory); every wgmma is complete when it returns, so the tile's
 // buffers may be refilled after it. sk (BN, D) and svt (D, BN): the key tile at n0 in the
@@ -1324,8 +1361,7 @@ __device__ __forceinline__ void fa4_step(bool wg_live, int wg_first, int wg_last
         // S = Q Kᵀ (the first k-step overwrites the previous tile's probabilities)
         fa4_pin(sc);
         wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; kk++) Wgmma<BN>::ss(sc, dq + 16 * kk, dk + 16 * kk, kk > 0);
+        fa4_qk<D, BN>(sc, dq, dk);
         wg_commit();
         wg_wait<0>();
         fa4_pin(sc);
@@ -1335,28 +1371,14 @@ __device__ __forceinline__ void fa4_step(bool wg_live, int wg_first, int wg_last
         float alpha[2];
         fa_softmax<BN, MASS>(sc, scale, n0, qpos, tk, causal, hole_first, hole_a, hole_b, full, sg, ng, mrow, lrow,
                              macc, alpha);
-#pragma unroll
-        for (int j = 0; j < D / 8; j++) {
-            o[j][0] *= alpha[0];
-            o[j][1] *= alpha[0];
-            o[j][2] *= alpha[1];
-            o[j][3] *= alpha[1];
-        }
-        // P as the a fragments of the k16 steps over the tile's keys
+        fa4_rescale<D>(o, alpha);
         unsigned pa[BN / 16][4];
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; kk++) {
-            pa[kk][0] = pack_bf16(sc[2 * kk][0], sc[2 * kk][1]);
-            pa[kk][1] = pack_bf16(sc[2 * kk][2], sc[2 * kk][3]);
-            pa[kk][2] = pack_bf16(sc[2 * kk + 1][0], sc[2 * kk + 1][1]);
-            pa[kk][3] = pack_bf16(sc[2 * kk + 1][2], sc[2 * kk + 1][3]);
-        }
+        fa4_pack_p<BN>(sc, pa);
         // O += P V
         fa4_pin(o);
         fa4_pin(pa);
         wg_fence();
-#pragma unroll
-        for (int kk = 0; kk < BN / 16; kk++) Wgmma<D>::rs(o, pa[kk], dv + 16 * kk);
+        fa4_pv<D, BN>(o, pa, dv);
         wg_commit();
         wg_wait<0>();
         fa4_pin(o);
@@ -1375,7 +1397,7 @@ __device__ __forceinline__ void fa4_step(bool wg_live, int wg_first, int wg_last
 // stage's mbarrier; the warpgroups wait on that barrier, not on each other, and the stage is
 // refilled by whichever warpgroup finishes it last. The warpgroups drift apart, so one's softmax can
 // run under the other's wgmma (FlashAttention-3's ping-pong, without its explicit ordering).
-template <int D, int BN, bool MASS, bool BULK>
+template <int D, int BN, bool MASS, int MODE>
 __device__ __forceinline__ void flash_fwd_wgmma(const act* q, const bf16* kb, const bf16* vt, act* out, float* lse,
                                                 int tq, int tk, int tpad, int heads, int kv_heads, int causal,
                                                 int q_pos0, int hole_first, int hole_a, int hole_b,
@@ -1383,6 +1405,7 @@ __device__ __forceinline__ void flash_fwd_wgmma(const act* q, const bf16* kb, co
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     static_assert(sizeof(act) == 4, "the query tile load reads f32 activations");
     static_assert(D % 16 == 0 && BN % 16 == 0, "k16 steps");
+    constexpr bool BULK = MODE >= 1, OVERLAP = MODE == 2;
     extern __shared__ __align__(16) unsigned char fa_smem[];
     bf16* sq = (bf16*)fa_smem;     // (128, D): the two warpgroups' (64, D) query tiles
     bf16* sk0 = sq + FA4_BM * D;   // 2 x (BN, D) key tiles
@@ -1460,6 +1483,24 @@ __device__ __forceinline__ void flash_fwd_wgmma(const act* q, const bf16* kb, co
     for (int gi = 0; gi < (MASS ? FA_MAX_GROUPS : 1); gi++) macc[0][gi] = macc[1][gi] = 0.0f;
     int buf = 0;
     unsigned phase = 0; // BULK: the parity of the stages' barriers in this round (both stages share it)
+    // BULK: this warpgroup is done with stage `sb`, which holds the tile at n_done (every wgmma reading
+    // it has completed); the second warpgroup to say so refills it with the tile two ahead
+    auto release = [&](int sb, int n_done) {
+        wg_bar_sync(1 + wg);
+        if ((threadIdx.x & 127) == 0 && atomicAdd(&done_with[sb], 1) == 1) {
+            atomicExch(&done_with[sb], 0);
+            int n1 = next_tile(n_done), n2 = n1 < kend ? next_tile(n1) : kend;
+            if (n2 < kend) {
+                fence_proxy_async(); // the generic side's reads of the stage before the async writes
+                load_tile(n2, sb);
+            }
+        }
+    };
+    // OVERLAP: the previous tile's P (zero before the first tile) and the stage holding its Vᵀ
+    unsigned pa[OVERLAP ? BN / 16 : 1][4];
+#pragma unroll
+    for (int j = 0; j < (OVERLAP ? BN / 16 : 1); j++) pa[j][0] = pa[j][1] = pa[j][2] = pa[j][3] = 0u;
+    int prev_buf = -1, prev_n0 = 0;
     for (int n0 = n_first; n0 < kend;) {
         int next = next_tile(n0);
         if constexpr (BULK) {
@@ -1474,27 +1515,63 @@ __device__ __forceinline__ void flash_fwd_wgmma(const act* q, const bf16* kb, co
             fence_proxy_async(); // this thread's copies, visible to the tensor cores after the barrier
             __syncthreads();
         }
-        fa4_step<D, BN, MASS>(wg_live, wg_first, wg_last, w_first, w_last, qpos, dq, sk0 + buf * BN * D,
-                              sv0 + buf * D * BN, n0, tk, causal, hole_first, hole_a, hole_b, sg, ng, o, sc, mrow,
-                              lrow, macc);
-        if constexpr (BULK) {
-            // this warpgroup is done with the stage (fa4_step waited for its wgmma); the second
-            // warpgroup to say so refills it with the tile two ahead
-            wg_bar_sync(1 + ((warp >> 2) & 1));
-            if ((threadIdx.x & 127) == 0 && atomicAdd(&done_with[buf], 1) == 1) {
-                atomicExch(&done_with[buf], 0);
-                int n2 = next < kend ? next_tile(next) : kend;
-                if (n2 < kend) {
-                    fence_proxy_async(); // the generic side's reads of the stage before the async writes
-                    load_tile(n2, buf);
-                }
-            }
-            phase ^= buf; // a round is both stages
+        if constexpr (OVERLAP) {
+            // FlashAttention-3's intra-warpgroup pipelining: this tile's S = Q Kᵀ and the previous
+            // tile's O += P V go to the tensor cores together; the softmax of S runs while P V is
+            // still in flight, and O is rescaled once it has landed. Every tile is computed, also
+            // those none of the warpgroup's rows sees (the causal tail, the DPO hole): their scores
+            // are all masked, so P is zero and alpha one, and wgmma stays out of divergent branches
+            // (ptxas serializes it there). Before the first tile the P V is of a zero P.
+            const u64 dv_prev = fa4_desc(sv0 + (prev_buf < 0 ? buf : prev_buf) * D * BN, 16 * BN);
+            fa4_pin(sc);
+            fa4_pin(o);
+            fa4_pin(pa);
+            wg_fence();
+            fa4_qk<D, BN>(sc, dq, fa4_desc(sk0 + buf * BN * D, 16 * D));
+            wg_commit();
+            fa4_pv<D, BN>(o, pa, dv_prev);
+            wg_commit();
+            wg_wait<1>(); // S landed; P V may still run
+            fa4_pin(sc);
+            bool full_tile = n0 + BN <= tk && (!causal || n0 + BN - 1 <= w_first) &&
+                             !(hole_first >= 0 && w_last >= hole_first && n0 < hole_b && n0 + BN > hole_a);
+            float alpha[2];
+            fa_softmax<BN, MASS>(sc, rsqrtf((float)D) * 1.4426950408889634f, n0, qpos, tk, causal, hole_first, hole_a,
+                                 hole_b, full_tile, sg, ng, mrow, lrow, macc, alpha);
+            wg_wait<0>(); // the previous P V landed: O may be rescaled, pa rewritten, its stage refilled
+            fa4_pin(o);
+            fa4_pin(pa);
+            if (prev_buf >= 0) release(prev_buf, prev_n0);
+            fa4_rescale<D>(o, alpha);
+            fa4_pack_p<BN>(sc, pa);
+            prev_buf = buf;
+            prev_n0 = n0;
+            phase ^= buf;
         } else {
-            __syncthreads(); // both warpgroups' products on this buffer are done before it is refilled
+            fa4_step<D, BN, MASS>(wg_live, wg_first, wg_last, w_first, w_last, qpos, dq, sk0 + buf * BN * D,
+                                  sv0 + buf * D * BN, n0, tk, causal, hole_first, hole_a, hole_b, sg, ng, o, sc, mrow,
+                                  lrow, macc);
+            if constexpr (BULK) {
+                release(buf, n0);
+                phase ^= buf; // a round is both stages
+            } else {
+                __syncthreads(); // both warpgroups' products on this buffer are done before it is refilled
+            }
         }
         buf ^= 1;
         n0 = next;
+    }
+    if constexpr (OVERLAP) {
+        // the last tile's P V (when the block had no tile, a zero P against the query tile: 128 x D
+        // finite values, as many as a Vᵀ tile of 128 keys holds; a stage never filled may hold NaNs)
+        static_assert(!OVERLAP || BN == FA4_BM, "the query tile stands in for a Vᵀ tile");
+        fa4_pin(o);
+        fa4_pin(pa);
+        wg_fence();
+        fa4_pv<D, BN>(o, pa, fa4_desc(prev_buf < 0 ? sq : sv0 + prev_buf * D * BN, 16 * BN));
+        wg_commit();
+        wg_wait<0>();
+        fa4_pin(o);
     }
     fa_store<D, MASS>(o, mrow, lrow, macc, m0 + warp * 16, out, lse, mass, tq, heads, h, ng);
 #else
@@ -1507,42 +1584,42 @@ __device__ __forceinline__ void flash_fwd_wgmma(const act* q, const bf16* kb, co
 extern "C" __global__ void __launch_bounds__(256, 2) attention_fwd4_d64(const act* q, const bf16* kb, const bf16* vt, act* out,
         float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
         int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
-    flash_fwd_wgmma<64, 64, false, false>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+    flash_fwd_wgmma<64, 64, false, 0>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
         q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2) attention_fwd4_d128(const act* q, const bf16* kb, const bf16* vt, act* out,
         float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
         int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
-    flash_fwd_wgmma<128, 64, false, false>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+    flash_fwd_wgmma<128, 64, false, 0>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
         q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
 }
 
 extern "C" __global__ void __launch_bounds__(256) attention_fwd4_mass_d64(const act* q, const bf16* kb, const bf16* vt, act* out,
         float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
         int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
-    flash_fwd_wgmma<64, 64, true, false>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+    flash_fwd_wgmma<64, 64, true, 0>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
         q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
 }
 
 extern "C" __global__ void __launch_bounds__(256) attention_fwd4_mass_d128(const act* q, const bf16* kb, const bf16* vt, act* out,
         float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
         int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
-    flash_fwd_wgmma<128, 64, true, false>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+    flash_fwd_wgmma<128, 64, true, 0>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
         q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2) attention_fwd4w_d64(const act* q, const bf16* kb, const bf16* vt, act* out,
         float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
         int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
-    flash_fwd_wgmma<64, 128, false, false>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+    flash_fwd_wgmma<64, 128, false, 0>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
         q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
 }
 
 extern "C" __global__ void __launch_bounds__(256) attention_fwd4w_d128(const act* q, const bf16* kb, const bf16* vt, act* out,
         float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
         int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
-    flash_fwd_wgmma<128, 128, false, false>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+    flash_fwd_wgmma<128, 128, false, 0>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
         q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
 }
 
@@ -1552,43 +1629,63 @@ extern "C" __global__ void __launch_bounds__(256) attention_fwd4w_d128(const act
 extern "C" __global__ void __launch_bounds__(256, 2) attention_fwd5_d64(const act* q, const bf16* kb, const bf16* vt, act* out,
         float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
         int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
-    flash_fwd_wgmma<64, 64, false, true>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+    flash_fwd_wgmma<64, 64, false, 1>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
         q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
 }
 
 extern "C" __global__ void __launch_bounds__(256) attention_fwd5_mass_d64(const act* q, const bf16* kb, const bf16* vt, act* out,
         float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
         int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
-    flash_fwd_wgmma<64, 64, true, true>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+    flash_fwd_wgmma<64, 64, true, 1>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
         q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2) attention_fwd5_d128(const act* q, const bf16* kb, const bf16* vt, act* out,
         float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
         int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
-    flash_fwd_wgmma<128, 64, false, true>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+    flash_fwd_wgmma<128, 64, false, 1>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
         q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
 }
 
 extern "C" __global__ void __launch_bounds__(256) attention_fwd5_mass_d128(const act* q, const bf16* kb, const bf16* vt, act* out,
         float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
         int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
-    flash_fwd_wgmma<128, 64, true, true>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+    flash_fwd_wgmma<128, 64, true, 1>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
         q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
 }
 
-// K (tk, KV*D) f32 -> kt (KV, tpad / 64, 64 * D) bf16 and V -> vtt (KV, tpad / 64, D * 64) bf16: each
-// 64-key tile of K and of Vᵀ as the image variant 5 copies into shared memory in one piece (the
+// Variant 6: variant 5 with 128-key tiles, one block per SM (up to 255 registers a thread), and
+// FlashAttention-3's intra-warpgroup pipelining: a tile's Q Kᵀ and the previous tile's P V are in
+// flight together, and the softmax runs under the P V (same arguments; kb and vt from
+// attention_pack_kv_tiles128). No mass kernel: with the group accumulators it would spill at 255
+// registers; mass requests take variant 5's.
+
+extern "C" __global__ void __launch_bounds__(256, 1) attention_fwd6_d64(const act* q, const bf16* kb, const bf16* vt, act* out,
+        float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
+        int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
+    flash_fwd_wgmma<64, 128, false, 2>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+        q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1) attention_fwd6_d128(const act* q, const bf16* kb, const bf16* vt, act* out,
+        float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
+        int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
+    flash_fwd_wgmma<128, 128, false, 2>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+        q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
+}
+
+// K (tk, KV*D) f32 -> kt (KV, tpad / BN, BN * D) bf16 and V -> vtt (KV, tpad / BN, D * BN) bf16: each
+// BN-key tile of K and of Vᵀ as the image variants 5 and 6 copy into shared memory in one piece (the
 // core-matrix layout of fa4_load_tile: 16-byte chunk x of an R x C tile holds row 8 * (x / 8 / (C / 8))
-// + x % 8, columns 8 * (x / 8 % (C / 8)) ..+ 8). Keys past tk are zero. Grid (tpad / 64, KV), 256 threads.
-template <int D>
+// + x % 8, columns 8 * (x / 8 % (C / 8)) ..+ 8). Keys past tk are zero. Grid (tpad / BN, KV), 256 threads.
+template <int D, int BN>
 __device__ __forceinline__ void pack_kv_tiles(const act* k, const act* v, bf16* kt, bf16* vtt, int tk, int tpad,
                                               int kv_heads) {
-    int n0 = blockIdx.x * 64, kvh = blockIdx.y;
-    long tile = (long)kvh * (tpad / 64) + blockIdx.x;
-    bf16* kd = kt + tile * 64 * D;
-    bf16* vd = vtt + tile * D * 64;
-    for (int x = threadIdx.x; x < 64 * D / 8; x += blockDim.x) {
+    int n0 = blockIdx.x * BN, kvh = blockIdx.y;
+    long tile = (long)kvh * (tpad / BN) + blockIdx.x;
+    bf16* kd = kt + tile * BN * D;
+    bf16* vd = vtt + tile * D * BN;
+    for (int x = threadIdx.x; x < BN * D / 8; x += blockDim.x) {
         // K: row r (key), columns c..c+8 (dims)
         int rest = x >> 3, r = (rest / (D / 8)) * 8 + (x & 7), c = (rest % (D / 8)) * 8;
         uint4 w = make_uint4(0u, 0u, 0u, 0u);
@@ -1599,7 +1696,7 @@ __device__ __forceinline__ void pack_kv_tiles(const act* k, const act* v, bf16* 
         }
         *(uint4*)(kd + x * 8) = w;
         // Vᵀ: row r (dim), columns c..c+8 (keys)
-        int rv = (rest / 8) * 8 + (x & 7), cv = (rest % 8) * 8;
+        int rv = (rest / (BN / 8)) * 8 + (x & 7), cv = (rest % (BN / 8)) * 8;
         float e[8];
 #pragma unroll
         for (int j = 0; j < 8; j++)
@@ -1609,12 +1706,22 @@ __device__ __forceinline__ void pack_kv_tiles(const act* k, const act* v, bf16* 
     }
 }
 
-extern "C" __global__ void __launch_bounds__(256) attention_pack_kv_tiles_d64(const act* k, const act* v, bf16* kt,
-        bf16* vtt, int tk, int tpad, int kv_heads) {
-    pack_kv_tiles<64>(k, v, kt, vtt, tk, tpad, kv_heads);
+extern "C" __global__ void __launch_bounds__(256) attention_pack_kv_tiles_d64(const act* k, const act* v,
+        bf16* kt, bf16* vtt, int tk, int tpad, int kv_heads) {
+    pack_kv_tiles<64, 64>(k, v, kt, vtt, tk, tpad, kv_heads);
 }
 
-extern "C" __global__ void __launch_bounds__(256) attention_pack_kv_tiles_d128(const act* k, const act* v, bf16* kt,
-        bf16* vtt, int tk, int tpad, int kv_heads) {
-    pack_kv_tiles<128>(k, v, kt, vtt, tk, tpad, kv_heads);
+extern "C" __global__ void __launch_bounds__(256) attention_pack_kv_tiles_d128(const act* k, const act* v,
+        bf16* kt, bf16* vtt, int tk, int tpad, int kv_heads) {
+    pack_kv_tiles<128, 64>(k, v, kt, vtt, tk, tpad, kv_heads);
+}
+
+extern "C" __global__ void __launch_bounds__(256) attention_pack_kv_tiles128_d64(const act* k, const act* v,
+        bf16* kt, bf16* vtt, int tk, int tpad, int kv_heads) {
+    pack_kv_tiles<64, 128>(k, v, kt, vtt, tk, tpad, kv_heads);
+}
+
+extern "C" __global__ void __launch_bounds__(256) attention_pack_kv_tiles128_d128(const act* k, const act* v,
+        bf16* kt, bf16* vtt, int tk, int tpad, int kv_heads) {
+    pack_kv_tiles<128, 128>(k, v, kt, vtt, tk, tpad, kv_heads);
 }

@@ -109,10 +109,13 @@ T="python3 benches/torch_compare.py --device cuda"
 if want attention; then
 tm 60 $B --filter attention --seq-len 4096 --repeats 7 > "$W/attn-miadpo-4096.jsonl" 2>> "$W/commands.log" || status=1
 tm 60 $T --filter attention --seq-len 4096 --repeats 7 > "$W/attn-torch-4096.jsonl" 2>> "$W/commands.log" || status=1
-# variant 5 (bulk copies on mbarriers, sm_90a), the candidate to replace the default
+# variants 5 and 6 (bulk copies on mbarriers; 6 with Q Kᵀ over the previous P V), sm_90a: the
+# candidates to replace the default
 if [ "$arch" = "sm_90a" ]; then
-    MIADPO_ATTENTION=wgmma-bulk tm 60 $B --filter attention --seq-len 4096 --repeats 7 \
-        > "$W/attn-wgmma-bulk-4096.jsonl" 2>> "$W/commands.log" || status=1
+    for w in wgmma-bulk wgmma-overlap; do
+        MIADPO_ATTENTION=$w tm 60 $B --filter attention --seq-len 4096 --repeats 7 \
+            > "$W/attn-$w-4096.jsonl" 2>> "$W/commands.log" || status=1
+    done
 fi
 lap attention-4096
 fi
@@ -206,7 +209,7 @@ table(load("attn-miadpo-4096.jsonl"), load("attn-torch-4096.jsonl"), " (default 
 for t in (1024, 16384):
     table(load(f"attn-miadpo-{t}.jsonl"), load(f"attn-torch-{t}.jsonl"), f" T={t}")
 for w, label in (("plain", "1 (plain)"), ("fused", "2 (fused)"), ("pipelined", "3 (pipelined)"), ("wgmma128", "4 (wgmma128)"),
-                 ("wgmma-bulk", "5 (wgmma-bulk)")):
+                 ("wgmma-bulk", "5 (wgmma-bulk)"), ("wgmma-overlap", "6 (wgmma-overlap)")):
     table(load(f"attn-{w}-4096.jsonl"), load("attn-torch-4096.jsonl"), f" variant {label}")
 PY
 echo >> "$md"

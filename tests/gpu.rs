@@ -58,7 +58,7 @@ const GEMM_TOL: f64 = 2e-2;
 /// f32 on both sides, other summation order and exp
 const F32_TOL: f64 = 1e-4;
 
-/// Whether to test variants 4 and 5 (wgmma): on sm_90a, unless MIADPO_TEST_NO_WGMMA is set (to run
+/// Whether to test variants 4 to 6 (wgmma): on sm_90a, unless MIADPO_TEST_NO_WGMMA is set (to run
 /// the other tests alone when one of these is suspect: a sticky CUDA error poisons the process's
 /// context, so a fault there would take every later test with it).
 fn test_variant_4(g: &CudaBackend) -> bool {
@@ -67,13 +67,14 @@ fn test_variant_4(g: &CudaBackend) -> bool {
 
 /// The tensor-core attention variants to test on this GPU with their tolerance (bf16 operands):
 /// variants 2 and 3, and on sm_90a variant 4 (`wgmma`) with 64- and 128-key tiles and variant 5
-/// (bulk copies on mbarriers).
+/// (bulk copies on mbarriers) and 6 (128-key tiles, Q Kᵀ overlapped with the previous P V).
 fn tensor_core_variants(g: &CudaBackend) -> Vec<(AttnKernel, f64)> {
     let mut v = vec![(AttnKernel::Fused, GEMM_TOL), (AttnKernel::Pipelined, GEMM_TOL)];
     if test_variant_4(g) {
         v.push((AttnKernel::Wgmma, GEMM_TOL));
         v.push((AttnKernel::WgmmaWide, GEMM_TOL));
         v.push((AttnKernel::WgmmaBulk, GEMM_TOL));
+        v.push((AttnKernel::WgmmaOverlap, GEMM_TOL));
     }
     v
 }
@@ -319,6 +320,7 @@ fn attention_variants_forward_mass_and_backward() {
         if test_variant_4(&g) {
             variants.push((AttnKernel::Wgmma, GEMM_TOL));
             variants.push((AttnKernel::WgmmaBulk, GEMM_TOL));
+            variants.push((AttnKernel::WgmmaOverlap, GEMM_TOL));
         }
         for (variant, tol) in variants {
             if variant == AttnKernel::Plain && x.tk > 1024 {
@@ -642,7 +644,7 @@ fn lse_reference(q: &[f32], k: &[f32], s: AttnShape) -> Vec<f32> {
     out
 }
 
-/// Variants 4 and 5 (wgmma, sm_90a) against the CPU twin where their tiles meet the edges: fewer rows than a
+/// Variants 4 to 6 (wgmma, sm_90a) against the CPU twin where their tiles meet the edges: fewer rows than a
 /// warpgroup or a block (77, 130), key counts that are no multiple of the 64- or 128-key tiles,
 /// queries after a prefix (q_pos0), the DPO hole across and along tile edges, causal and
 /// bidirectional, head dims 64 and 128, GQA 1 and 4; both tile widths, with and without the mass
@@ -718,7 +720,12 @@ fn attention_wgmma_variant_4() {
             let grads = c.attention_backward(&q, &k, &v, &oc, &dout, None, s);
             (lse_reference(&q, &k, s), dout, grads)
         });
-        for variant in [AttnKernel::Wgmma, AttnKernel::WgmmaWide, AttnKernel::WgmmaBulk] {
+        for variant in [
+            AttnKernel::Wgmma,
+            AttnKernel::WgmmaWide,
+            AttnKernel::WgmmaBulk,
+            AttnKernel::WgmmaOverlap,
+        ] {
             g.set_attention(variant);
             let (og, mg) = g.attention(&qg, &kg, &vg, s, Some(&groups));
             let what = format!("attention {variant:?} {name}");

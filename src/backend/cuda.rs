@@ -90,6 +90,10 @@ pub enum AttnKernel {
     /// copies (`cp.async.bulk`) that complete on per-stage mbarriers, so the two warpgroups no longer
     /// wait for each other at every tile (`attention_fwd5[_mass]_d*`)
     WgmmaBulk,
+    /// variant 6: variant 5 with 128-key tiles, one block per SM, and each tile's Q Kᵀ issued with
+    /// the previous tile's P V so that the softmax runs under it (`attention_fwd6_d*`; mass requests
+    /// take variant 5's kernels)
+    WgmmaOverlap,
 }
 
 // SAFETY: cuBLAS handles may be used from any thread as long as calls do not overlap; the backend's
@@ -315,7 +319,7 @@ impl CudaBackend {
                 Err(_) => AttnKernel::Pipelined,
                 Ok("fused") => AttnKernel::Fused,
                 Ok("pipelined") => AttnKernel::Pipelined,
-                Ok(w @ ("wgmma" | "wgmma128" | "wgmma-bulk")) if arch != "sm_90a" => {
+                Ok(w @ ("wgmma" | "wgmma128" | "wgmma-bulk" | "wgmma-overlap")) if arch != "sm_90a" => {
                     return Err(Error::Invalid(format!(
                         "MIADPO_ATTENTION={w}: wgmma needs a Hopper GPU (sm_90a); this one is {arch}"
                     )))
@@ -323,9 +327,10 @@ impl CudaBackend {
                 Ok("wgmma") => AttnKernel::Wgmma,
                 Ok("wgmma128") => AttnKernel::WgmmaWide,
                 Ok("wgmma-bulk") => AttnKernel::WgmmaBulk,
+                Ok("wgmma-overlap") => AttnKernel::WgmmaOverlap,
                 Ok(other) => {
                     return Err(Error::Invalid(format!(
-                        "MIADPO_ATTENTION={other}: expected plain, fused, pipelined, wgmma, wgmma128 or wgmma-bulk"
+                        "MIADPO_ATTENTION={other}: expected plain, fused, pipelined, wgmma, wgmma128, wgmma-bulk or wgmma-overlap"
                     )))
                 }
             },
@@ -355,7 +360,7 @@ impl CudaBackend {
     fn wgmma_attention(&self, s: AttnShape) -> bool {
         matches!(
             self.attn,
-            AttnKernel::Wgmma | AttnKernel::WgmmaWide | AttnKernel::WgmmaBulk
+            AttnKernel::Wgmma | AttnKernel::WgmmaWide | AttnKernel::WgmmaBulk | AttnKernel::WgmmaOverlap
         ) && self.arch == "sm_90a"
             && matches!(s.head_dim, 64 | 128)
             && s.tq >= 16
@@ -473,7 +478,7 @@ impl CudaBackend {
             shared_mem_bytes: smem as u32,
         };
         let tpad = s.tk.div_ceil(64).max(1) * 64;
-        let (kb, vt) = self.pack_kv(k, v, s, tpad, false);
+        let (kb, vt) = self.pack_kv(k, v, s, tpad, 0);
         let (out, mass, _) = self.attention_fwd_packed(&name, cfg, q, (&kb, &vt), s, tpad, groups, false);
         (out, mass)
     }
@@ -532,30 +537,32 @@ impl CudaBackend {
         (out, mass, lse)
     }
 
-    /// K (tk, kv_heads·d) and V as bf16 for variants 3 and 4: K as (kv_heads, tpad, d), V transposed
-    /// as (kv_heads, d, tpad), rows tk..tpad zero (tpad a multiple of 64, at least tk). For variant 5
-    /// (`tiles`), each 64-key tile as the image its kernel copies into shared memory in one piece: K
-    /// as (kv_heads, tpad / 64, 64·d), Vᵀ as (kv_heads, tpad / 64, d·64), head dims 64 and 128.
+    /// K (tk, kv_heads·d) and V as bf16 for variants 3 and 4 (`tiles` 0): K as (kv_heads, tpad, d), V
+    /// transposed as (kv_heads, d, tpad), rows tk..tpad zero (tpad a multiple of 64, at least tk). For
+    /// variants 5 and 6 (`tiles` 64 or 128, dividing tpad), each tile of that many keys as the image
+    /// their kernels copy into shared memory in one piece: K as (kv_heads, tpad / tiles, tiles·d), Vᵀ
+    /// as (kv_heads, tpad / tiles, d·tiles), head dims 64 and 128.
     fn pack_kv(
         &self,
         k: &DBuf,
         v: &DBuf,
         s: AttnShape,
         tpad: usize,
-        tiles: bool,
+        tiles: usize,
     ) -> (CudaSlice<u16>, CudaSlice<u16>) {
         let d = s.head_dim;
-        assert!(tpad.is_multiple_of(64) && tpad >= s.tk);
+        let bn = if tiles == 0 { 64 } else { tiles };
+        assert!(tpad.is_multiple_of(bn) && tpad >= s.tk && matches!(tiles, 0 | 64 | 128));
         let alloc16 = |n: usize| {
             // SAFETY: the pack kernel writes every element (rows past tk as zeros) before any read.
             unsafe { self.stream.alloc::<u16>(n) }.expect("CUDA: out of memory")
         };
         let (mut kb, mut vt) = (alloc16(s.kv_heads * tpad * d), alloc16(s.kv_heads * tpad * d));
         let (tk, tp, kvh) = (s.tk as i32, tpad as i32, s.kv_heads as i32);
-        let base = if tiles {
-            "attention_pack_kv_tiles"
-        } else {
-            "attention_pack_kv"
+        let base = match tiles {
+            0 => "attention_pack_kv",
+            64 => "attention_pack_kv_tiles",
+            _ => "attention_pack_kv_tiles128",
         };
         let pack = attention_kernel(base, false, d);
         let mut b = self.stream.launch_builder(self.f(&pack));
@@ -567,7 +574,7 @@ impl CudaBackend {
             .arg(&tp)
             .arg(&kvh);
         let cfg = LaunchConfig {
-            grid_dim: ((tpad / 64) as u32, s.kv_heads as u32, 1),
+            grid_dim: ((tpad / bn) as u32, s.kv_heads as u32, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -608,25 +615,24 @@ impl CudaBackend {
             "variant 4 is sm_90a, d 64 or 128"
         );
         let tpad = s.tk.div_ceil(128).max(1) * 128; // a whole number of tiles of either width
-        let wide = self.attn == AttnKernel::WgmmaWide && n_groups == 0;
-        let bulk = self.attn == AttnKernel::WgmmaBulk;
-        let (base, bn) = match (n_groups > 0, wide, bulk) {
-            (true, _, true) => ("attention_fwd5_mass", 64),
-            (false, _, true) => ("attention_fwd5", 64),
-            (true, _, false) => ("attention_fwd4_mass", 64),
-            (false, true, false) => ("attention_fwd4w", 128),
-            (false, false, false) => ("attention_fwd4", 64),
+        let mass = n_groups > 0;
+        // (kernel, key tile width, K/V packed as tile images)
+        let (base, bn, tiles) = match self.attn {
+            AttnKernel::WgmmaOverlap if !mass => ("attention_fwd6", 128, true),
+            AttnKernel::WgmmaBulk | AttnKernel::WgmmaOverlap => ("attention_fwd5", 64, true),
+            AttnKernel::WgmmaWide if !mass => ("attention_fwd4w", 128, false),
+            _ => ("attention_fwd4", 64, false),
         };
-        let name = attention_kernel(base, false, d);
+        let name = attention_kernel(base, mass, d);
         // the two warpgroups' Q tiles (128 rows), two K tiles (bn rows) and two Vᵀ tiles (d rows of
-        // bn keys), bf16; variant 5 adds its two stages' mbarriers
-        let smem = (128 + 4 * bn) * d * 2 + if bulk { 16 } else { 0 };
+        // bn keys), bf16; variants 5 and 6 add their two stages' mbarriers
+        let smem = (128 + 4 * bn) * d * 2 + if tiles { 16 } else { 0 };
         let cfg = LaunchConfig {
             grid_dim: (s.tq.div_ceil(128) as u32, s.heads as u32, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: smem as u32,
         };
-        let (kb, vt) = self.pack_kv(k, v, s, tpad, bulk);
+        let (kb, vt) = self.pack_kv(k, v, s, tpad, if tiles { bn } else { 0 });
         // the kernels exist for sm_90a only, checked above
         self.attention_fwd_packed(&name, cfg, q, (&kb, &vt), s, tpad, groups, want_lse)
     }
@@ -1208,13 +1214,8 @@ impl Backend for CudaBackend {
             } else if self.wgmma_attention(s) {
                 let (o, mass, _) = self.attention_fwd_wgmma(q, k, v, s, piece, false);
                 (o, mass)
-            } else if fused
-                && matches!(
-                    self.attn,
-                    AttnKernel::Pipelined | AttnKernel::Wgmma | AttnKernel::WgmmaWide | AttnKernel::WgmmaBulk
-                )
-            {
-                // variant 3, and variant 4's fallback (head dims 16 and 32, GPUs other than sm_90a)
+            } else if fused && !matches!(self.attn, AttnKernel::Fused) {
+                // variant 3, and the fallback of variants 4 to 6 (head dims 16 and 32, GPUs other than sm_90a)
                 self.attention_fwd_pipelined(q, k, v, s, piece)
             } else {
                 let (o, mass, _) = self.attention_fwd(q, k, v, s, piece, fused, false);
