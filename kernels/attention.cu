@@ -187,6 +187,50 @@ __device__ __forceinline__ void fa_q_fragments(const bf16* qw, unsigned (&qf)[D 
     }
 }
 
+// The per-group mass of this tile, rescaled like the row sum: acc(r, gi) (this thread's part of row r's
+// mass on group gi; registers in variants 2 to 5, shared memory in variant 6) becomes
+// acc * alpha[r] + this thread's probabilities sc on the group's keys (rs[r]: their sum over the
+// tile). Only the group's ranges that meet the tile add. The group index is unrolled (registers),
+// its ranges a run-time loop over shared memory.
+template <int BN, typename Acc>
+__device__ __forceinline__ void fa_mass_update(const float (&sc)[BN / 8][4], int n0, const float (&rs)[2],
+                                               const float (&alpha)[2], const int* sg, int ng, Acc acc) {
+    const int t = threadIdx.x & 3;
+    const int* rng = sg + ng + 1;
+#pragma unroll
+    for (int gi = 0; gi < FA_MAX_GROUPS; gi++) {
+        if (gi < ng) {
+            float add0 = 0.0f, add1 = 0.0f;
+            for (int r = sg[gi]; r < sg[gi + 1]; r++) {
+                int a = rng[2 * r], b = rng[2 * r + 1];
+                if (a >= n0 + BN) break; // sorted by start: the rest lie past this tile
+                if (a <= n0 && n0 + BN <= b) {
+                    // the tile lies inside the range (most tiles of an image): the row sums; no
+                    // other range of the group meets it
+                    add0 = rs[0];
+                    add1 = rs[1];
+                    break;
+                }
+                if (b > n0) {
+#pragma unroll
+                    for (int nt = 0; nt < BN / 8; nt++) {
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            int j = n0 + nt * 8 + 2 * t + (e & 1);
+                            float x = (j >= a && j < b) ? sc[nt][e] : 0.0f;
+                            if (e < 2) add0 += x; else add1 += x;
+                        }
+                    }
+                }
+            }
+            float& m0 = acc(0, gi);
+            m0 = m0 * alpha[0] + add0;
+            float& m1 = acc(1, gi);
+            m1 = m1 * alpha[1] + add1;
+        }
+    }
+}
+
 // The online-softmax step of one tile of BN keys for this thread's two query rows (variants 2, 3 and
 // 4). sc holds the tile's raw scores in the c-fragment layout that mma.m16n8 (per warp) and wgmma's
 // m64nN accumulator (per warp of the warpgroup) share: lane = 4g + t, sc[j][e] is row g + 8 * (e >> 1)
@@ -235,39 +279,8 @@ __device__ __forceinline__ void fa_softmax(float (&sc)[BN / 8][4], float scale, 
     }
     lrow[0] = lrow[0] * alpha[0] + rs[0];
     lrow[1] = lrow[1] * alpha[1] + rs[1];
-    // per-group mass, rescaled like the row sum; only the group's ranges that meet this tile add.
-    // The group index is unrolled (registers), its ranges a run-time loop over shared memory.
-    const int* rng = sg + ng + 1;
-#pragma unroll
-    for (int gi = 0; gi < (MASS ? FA_MAX_GROUPS : 0); gi++) {
-        if (gi < ng) {
-            float add0 = 0.0f, add1 = 0.0f;
-            for (int r = sg[gi]; r < sg[gi + 1]; r++) {
-                int a = rng[2 * r], b = rng[2 * r + 1];
-                if (a >= n0 + BN) break; // sorted by start: the rest lie past this tile
-                if (a <= n0 && n0 + BN <= b) {
-                    // the tile lies inside the range (most tiles of an image): the row sums; no
-                    // other range of the group meets it
-                    add0 = rs[0];
-                    add1 = rs[1];
-                    break;
-                }
-                if (b > n0) {
-#pragma unroll
-                    for (int nt = 0; nt < BN / 8; nt++) {
-#pragma unroll
-                        for (int e = 0; e < 4; e++) {
-                            int j = n0 + nt * 8 + 2 * t + (e & 1);
-                            float x = (j >= a && j < b) ? sc[nt][e] : 0.0f;
-                            if (e < 2) add0 += x; else add1 += x;
-                        }
-                    }
-                }
-            }
-            macc[0][gi] = macc[0][gi] * alpha[0] + add0;
-            macc[1][gi] = macc[1][gi] * alpha[1] + add1;
-        }
-    }
+    if constexpr (MASS)
+        fa_mass_update<BN>(sc, n0, rs, alpha, sg, ng, [&](int r, int gi) -> float& { return macc[r][gi]; });
 }
 
 // One key tile of the forward for this warp's 16 query rows (variants 2 and 3 alike): S = Q Kᵀ from
@@ -1412,6 +1425,10 @@ __device__ __forceinline__ void flash_fwd_wgmma(const act* q, const bf16* kb, co
     bf16* sv0 = sk0 + 2 * BN * D;  // 2 x (D, BN) Vᵀ tiles
     // BULK: a stage's "tile landed" barrier, and how many warpgroups are done with it
     u64* full = (u64*)(sv0 + 2 * D * BN);
+    // OVERLAP with MASS: each thread's group masses (2 rows x FA_MAX_GROUPS) in shared memory, not
+    // registers (the kernel holds 228 of them without), at [group][row][thread]
+    float* smass = (float*)(full + 2);
+    auto mass_acc = [&](int r, int gi) -> float& { return smass[(gi * 2 + r) * 256 + threadIdx.x]; }; // 256 threads
     __shared__ int done_with[2];
     __shared__ int sg[MASS ? FA_MAX_GROUPS + 1 + 2 * FA_MAX_RANGES : 1];
     // heaviest (latest, under the causal mask) query blocks first
@@ -1481,6 +1498,8 @@ __device__ __forceinline__ void flash_fwd_wgmma(const act* q, const bf16* kb, co
     float macc[2][MASS ? FA_MAX_GROUPS : 1];
 #pragma unroll
     for (int gi = 0; gi < (MASS ? FA_MAX_GROUPS : 1); gi++) macc[0][gi] = macc[1][gi] = 0.0f;
+    if constexpr (OVERLAP && MASS)
+        for (int gi = 0; gi < ng; gi++) mass_acc(0, gi) = mass_acc(1, gi) = 0.0f; // this thread's own
     int buf = 0;
     unsigned phase = 0; // BULK: the parity of the stages' barriers in this round (both stages share it)
     // BULK: this warpgroup is done with stage `sb`, which holds the tile at n_done (every wgmma reading
@@ -1535,9 +1554,18 @@ __device__ __forceinline__ void flash_fwd_wgmma(const act* q, const bf16* kb, co
             fa4_pin(sc);
             bool full_tile = n0 + BN <= tk && (!causal || n0 + BN - 1 <= w_first) &&
                              !(hole_first >= 0 && w_last >= hole_first && n0 < hole_b && n0 + BN > hole_a);
-            float alpha[2];
-            fa_softmax<BN, MASS>(sc, rsqrtf((float)D) * 1.4426950408889634f, n0, qpos, tk, causal, hole_first, hole_a,
-                                 hole_b, full_tile, sg, ng, mrow, lrow, macc, alpha);
+            float alpha[2], no_mass[2][1];
+            fa_softmax<BN, false>(sc, rsqrtf((float)D) * 1.4426950408889634f, n0, qpos, tk, causal, hole_first,
+                                  hole_a, hole_b, full_tile, sg, ng, mrow, lrow, no_mass, alpha);
+            if constexpr (MASS) {
+                float rs[2] = {0.0f, 0.0f}; // this thread's probabilities of the tile, per row
+#pragma unroll
+                for (int nt = 0; nt < BN / 8; nt++) {
+                    rs[0] += sc[nt][0] + sc[nt][1];
+                    rs[1] += sc[nt][2] + sc[nt][3];
+                }
+                fa_mass_update<BN>(sc, n0, rs, alpha, sg, ng, mass_acc);
+            }
             wg_wait<0>(); // the previous P V landed: O may be rescaled, pa rewritten, its stage refilled
             fa4_pin(o);
             fa4_pin(pa);
@@ -1572,6 +1600,13 @@ __device__ __forceinline__ void flash_fwd_wgmma(const act* q, const bf16* kb, co
         wg_commit();
         wg_wait<0>();
         fa4_pin(o);
+    }
+    if constexpr (OVERLAP && MASS) {
+#pragma unroll
+        for (int gi = 0; gi < FA_MAX_GROUPS; gi++) {
+            macc[0][gi] = gi < ng ? mass_acc(0, gi) : 0.0f;
+            macc[1][gi] = gi < ng ? mass_acc(1, gi) : 0.0f;
+        }
     }
     fa_store<D, MASS>(o, mrow, lrow, macc, m0 + warp * 16, out, lse, mass, tq, heads, h, ng);
 #else
@@ -1657,8 +1692,8 @@ extern "C" __global__ void __launch_bounds__(256) attention_fwd5_mass_d128(const
 // Variant 6: variant 5 with 128-key tiles, one block per SM (up to 255 registers a thread), and
 // FlashAttention-3's intra-warpgroup pipelining: a tile's Q Kᵀ and the previous tile's P V are in
 // flight together, and the softmax runs under the P V (same arguments; kb and vt from
-// attention_pack_kv_tiles128). No mass kernel: with the group accumulators it would spill at 255
-// registers; mass requests take variant 5's.
+// attention_pack_kv_tiles128). The mass kernels keep the group accumulators in shared memory (32 KB
+// more; in registers they would spill at 255).
 
 extern "C" __global__ void __launch_bounds__(256, 1) attention_fwd6_d64(const act* q, const bf16* kb, const bf16* vt, act* out,
         float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
@@ -1667,10 +1702,24 @@ extern "C" __global__ void __launch_bounds__(256, 1) attention_fwd6_d64(const ac
         q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
 }
 
+extern "C" __global__ void __launch_bounds__(256, 1) attention_fwd6_mass_d64(const act* q, const bf16* kb, const bf16* vt, act* out,
+        float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
+        int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
+    flash_fwd_wgmma<64, 128, true, 2>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+        q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
+}
+
 extern "C" __global__ void __launch_bounds__(256, 1) attention_fwd6_d128(const act* q, const bf16* kb, const bf16* vt, act* out,
         float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
         int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
     flash_fwd_wgmma<128, 128, false, 2>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
+        q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1) attention_fwd6_mass_d128(const act* q, const bf16* kb, const bf16* vt, act* out,
+        float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
+        int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
+    flash_fwd_wgmma<128, 128, true, 2>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
         q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
 }
 

@@ -91,8 +91,8 @@ pub enum AttnKernel {
     /// wait for each other at every tile (`attention_fwd5[_mass]_d*`)
     WgmmaBulk,
     /// variant 6: variant 5 with 128-key tiles, one block per SM, and each tile's Q Kᵀ issued with
-    /// the previous tile's P V so that the softmax runs under it (`attention_fwd6_d*`; mass requests
-    /// take variant 5's kernels)
+    /// the previous tile's P V so that the softmax runs under it (`attention_fwd6[_mass]_d*`; the
+    /// mass kernels keep the group accumulators in shared memory)
     WgmmaOverlap,
 }
 
@@ -618,15 +618,22 @@ impl CudaBackend {
         let mass = n_groups > 0;
         // (kernel, key tile width, K/V packed as tile images)
         let (base, bn, tiles) = match self.attn {
-            AttnKernel::WgmmaOverlap if !mass => ("attention_fwd6", 128, true),
-            AttnKernel::WgmmaBulk | AttnKernel::WgmmaOverlap => ("attention_fwd5", 64, true),
+            AttnKernel::WgmmaOverlap => ("attention_fwd6", 128, true),
+            AttnKernel::WgmmaBulk => ("attention_fwd5", 64, true),
             AttnKernel::WgmmaWide if !mass => ("attention_fwd4w", 128, false),
             _ => ("attention_fwd4", 64, false),
         };
         let name = attention_kernel(base, mass, d);
         // the two warpgroups' Q tiles (128 rows), two K tiles (bn rows) and two Vᵀ tiles (d rows of
-        // bn keys), bf16; variants 5 and 6 add their two stages' mbarriers
-        let smem = (128 + 4 * bn) * d * 2 + if tiles { 16 } else { 0 };
+        // bn keys), bf16; variants 5 and 6 add their two stages' mbarriers, and variant 6's mass
+        // kernels each thread's group masses (2 rows x FA_MAX_GROUPS f32)
+        let smem = (128 + 4 * bn) * d * 2
+            + if tiles { 16 } else { 0 }
+            + if mass && self.attn == AttnKernel::WgmmaOverlap {
+                256 * 2 * FA_MAX_GROUPS * 4
+            } else {
+                0
+            };
         let cfg = LaunchConfig {
             grid_dim: (s.tq.div_ceil(128) as u32, s.heads as u32, 1),
             block_dim: (256, 1, 1),
