@@ -7,7 +7,7 @@
 #                          timeout_s 480; the script keeps to BUDGET seconds (default 450) on its own
 # Output:                  $OUT/device-check.md (table), $OUT/logs.tgz (gpu-tests.log, kernels-check.log, jsonl),
 #                          both rewritten after every section, so a cut-off run still brings back what it did
-# SECTIONS (default "kernels tests attention select commands ops sweep", run in that order, most
+# SECTIONS (default "kernels tests attention select commands ops sweep profile", in that order, most
 # wanted first): a subset for a rerun with little device time left, e.g.
 #   SECTIONS="tests select commands" BUDGET=200 bash scripts/device-check.sh
 # ("plain" adds variant 1 to the sweep). The time each section took is at the end of the table.
@@ -19,7 +19,7 @@ mkdir -p "$OUT"
 # and one archive of W
 W=$(mktemp -d /tmp/device-check.XXXX)
 md="$W/device-check.md"
-SECTIONS=${SECTIONS:-kernels tests attention select commands ops sweep}
+SECTIONS=${SECTIONS:-kernels tests attention select commands ops sweep profile}
 BUDGET=${BUDGET:-450}
 t0=$SECONDS
 want() { [[ " $SECTIONS " == *" $1 "* ]]; }
@@ -181,6 +181,31 @@ for w in $variants; do
 done
 lap sweep
 fi
+# where a decode step's time goes (the selection path): every kernel of a few greedy tokens on the
+# small LLaVA under Nsight Compute, summed per kernel, against the step's wall time
+if want profile && command -v ncu > /dev/null; then
+    tm 120 ncu --metrics gpu__time_duration.sum --csv --log-file "$W/ncu-generate.csv" \
+        target/device/miadpo bench --task generate --device cuda --repeats 1 --warmup 0 --new-tokens 4 \
+        >> "$W/commands.log" 2>&1 || status=1
+    python3 - "$W/ncu-generate.csv" > "$W/ncu-summary.md" 2>> "$W/commands.log" <<'PY'
+import collections, csv, sys
+rows = [r for r in csv.DictReader(l for l in open(sys.argv[1]) if l.startswith('"'))
+        if r.get("Metric Name") == "gpu__time_duration.sum"]
+tot, cnt = collections.Counter(), collections.Counter()
+for r in rows:
+    unit = r["Metric Unit"]
+    v = float(r["Metric Value"].replace(",", "")) * {"nsecond": 1e-3, "usecond": 1.0, "msecond": 1e3}.get(unit, 1.0)
+    name = r["Kernel Name"].split("(")[0]
+    tot[name] += v
+    cnt[name] += 1
+print(f"{len(rows)} kernels, {sum(tot.values()) / 1e3:.2f} ms of GPU time in all (prefill + 4 decode steps)")
+print("| kernel | launches | total µs | µs per launch |")
+print("|---|---:|---:|---:|")
+for name, v in tot.most_common(25):
+    print(f"| {name} | {cnt[name]} | {v:.0f} | {v / cnt[name]:.1f} |")
+PY
+    lap profile
+fi
 echo "## Ops and attention: miadpo CUDA backend vs PyTorch (4096 rows of hidden 4096; attention 32 heads of 128, T = 4096 unless named)" >> "$md"
 echo >> "$md"
 python3 - "$W" >> "$md" <<'PY'
@@ -216,6 +241,12 @@ echo >> "$md"
 echo "## Selection: miadpo select vs HF eager generate(output_attentions=True)" >> "$md"
 echo >> "$md"
 cat "$W/select-vs-hf.md" >> "$md" 2>/dev/null
+if [ -s "$W/ncu-summary.md" ]; then
+    echo >> "$md"
+    echo "## GPU time per kernel of bench --task generate (Nsight Compute)" >> "$md"
+    echo >> "$md"
+    cat "$W/ncu-summary.md" >> "$md"
+fi
 cat "$md"
 echo "- script time: $((SECONDS - t0)) s of a $BUDGET s budget; sections:$laps" >> "$md"
 pack
