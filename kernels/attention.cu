@@ -515,6 +515,25 @@ __device__ __forceinline__ void fa_load_both(bf16* dst, bf16* dst_t, const act* 
     }
 }
 
+// 16-byte copies global -> shared that complete asynchronously (sm_80+): cp.async.cg, then
+// commit_group per batch and wait_group N (at most N batches still in flight)
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
+
+// R rows of C bf16 (C a multiple of 8, both strides in elements, rows 16-byte aligned) by cp.async
+template <int R, int C>
+__device__ __forceinline__ void cp_rows(bf16* dst, int dst_stride, const bf16* src, long src_stride) {
+    for (int x = threadIdx.x; x < R * C / 8; x += blockDim.x) {
+        int r = x / (C / 8), c = (x % (C / 8)) * 8;
+        cp_async16(dst + r * dst_stride + c, src + r * src_stride + c);
+    }
+}
+
 // p[0] += a, p[1] += b in global memory (p 8-byte aligned), results unused: one vector reduction on
 // sm_90 (red.global.add.v2.f32: half the dQ atomics of the backward), two scalar ones before
 __device__ __forceinline__ void red_add2(float* p, float a, float b) {
@@ -526,22 +545,27 @@ __device__ __forceinline__ void red_add2(float* p, float a, float b) {
 #endif
 }
 
-template <int D>
+// PACKED (variant 3's backward, `attention_bwd3_d*`): Q and dO come packed to bf16 once per call by
+// attention_pack_kv, row-major qb, dob (H, tqpad, D) and transposed qbt, dobt (H, D, tqpad), and
+// each query tile's four pieces are copied by cp.async into one of two buffers while the tile
+// before is computed; otherwise (variant 2) they are read as f32, converted and transposed per tile.
+template <int D, bool PACKED>
 __device__ __forceinline__ void flash_bwd(const act* q, const act* k, const act* v, const act* dout,
                                           const float* lse, const float* delta, float* dq, act* dk, act* dv, int tq,
                                           int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
-                                          int hole_a, int hole_b) {
+                                          int hole_a, int hole_b, const bf16* qb, const bf16* qbt, const bf16* dob,
+                                          const bf16* dobt, int tqpad) {
     static_assert(sizeof(act) == 4, "the tile loads read f32 activations");
-    constexpr int S = D + 8, ST = FA_BN + 8;
+    constexpr int S = D + 8, ST = FA_BN + 8, NB = PACKED ? 2 : 1;
     extern __shared__ __align__(16) unsigned char fa_smem[];
-    bf16* sk = (bf16*)fa_smem;     // (BN keys, S)
-    bf16* skt = sk + FA_BN * S;    // (D, ST): K transposed
-    bf16* sv = skt + D * ST;       // (BN, S)
-    bf16* sq = sv + FA_BN * S;     // (BM queries, S)
-    bf16* sqt = sq + FA_BM * S;    // (D, ST)
-    bf16* sdo = sqt + D * ST;      // (BM, S)
-    bf16* sdot = sdo + FA_BM * S;  // (D, ST)
-    bf16* sds = sdot + D * ST;     // (BM, ST): dS, queries x keys
+    bf16* sk = (bf16*)fa_smem;       // (BN keys, S)
+    bf16* skt = sk + FA_BN * S;      // (D, ST): K transposed
+    bf16* sv = skt + D * ST;         // (BN, S)
+    bf16* sq0 = sv + FA_BN * S;      // NB x (BM queries, S)
+    bf16* sqt0 = sq0 + NB * FA_BM * S; // NB x (D, ST)
+    bf16* sdo0 = sqt0 + NB * D * ST; // NB x (BM, S)
+    bf16* sdot0 = sdo0 + NB * FA_BM * S; // NB x (D, ST)
+    bf16* sds = sdot0 + NB * D * ST; // (BM, ST): dS, queries x keys
     float* slse = (float*)(sds + FA_BM * ST); // (BM) lse in log2 units
     float* sdel = slse + FA_BM;    // (BM)
     int n0 = blockIdx.x * FA_BN, kvh = blockIdx.y, group = heads / kv_heads;
@@ -561,16 +585,40 @@ __device__ __forceinline__ void flash_bwd(const act* q, const act* k, const act*
     int i_begin = causal ? max(0, n0 - q_pos0) / FA_BM * FA_BM : 0;
     int i_end = tq;
     if (hole_first >= 0 && n0 >= hole_a && n0 + FA_BN <= hole_b) i_end = min(tq, max(0, hole_first - q_pos0));
-    for (int hh = 0; hh < group; hh++) {
+    // PACKED: the query tile i0 of head kvh * group + hh into buffer b (rows and their transposes)
+    auto issue = [&](int hh, int i0, int b) {
+        long h = kvh * group + hh;
+        cp_rows<FA_BM, D>(sq0 + b * FA_BM * S, S, qb + (h * tqpad + i0) * D, D);
+        cp_rows<D, FA_BM>(sqt0 + b * D * ST, ST, qbt + h * D * tqpad + i0, tqpad);
+        cp_rows<FA_BM, D>(sdo0 + b * FA_BM * S, S, dob + (h * tqpad + i0) * D, D);
+        cp_rows<D, FA_BM>(sdot0 + b * D * ST, ST, dobt + h * D * tqpad + i0, tqpad);
+        cp_async_commit();
+    };
+    // the (head of the group, query tile) pairs in order, one tile ahead in flight when PACKED
+    int hh = 0, i0 = i_begin, buf = 0;
+    if (i_begin >= i_end) hh = group; // no query sees this key tile
+    if (PACKED && hh < group) issue(hh, i0, 0);
+    while (hh < group) {
         int h = kvh * group + hh;
-        for (int i0 = i_begin; i0 < i_end; i0 += FA_BM) {
-            __syncthreads(); // the previous tile's readers are done
-            fa_load_both<D, S, ST>(sq, sqt, q + h * D, i0, FA_BM, tq, heads * D);
-            fa_load_both<D, S, ST>(sdo, sdot, dout + h * D, i0, FA_BM, tq, heads * D);
+        int next_hh = i0 + FA_BM < i_end ? hh : hh + 1, next_i0 = i0 + FA_BM < i_end ? i0 + FA_BM : i_begin;
+        bf16 *sq = sq0 + buf * FA_BM * S, *sqt = sqt0 + buf * D * ST;
+        bf16 *sdo = sdo0 + buf * FA_BM * S, *sdot = sdot0 + buf * D * ST;
+        {
+            __syncthreads(); // the previous tile's readers are done (and, PACKED, the other buffer's)
+            if constexpr (PACKED) {
+                if (next_hh < group) issue(next_hh, next_i0, buf ^ 1);
+            } else {
+                fa_load_both<D, S, ST>(sq, sqt, q + h * D, i0, FA_BM, tq, heads * D);
+                fa_load_both<D, S, ST>(sdo, sdot, dout + h * D, i0, FA_BM, tq, heads * D);
+            }
             for (int r = threadIdx.x; r < FA_BM; r += blockDim.x) {
                 bool in = i0 + r < tq;
                 slse[r] = in ? lse[(long)(i0 + r) * heads + h] * 1.4426950408889634f : 0.0f;
                 sdel[r] = in ? delta[(long)(i0 + r) * heads + h] : 0.0f;
+            }
+            if constexpr (PACKED) {
+                if (next_hh < group) cp_async_wait<1>(); // this tile's copies (the next one's may fly)
+                else cp_async_wait<0>();
             }
             __syncthreads();
             // Sᵀ (16 keys x 64 queries) and dPᵀ = V dOᵀ, both with this warp's keys as rows
@@ -663,6 +711,9 @@ __device__ __forceinline__ void flash_bwd(const act* q, const act* k, const act*
                 }
             }
         }
+        hh = next_hh;
+        i0 = next_i0;
+        if constexpr (PACKED) buf ^= 1;
     }
     // this warp's 16 keys of dK (scaled) and dV, every head of the group summed
 #pragma unroll
@@ -684,29 +735,64 @@ __device__ __forceinline__ void flash_bwd(const act* q, const act* k, const act*
 extern "C" __global__ void __launch_bounds__(128) attention_bwd_d16(const act* q, const act* k, const act* v,
         const act* dout, const float* lse, const float* delta, float* dq, act* dk, act* dv, int tq, int tk, int heads,
         int kv_heads, int causal, int q_pos0, int hole_first, int hole_a, int hole_b) {
-    flash_bwd<16>(q, k, v, dout, lse, delta, dq, dk, dv, tq, tk, heads, kv_heads, causal, q_pos0, hole_first, hole_a,
-                   hole_b);
+    flash_bwd<16, false>(q, k, v, dout, lse, delta, dq, dk, dv, tq, tk, heads, kv_heads, causal, q_pos0, hole_first,
+                          hole_a, hole_b, 0, 0, 0, 0, 0);
 }
 
 extern "C" __global__ void __launch_bounds__(128) attention_bwd_d32(const act* q, const act* k, const act* v,
         const act* dout, const float* lse, const float* delta, float* dq, act* dk, act* dv, int tq, int tk, int heads,
         int kv_heads, int causal, int q_pos0, int hole_first, int hole_a, int hole_b) {
-    flash_bwd<32>(q, k, v, dout, lse, delta, dq, dk, dv, tq, tk, heads, kv_heads, causal, q_pos0, hole_first, hole_a,
-                   hole_b);
+    flash_bwd<32, false>(q, k, v, dout, lse, delta, dq, dk, dv, tq, tk, heads, kv_heads, causal, q_pos0, hole_first,
+                          hole_a, hole_b, 0, 0, 0, 0, 0);
 }
 
 extern "C" __global__ void __launch_bounds__(128) attention_bwd_d64(const act* q, const act* k, const act* v,
         const act* dout, const float* lse, const float* delta, float* dq, act* dk, act* dv, int tq, int tk, int heads,
         int kv_heads, int causal, int q_pos0, int hole_first, int hole_a, int hole_b) {
-    flash_bwd<64>(q, k, v, dout, lse, delta, dq, dk, dv, tq, tk, heads, kv_heads, causal, q_pos0, hole_first, hole_a,
-                   hole_b);
+    flash_bwd<64, false>(q, k, v, dout, lse, delta, dq, dk, dv, tq, tk, heads, kv_heads, causal, q_pos0, hole_first,
+                          hole_a, hole_b, 0, 0, 0, 0, 0);
 }
 
 extern "C" __global__ void __launch_bounds__(128) attention_bwd_d128(const act* q, const act* k, const act* v,
         const act* dout, const float* lse, const float* delta, float* dq, act* dk, act* dv, int tq, int tk, int heads,
         int kv_heads, int causal, int q_pos0, int hole_first, int hole_a, int hole_b) {
-    flash_bwd<128>(q, k, v, dout, lse, delta, dq, dk, dv, tq, tk, heads, kv_heads, causal, q_pos0, hole_first, hole_a,
-                   hole_b);
+    flash_bwd<128, false>(q, k, v, dout, lse, delta, dq, dk, dv, tq, tk, heads, kv_heads, causal, q_pos0, hole_first,
+                          hole_a, hole_b, 0, 0, 0, 0, 0);
+}
+
+// Variant 3's backward: variant 2's with Q and dO packed to bf16 once (attention_pack_kv on Q and
+// on dO: row-major and transposed, tqpad rows) and their tiles double-buffered by cp.async.
+
+extern "C" __global__ void __launch_bounds__(128) attention_bwd3_d16(const act* q, const act* k, const act* v,
+        const act* dout, const float* lse, const float* delta, float* dq, act* dk, act* dv, int tq, int tk, int heads,
+        int kv_heads, int causal, int q_pos0, int hole_first, int hole_a, int hole_b, const bf16* qb, const bf16* qbt,
+        const bf16* dob, const bf16* dobt, int tqpad) {
+    flash_bwd<16, true>(q, k, v, dout, lse, delta, dq, dk, dv, tq, tk, heads, kv_heads, causal, q_pos0, hole_first,
+                         hole_a, hole_b, qb, qbt, dob, dobt, tqpad);
+}
+
+extern "C" __global__ void __launch_bounds__(128) attention_bwd3_d32(const act* q, const act* k, const act* v,
+        const act* dout, const float* lse, const float* delta, float* dq, act* dk, act* dv, int tq, int tk, int heads,
+        int kv_heads, int causal, int q_pos0, int hole_first, int hole_a, int hole_b, const bf16* qb, const bf16* qbt,
+        const bf16* dob, const bf16* dobt, int tqpad) {
+    flash_bwd<32, true>(q, k, v, dout, lse, delta, dq, dk, dv, tq, tk, heads, kv_heads, causal, q_pos0, hole_first,
+                         hole_a, hole_b, qb, qbt, dob, dobt, tqpad);
+}
+
+extern "C" __global__ void __launch_bounds__(128) attention_bwd3_d64(const act* q, const act* k, const act* v,
+        const act* dout, const float* lse, const float* delta, float* dq, act* dk, act* dv, int tq, int tk, int heads,
+        int kv_heads, int causal, int q_pos0, int hole_first, int hole_a, int hole_b, const bf16* qb, const bf16* qbt,
+        const bf16* dob, const bf16* dobt, int tqpad) {
+    flash_bwd<64, true>(q, k, v, dout, lse, delta, dq, dk, dv, tq, tk, heads, kv_heads, causal, q_pos0, hole_first,
+                         hole_a, hole_b, qb, qbt, dob, dobt, tqpad);
+}
+
+extern "C" __global__ void __launch_bounds__(128) attention_bwd3_d128(const act* q, const act* k, const act* v,
+        const act* dout, const float* lse, const float* delta, float* dq, act* dk, act* dv, int tq, int tk, int heads,
+        int kv_heads, int causal, int q_pos0, int hole_first, int hole_a, int hole_b, const bf16* qb, const bf16* qbt,
+        const bf16* dob, const bf16* dobt, int tqpad) {
+    flash_bwd<128, true>(q, k, v, dout, lse, delta, dq, dk, dv, tq, tk, heads, kv_heads, causal, q_pos0, hole_first,
+                         hole_a, hole_b, qb, qbt, dob, dobt, tqpad);
 }
 
 // ---- variant 2 decode: flash-decoding (a few query rows against a long cache, keys split over blocks) ----
@@ -913,14 +999,6 @@ __device__ __forceinline__ void pack_kv(const act* k, const act* v, bf16* kb, bf
         *(unsigned*)(vt + ((long)kvh * D + dd) * tpad + n0 + r) = pair;
     }
 }
-
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
-    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N)); }
 
 #define FA3_BM 128
 

@@ -315,8 +315,13 @@ fn attention_variants_forward_mass_and_backward() {
         let dout = rng.vec(x.tq * x.heads * x.d, 1.0);
         let (cq, ck, cv) = c.attention_backward(&q, &k, &v, &oc, &dout, None, s);
         let (og, dg) = (g.upload(&oc), g.upload(&dout));
-        // variant 4's forward (sm_90a) hands its log-sum-exp to variant 2's backward
-        let mut variants = vec![(AttnKernel::Plain, F32_TOL), (AttnKernel::Fused, GEMM_TOL)];
+        // variant 2's backward (Fused), and variant 3's (bf16-packed Q and dO, double-buffered: every
+        // later variant's), fed the log-sum-exp of each variant's forward
+        let mut variants = vec![
+            (AttnKernel::Plain, F32_TOL),
+            (AttnKernel::Fused, GEMM_TOL),
+            (AttnKernel::Pipelined, GEMM_TOL),
+        ];
         if test_variant_4(&g) {
             variants.push((AttnKernel::Wgmma, GEMM_TOL));
             variants.push((AttnKernel::WgmmaBulk, GEMM_TOL));

@@ -739,7 +739,24 @@ impl CudaBackend {
         unsafe { b.launch(per_row(rows.div_ceil(8), 256, 0)) }.expect("CUDA: attention_bwd_delta");
         let mut dq = self.zeros(q.len()); // accumulated by atomics
         let (mut dk, mut dv) = (self.poisoned(k.len()), self.poisoned(v.len()));
-        let name = attention_kernel("attention_bwd", false, d);
+        // variant 3's backward (with variants 3 to 6): Q and dO packed to bf16 once, row-major and
+        // transposed, by the K/V pack (Q as both "K" and "V", its heads as the kv heads)
+        let packed = self.attn != AttnKernel::Fused;
+        let tqpad = s.tq.div_ceil(64).max(1) * 64;
+        let qs = AttnShape {
+            tk: s.tq,
+            kv_heads: s.heads,
+            ..s
+        };
+        let (qp, dop) = if packed {
+            (
+                Some(self.pack_kv(q, q, qs, tqpad, 0)),
+                Some(self.pack_kv(dout, dout, qs, tqpad, 0)),
+            )
+        } else {
+            (None, None)
+        };
+        let name = attention_kernel(if packed { "attention_bwd3" } else { "attention_bwd" }, false, d);
         let (hf, ha, hb) = hole_args(s);
         let ints = [s.tq, s.tk, s.heads, s.kv_heads].map(|x| x as i32);
         let (causal, q0) = (s.causal as i32, s.q_pos0 as i32);
@@ -757,8 +774,14 @@ impl CudaBackend {
             b.arg(x);
         }
         b.arg(&causal).arg(&q0).arg(&hf).arg(&ha).arg(&hb);
-        // K, Kᵀ, V, Q, Qᵀ, dO, dOᵀ, dS tiles in bf16, then lse and Δ for 64 rows
-        let smem = (4 * 64 * (d + 8) + 3 * d * 72 + 64 * 72) * 2 + 2 * 64 * 4;
+        let tqp = tqpad as i32;
+        if let (Some((qb, qbt)), Some((dob, dobt))) = (&qp, &dop) {
+            b.arg(qb).arg(qbt).arg(dob).arg(dobt).arg(&tqp);
+        }
+        // K, Kᵀ, V, then Q, Qᵀ, dO, dOᵀ (two of each when packed), dS tiles in bf16, then lse and Δ
+        // for 64 rows
+        let nb = if packed { 2 } else { 1 };
+        let smem = ((2 + 2 * nb) * 64 * (d + 8) + (1 + 2 * nb) * d * 72 + 64 * 72) * 2 + 2 * 64 * 4;
         let cfg = LaunchConfig {
             grid_dim: (s.tk.div_ceil(64) as u32, s.kv_heads as u32, 1),
             block_dim: (128, 1, 1),
