@@ -1327,9 +1327,13 @@ __device__ __forceinline__ void mbar_expect_tx(u64* bar, unsigned bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
                  : "memory");
 }
+// A wait that has not ended after ~2^31 clocks (about a second) is a deadlock of the kernel's
+// barrier logic: trap, so that the launch fails with an error instead of hanging the process.
 __device__ __forceinline__ void mbar_wait(u64* bar, unsigned parity) {
     unsigned done = 0;
+    long long t0 = clock64();
     while (!done) {
+        if (clock64() - t0 > (1ll << 31)) __trap();
         asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
                      : "=r"(done)
                      : "r"(smem_addr(bar)), "r"(parity)
