@@ -804,6 +804,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_bwd3_d128(const act*
 // writes its partial (max, sum, D accumulators, group masses) for attention_decode_combine.
 
 #define DEC_WARPS 4
+#define DEC_KEYS 4 // keys per warp and step
 
 template <int D>
 __device__ __forceinline__ void flash_decode(const act* q, const act* k, const act* v, float* part, int tq, int tk,
@@ -833,32 +834,65 @@ __device__ __forceinline__ void flash_decode(const act* q, const act* k, const a
     float m = -INFINITY, l = 0.0f, mass[FA_MAX_GROUPS];
 #pragma unroll
     for (int gi = 0; gi < FA_MAX_GROUPS; gi++) mass[gi] = 0.0f;
-    for (int j = j0 + warp; j < j1; j += DEC_WARPS) {
-        if (hole_first >= 0 && qpos >= hole_first && j >= hole_a && j < hole_b) continue;
-        const act* kr = k + ((long)j * kv_heads + kvh) * D + lane * E;
-        float s = 0.0f;
-        if (lane < LANES) {
+    // DEC_KEYS keys per warp and step: their K and V rows are all loaded before the first score
+    // is reduced, so a warp has that many rows in flight instead of one (the loop is latency-bound)
+    for (int j = j0 + warp * DEC_KEYS; j < j1; j += DEC_WARPS * DEC_KEYS) {
+        float s[DEC_KEYS], vv[DEC_KEYS][E];
 #pragma unroll
-            for (int e = 0; e < E; e++) s += qv[e] * ld(kr[e]);
+        for (int u = 0; u < DEC_KEYS; u++) {
+            int jj = j + u;
+            bool ok = jj < j1 && !(hole_first >= 0 && qpos >= hole_first && jj >= hole_a && jj < hole_b);
+            s[u] = 0.0f;
+            if (ok && lane < LANES) {
+                const act* kr = k + ((long)jj * kv_heads + kvh) * D + lane * E;
+                const act* vr = v + ((long)jj * kv_heads + kvh) * D + lane * E;
+#pragma unroll
+                for (int e = 0; e < E; e++) {
+                    s[u] += qv[e] * ld(kr[e]);
+                    vv[u][e] = ld(vr[e]);
+                }
+            } else {
+#pragma unroll
+                for (int e = 0; e < E; e++) vv[u][e] = 0.0f;
+            }
+            s[u] = ok ? s[u] : -INFINITY; // uniform over the warp
         }
-        s = warp_sum(s); // every lane holds the score (log2 units)
-        float mn = fmaxf(m, s), alpha = exp2f(m - mn), p = exp2f(s - mn);
+        float mn = m;
+#pragma unroll
+        for (int u = 0; u < DEC_KEYS; u++) {
+            if (s[u] != -INFINITY) s[u] = warp_sum(s[u]); // every lane holds the score (log2 units)
+            mn = fmaxf(mn, s[u]);
+        }
+        float base = mn == -INFINITY ? 0.0f : mn; // no key seen yet
+        float alpha = exp2f(m - base), p[DEC_KEYS], psum = 0.0f;
+#pragma unroll
+        for (int u = 0; u < DEC_KEYS; u++) {
+            p[u] = exp2f(s[u] - base);
+            psum += p[u];
+        }
         m = mn;
-        l = l * alpha + p;
-        const act* vr = v + ((long)j * kv_heads + kvh) * D + lane * E;
+        l = l * alpha + psum;
         if (lane < LANES) {
 #pragma unroll
-            for (int e = 0; e < E; e++) acc[e] = acc[e] * alpha + p * ld(vr[e]);
+            for (int e = 0; e < E; e++) {
+                float a = acc[e] * alpha;
+#pragma unroll
+                for (int u = 0; u < DEC_KEYS; u++) a += p[u] * vv[u][e];
+                acc[e] = a;
+            }
         }
 #pragma unroll
         for (int gi = 0; gi < FA_MAX_GROUPS; gi++) {
             if (gi < ng) {
-                float in = 0.0f; // p when a range of the group holds key j
-                for (int r = sg[gi]; r < sg[gi + 1]; r++) {
-                    if (rng[2 * r] > j) break; // sorted by start
-                    if (j < rng[2 * r + 1]) {
-                        in = p;
-                        break;
+                float in = 0.0f; // p of the keys a range of the group holds
+#pragma unroll
+                for (int u = 0; u < DEC_KEYS; u++) {
+                    for (int r = sg[gi]; r < sg[gi + 1]; r++) {
+                        if (rng[2 * r] > j + u) break; // sorted by start
+                        if (j + u < rng[2 * r + 1]) {
+                            in += p[u];
+                            break;
+                        }
                     }
                 }
                 mass[gi] = mass[gi] * alpha + in;
