@@ -245,6 +245,12 @@ impl CudaBackend {
             return Err(Error::Invalid(format!("CUDA: no GPU {ordinal} ({n} found)")));
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| dev_err("creating the context", e))?;
+        // cudarc gives every allocation a read and a write event by default (created with it,
+        // destroyed with it: four driver calls per op output on top of the allocation) to order
+        // uses across streams. Everything here runs on the context's one default stream, in order.
+        // SAFETY: no other stream is created, so no buffer is used on a stream other than the one
+        // that allocated it, and stream order alone orders every use and free.
+        unsafe { ctx.disable_event_tracking() };
         let pool = if ctx.has_async_alloc() {
             Some(keep_freed_memory(&ctx)?)
         } else {
