@@ -370,6 +370,45 @@ fn attention_variants_forward_mass_and_backward() {
     }
 }
 
+/// Greedy decoding's pick on the device against the host's: the same first index of the maximum
+/// (ties planted: a row's maximum repeated later in the row), and its log-softmax.
+#[test]
+fn greedy_rows_at_vocab_32000() {
+    let Some(g) = gpu() else { return };
+    let c = CpuBackend::new();
+    let mut rng = TestRng(23);
+    let (rows, vocab) = (37, 32000);
+    let mut logits = rng.vec(rows * vocab, 4.0);
+    for r in (0..rows).step_by(3) {
+        // the row's maximum again at a later index: the first one must win
+        let row = &mut logits[r * vocab..(r + 1) * vocab];
+        let (at, &mx) = row
+            .iter()
+            .enumerate()
+            .fold((0, &f32::MIN), |a, b| if b.1 > a.1 { b } else { a });
+        if at + 1 < vocab {
+            row[at + 1 + (r * 97) % (vocab - at - 1)] = mx;
+        }
+    }
+    let want = c.greedy_rows(&c.upload(&logits), rows, vocab);
+    let got = g.greedy_rows(&g.upload(&logits), rows, vocab);
+    for (r, (gp, wp)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(
+            gp.0, wp.0,
+            "row {r}: device picked {} against the host's {}",
+            gp.0, wp.0
+        );
+    }
+    // the softmax sums of 32000 exponentials in f32 on the device (a tree over 256 threads), f64 on
+    // the host: ~1e-6 of the log-sum-exp, against log-probs of about -10
+    let (gl, wl): (Vec<f32>, Vec<f32>) = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a.1 as f32, b.1 as f32))
+        .unzip();
+    check("greedy_rows log-prob", &gl, &wl, 1e-5);
+}
+
 #[test]
 fn fused_logprobs_at_vocab_32000() {
     let Some(g) = gpu() else { return };

@@ -1452,6 +1452,32 @@ impl Backend for CudaBackend {
         (dq, dk, dv)
     }
 
+    fn greedy_rows(&self, logits: &DBuf, rows: usize, vocab: usize) -> Vec<(u32, f64)> {
+        assert_eq!(
+            logits.n,
+            rows * vocab,
+            "greedy_rows: logits are not (rows, vocab)"
+        );
+        if rows == 0 {
+            return Vec::new();
+        }
+        // SAFETY: the kernel writes one id and one probability per row.
+        let mut ids = unsafe { self.stream.alloc::<i32>(rows) }.expect("CUDA: out of memory");
+        let mut prob = self.poisoned(rows);
+        let v = vocab as i32;
+        let mut b = self.stream.launch_builder(self.f("argmax_maxprob"));
+        b.arg(&logits.s).arg(&v).arg(&mut ids).arg(&mut prob.s);
+        // SAFETY: a block per row of (rows, vocab) logits; 256 threads (block reductions by warp).
+        unsafe { b.launch(per_row(rows, 256, 0)) }.expect("CUDA: argmax_maxprob");
+        let ids = self.stream.clone_dtoh(&ids).expect("CUDA: download");
+        let prob = self.download(&prob);
+        // the softmax probability of the maximum as a log (the host twin's max - log-sum-exp)
+        ids.iter()
+            .zip(prob)
+            .map(|(&i, p)| (i as u32, (p as f64).ln()))
+            .collect()
+    }
+
     fn fused_logprobs(
         &self,
         hidden: &DBuf,

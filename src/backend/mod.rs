@@ -299,6 +299,18 @@ pub trait Backend: Send + Sync {
         lse: Option<&Self::Buf>,
         shape: AttnShape,
     ) -> (Self::Buf, Self::Buf, Self::Buf);
+    /// Greedy decoding's pick per row of `logits` (rows, vocab): the first index of the maximum and
+    /// its log-softmax value (for max_softmax_ppl). By default on the host ([`greedy`]); the CUDA
+    /// backend picks on the device, so that only two numbers per row come back instead of the row.
+    fn greedy_rows(&self, logits: &Self::Buf, rows: usize, vocab: usize) -> Vec<(u32, f64)> {
+        let host = self.download(logits);
+        assert_eq!(
+            host.len(),
+            rows * vocab,
+            "greedy_rows: logits are not (rows, vocab)"
+        );
+        host.chunks_exact(vocab).map(greedy).collect()
+    }
     /// Log-probabilities of `targets` from hidden states (rows, hidden) through the LM head w (vocab,
     /// hidden), a block of rows at a time so the (rows, vocab) logits never exist whole. Returns
     /// (log-prob, log-sum-exp) per row; the log-sum-exp is what the backward needs.
@@ -359,6 +371,18 @@ pub fn dropout_keep(key: u64, index: u64, p: f32) -> bool {
     z ^= z >> 31;
     // 24 random bits -> [0, 1)
     ((z >> 40) as f32) * (1.0 / (1u64 << 24) as f32) >= p
+}
+
+/// The first index of the maximum of one row of logits and its log-softmax value.
+pub fn greedy(logits: &[f32]) -> (u32, f64) {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    let lse = cpu::log_sum_exp(logits) as f64;
+    (best as u32, logits[best] as f64 - lse)
 }
 
 #[cfg(test)]

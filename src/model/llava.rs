@@ -339,18 +339,17 @@ impl<B: Backend> Llava<B> {
             gen: Vec<u32>,
             rows: Vec<Vec<f64>>,
             log_pmax: f64,
-            logits: Vec<f32>, // (vocab) for the next token
+            next: (u32, f64), // the greedy pick of the last logits and its log-probability
         }
         let mut states = Vec::with_capacity(items.len());
         let mut caches = Vec::with_capacity(items.len());
         for it in items {
             let (cache, logits) = self.prefill(&it.prompt.ids, it.features, use_lora)?;
-            let logits = be.download(&logits);
             states.push(State {
                 gen: Vec::new(),
                 rows: Vec::new(),
                 log_pmax: 0.0,
-                logits,
+                next: be.greedy_rows(&logits, 1, vocab)[0],
             });
             caches.push(cache);
         }
@@ -362,8 +361,7 @@ impl<B: Backend> Llava<B> {
             let mut j = 0;
             while j < active.len() {
                 let st = &mut states[active[j]];
-                debug_assert_eq!(st.logits.len(), vocab);
-                let (tok, lp) = greedy(&st.logits);
+                let (tok, lp) = st.next;
                 st.gen.push(tok);
                 st.log_pmax += lp;
                 if tok == self.tokenizer.eos || st.gen.len() == opts.max_new_tokens {
@@ -388,12 +386,13 @@ impl<B: Backend> Llava<B> {
                 .collect();
             let x = be.embed(&feed, &self.decoder.embed);
             let (hid, masses) = self.decoder.forward_packed(be, x, &segs, &mut caches, use_lora);
-            let logits = be.download(&self.decoder.logits(be, &hid, active.len())); // (active, vocab)
-            for ((&i, m), row) in active.iter().zip(masses).zip(logits.chunks_exact(vocab)) {
+            let logits = self.decoder.logits(be, &hid, active.len()); // (active, vocab)
+            let picks = be.greedy_rows(&logits, active.len(), vocab);
+            for ((&i, m), pick) in active.iter().zip(masses).zip(picks) {
                 if let Some(m) = m.first() {
                     states[i].rows.push(m.iter().map(|&v| v as f64).collect());
                 }
-                states[i].logits = row.to_vec();
+                states[i].next = pick;
             }
         }
         items
@@ -474,14 +473,6 @@ fn image_groups(spans: &[KeySpan]) -> Result<Option<KeyGroups>> {
         .transpose()
 }
 
-/// argmax (first index on ties, as torch) and log of its softmax probability.
-pub fn greedy(logits: &[f32]) -> (u32, f64) {
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    let lse = crate::backend::cpu::log_sum_exp(logits) as f64;
-    (best as u32, logits[best] as f64 - lse)
-}
+/// argmax (first index on ties, as torch) and log of its softmax probability (one row on the host;
+/// `Backend::greedy_rows` picks where the logits are)
+pub use crate::backend::greedy;
