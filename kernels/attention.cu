@@ -603,112 +603,110 @@ __device__ __forceinline__ void flash_bwd(const act* q, const act* k, const act*
         int next_hh = i0 + FA_BM < i_end ? hh : hh + 1, next_i0 = i0 + FA_BM < i_end ? i0 + FA_BM : i_begin;
         bf16 *sq = sq0 + buf * FA_BM * S, *sqt = sqt0 + buf * D * ST;
         bf16 *sdo = sdo0 + buf * FA_BM * S, *sdot = sdot0 + buf * D * ST;
+        __syncthreads(); // the previous tile's readers are done (and, PACKED, the other buffer's)
+        if constexpr (PACKED) {
+            if (next_hh < group) issue(next_hh, next_i0, buf ^ 1);
+        } else {
+            fa_load_both<D, S, ST>(sq, sqt, q + h * D, i0, FA_BM, tq, heads * D);
+            fa_load_both<D, S, ST>(sdo, sdot, dout + h * D, i0, FA_BM, tq, heads * D);
+        }
+        for (int r = threadIdx.x; r < FA_BM; r += blockDim.x) {
+            bool in = i0 + r < tq;
+            slse[r] = in ? lse[(long)(i0 + r) * heads + h] * 1.4426950408889634f : 0.0f;
+            sdel[r] = in ? delta[(long)(i0 + r) * heads + h] : 0.0f;
+        }
+        if constexpr (PACKED) {
+            if (next_hh < group) cp_async_wait<1>(); // this tile's copies (the next one's may fly)
+            else cp_async_wait<0>();
+        }
+        __syncthreads();
+        // Sᵀ (16 keys x 64 queries) and dPᵀ = V dOᵀ, both with this warp's keys as rows
+        float pt[FA_BM / 8][4], dpt[FA_BM / 8][4];
+        const bf16* kw = sk + (warp * 16) * S;
+        const bf16* vw = sv + (warp * 16) * S;
+#pragma unroll
+        for (int nt = 0; nt < FA_BM / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) pt[nt][e] = dpt[nt][e] = 0.0f;
+            const bf16* qr = sq + (nt * 8 + g) * S + 2 * t;
+            const bf16* dor = sdo + (nt * 8 + g) * S + 2 * t;
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                unsigned a[4], b[4];
+                a[0] = *(const unsigned*)(kw + g * S + kk * 16 + 2 * t);
+                a[1] = *(const unsigned*)(kw + (g + 8) * S + kk * 16 + 2 * t);
+                a[2] = *(const unsigned*)(kw + g * S + kk * 16 + 2 * t + 8);
+                a[3] = *(const unsigned*)(kw + (g + 8) * S + kk * 16 + 2 * t + 8);
+                b[0] = *(const unsigned*)(vw + g * S + kk * 16 + 2 * t);
+                b[1] = *(const unsigned*)(vw + (g + 8) * S + kk * 16 + 2 * t);
+                b[2] = *(const unsigned*)(vw + g * S + kk * 16 + 2 * t + 8);
+                b[3] = *(const unsigned*)(vw + (g + 8) * S + kk * 16 + 2 * t + 8);
+                mma_bf16_16816(pt[nt], a, *(const unsigned*)(qr + kk * 16), *(const unsigned*)(qr + kk * 16 + 8));
+                mma_bf16_16816(dpt[nt], b, *(const unsigned*)(dor + kk * 16), *(const unsigned*)(dor + kk * 16 + 8));
+            }
+        }
+        // Pᵀ and dSᵀ in place (pt, dpt); masked entries are 0
+#pragma unroll
+        for (int nt = 0; nt < FA_BM / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int ql = nt * 8 + 2 * t + (e & 1), qi = i0 + ql, qpos = q_pos0 + qi, j = key[e >> 1];
+                bool ok = qi < tq && j < tk && (!causal || j <= qpos) &&
+                          !(hole_first >= 0 && qpos >= hole_first && j >= hole_a && j < hole_b);
+                float p = ok ? exp2f(pt[nt][e] * scale2 - slse[ql]) : 0.0f;
+                pt[nt][e] = p;
+                dpt[nt][e] = p * (dpt[nt][e] - sdel[ql]);
+            }
+        }
+        // dV += Pᵀ dO, dK += dSᵀ Q (the c fragments of Pᵀ, dSᵀ are the a fragments, k = queries)
+#pragma unroll
+        for (int kk = 0; kk < FA_BM / 16; kk++) {
+            unsigned pa[4] = {pack_bf16(pt[2 * kk][0], pt[2 * kk][1]), pack_bf16(pt[2 * kk][2], pt[2 * kk][3]),
+                              pack_bf16(pt[2 * kk + 1][0], pt[2 * kk + 1][1]),
+                              pack_bf16(pt[2 * kk + 1][2], pt[2 * kk + 1][3])};
+            unsigned da[4] = {pack_bf16(dpt[2 * kk][0], dpt[2 * kk][1]), pack_bf16(dpt[2 * kk][2], dpt[2 * kk][3]),
+                              pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
+                              pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
+#pragma unroll
+            for (int dt = 0; dt < D / 8; dt++) {
+                const bf16* dr = sdot + (dt * 8 + g) * ST + kk * 16 + 2 * t;
+                const bf16* qr = sqt + (dt * 8 + g) * ST + kk * 16 + 2 * t;
+                mma_bf16_16816(dva[dt], pa, *(const unsigned*)dr, *(const unsigned*)(dr + 8));
+                mma_bf16_16816(dka[dt], da, *(const unsigned*)qr, *(const unsigned*)(qr + 8));
+            }
+        }
+        // dS to shared memory as (queries, keys), for dQ = dS K with the warps over query rows
+#pragma unroll
+        for (int nt = 0; nt < FA_BM / 8; nt++) {
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                int ql = nt * 8 + 2 * t + (e & 1), kl = warp * 16 + g + 8 * (e >> 1);
+                sds[ql * ST + kl] = f2bf(dpt[nt][e]);
+            }
+        }
+        __syncthreads();
         {
-            __syncthreads(); // the previous tile's readers are done (and, PACKED, the other buffer's)
-            if constexpr (PACKED) {
-                if (next_hh < group) issue(next_hh, next_i0, buf ^ 1);
-            } else {
-                fa_load_both<D, S, ST>(sq, sqt, q + h * D, i0, FA_BM, tq, heads * D);
-                fa_load_both<D, S, ST>(sdo, sdot, dout + h * D, i0, FA_BM, tq, heads * D);
+            const bf16* dsw = sds + (warp * 16) * ST; // this warp's 16 query rows
+            unsigned af[FA_BN / 16][4];
+#pragma unroll
+            for (int kk = 0; kk < FA_BN / 16; kk++) {
+                af[kk][0] = *(const unsigned*)(dsw + g * ST + kk * 16 + 2 * t);
+                af[kk][1] = *(const unsigned*)(dsw + (g + 8) * ST + kk * 16 + 2 * t);
+                af[kk][2] = *(const unsigned*)(dsw + g * ST + kk * 16 + 2 * t + 8);
+                af[kk][3] = *(const unsigned*)(dsw + (g + 8) * ST + kk * 16 + 2 * t + 8);
             }
-            for (int r = threadIdx.x; r < FA_BM; r += blockDim.x) {
-                bool in = i0 + r < tq;
-                slse[r] = in ? lse[(long)(i0 + r) * heads + h] * 1.4426950408889634f : 0.0f;
-                sdel[r] = in ? delta[(long)(i0 + r) * heads + h] : 0.0f;
-            }
-            if constexpr (PACKED) {
-                if (next_hh < group) cp_async_wait<1>(); // this tile's copies (the next one's may fly)
-                else cp_async_wait<0>();
-            }
-            __syncthreads();
-            // Sᵀ (16 keys x 64 queries) and dPᵀ = V dOᵀ, both with this warp's keys as rows
-            float pt[FA_BM / 8][4], dpt[FA_BM / 8][4];
-            const bf16* kw = sk + (warp * 16) * S;
-            const bf16* vw = sv + (warp * 16) * S;
+            int r0 = i0 + warp * 16 + g, r1 = r0 + 8;
 #pragma unroll
-            for (int nt = 0; nt < FA_BM / 8; nt++) {
-#pragma unroll
-                for (int e = 0; e < 4; e++) pt[nt][e] = dpt[nt][e] = 0.0f;
-                const bf16* qr = sq + (nt * 8 + g) * S + 2 * t;
-                const bf16* dor = sdo + (nt * 8 + g) * S + 2 * t;
-#pragma unroll
-                for (int kk = 0; kk < D / 16; kk++) {
-                    unsigned a[4], b[4];
-                    a[0] = *(const unsigned*)(kw + g * S + kk * 16 + 2 * t);
-                    a[1] = *(const unsigned*)(kw + (g + 8) * S + kk * 16 + 2 * t);
-                    a[2] = *(const unsigned*)(kw + g * S + kk * 16 + 2 * t + 8);
-                    a[3] = *(const unsigned*)(kw + (g + 8) * S + kk * 16 + 2 * t + 8);
-                    b[0] = *(const unsigned*)(vw + g * S + kk * 16 + 2 * t);
-                    b[1] = *(const unsigned*)(vw + (g + 8) * S + kk * 16 + 2 * t);
-                    b[2] = *(const unsigned*)(vw + g * S + kk * 16 + 2 * t + 8);
-                    b[3] = *(const unsigned*)(vw + (g + 8) * S + kk * 16 + 2 * t + 8);
-                    mma_bf16_16816(pt[nt], a, *(const unsigned*)(qr + kk * 16), *(const unsigned*)(qr + kk * 16 + 8));
-                    mma_bf16_16816(dpt[nt], b, *(const unsigned*)(dor + kk * 16), *(const unsigned*)(dor + kk * 16 + 8));
-                }
-            }
-            // Pᵀ and dSᵀ in place (pt, dpt); masked entries are 0
-#pragma unroll
-            for (int nt = 0; nt < FA_BM / 8; nt++) {
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int ql = nt * 8 + 2 * t + (e & 1), qi = i0 + ql, qpos = q_pos0 + qi, j = key[e >> 1];
-                    bool ok = qi < tq && j < tk && (!causal || j <= qpos) &&
-                              !(hole_first >= 0 && qpos >= hole_first && j >= hole_a && j < hole_b);
-                    float p = ok ? exp2f(pt[nt][e] * scale2 - slse[ql]) : 0.0f;
-                    pt[nt][e] = p;
-                    dpt[nt][e] = p * (dpt[nt][e] - sdel[ql]);
-                }
-            }
-            // dV += Pᵀ dO, dK += dSᵀ Q (the c fragments of Pᵀ, dSᵀ are the a fragments, k = queries)
-#pragma unroll
-            for (int kk = 0; kk < FA_BM / 16; kk++) {
-                unsigned pa[4] = {pack_bf16(pt[2 * kk][0], pt[2 * kk][1]), pack_bf16(pt[2 * kk][2], pt[2 * kk][3]),
-                                  pack_bf16(pt[2 * kk + 1][0], pt[2 * kk + 1][1]),
-                                  pack_bf16(pt[2 * kk + 1][2], pt[2 * kk + 1][3])};
-                unsigned da[4] = {pack_bf16(dpt[2 * kk][0], dpt[2 * kk][1]), pack_bf16(dpt[2 * kk][2], dpt[2 * kk][3]),
-                                  pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]),
-                                  pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3])};
-#pragma unroll
-                for (int dt = 0; dt < D / 8; dt++) {
-                    const bf16* dr = sdot + (dt * 8 + g) * ST + kk * 16 + 2 * t;
-                    const bf16* qr = sqt + (dt * 8 + g) * ST + kk * 16 + 2 * t;
-                    mma_bf16_16816(dva[dt], pa, *(const unsigned*)dr, *(const unsigned*)(dr + 8));
-                    mma_bf16_16816(dka[dt], da, *(const unsigned*)qr, *(const unsigned*)(qr + 8));
-                }
-            }
-            // dS to shared memory as (queries, keys), for dQ = dS K with the warps over query rows
-#pragma unroll
-            for (int nt = 0; nt < FA_BM / 8; nt++) {
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    int ql = nt * 8 + 2 * t + (e & 1), kl = warp * 16 + g + 8 * (e >> 1);
-                    sds[ql * ST + kl] = f2bf(dpt[nt][e]);
-                }
-            }
-            __syncthreads();
-            {
-                const bf16* dsw = sds + (warp * 16) * ST; // this warp's 16 query rows
-                unsigned af[FA_BN / 16][4];
+            for (int dt = 0; dt < D / 8; dt++) {
+                float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
 #pragma unroll
                 for (int kk = 0; kk < FA_BN / 16; kk++) {
-                    af[kk][0] = *(const unsigned*)(dsw + g * ST + kk * 16 + 2 * t);
-                    af[kk][1] = *(const unsigned*)(dsw + (g + 8) * ST + kk * 16 + 2 * t);
-                    af[kk][2] = *(const unsigned*)(dsw + g * ST + kk * 16 + 2 * t + 8);
-                    af[kk][3] = *(const unsigned*)(dsw + (g + 8) * ST + kk * 16 + 2 * t + 8);
+                    const bf16* kr = skt + (dt * 8 + g) * ST + kk * 16 + 2 * t;
+                    mma_bf16_16816(c, af[kk], *(const unsigned*)kr, *(const unsigned*)(kr + 8));
                 }
-                int r0 = i0 + warp * 16 + g, r1 = r0 + 8;
-#pragma unroll
-                for (int dt = 0; dt < D / 8; dt++) {
-                    float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-#pragma unroll
-                    for (int kk = 0; kk < FA_BN / 16; kk++) {
-                        const bf16* kr = skt + (dt * 8 + g) * ST + kk * 16 + 2 * t;
-                        mma_bf16_16816(c, af[kk], *(const unsigned*)kr, *(const unsigned*)(kr + 8));
-                    }
-                    int col = dt * 8 + 2 * t;
-                    if (r0 < tq) red_add2(dq + ((long)r0 * heads + h) * D + col, c[0] * scale, c[1] * scale);
-                    if (r1 < tq) red_add2(dq + ((long)r1 * heads + h) * D + col, c[2] * scale, c[3] * scale);
-                }
+                int col = dt * 8 + 2 * t;
+                if (r0 < tq) red_add2(dq + ((long)r0 * heads + h) * D + col, c[0] * scale, c[1] * scale);
+                if (r1 < tq) red_add2(dq + ((long)r1 * heads + h) * D + col, c[2] * scale, c[3] * scale);
             }
         }
         hh = next_hh;
