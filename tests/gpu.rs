@@ -585,38 +585,55 @@ fn attention_mass_over_more_than_16_groups_or_64_ranges() {
     let mut ranges: Vec<(usize, usize, usize)> = (0..80).map(|i| (10 + i * 8, 13 + i * 8, 1)).collect();
     ranges.push((0, tk, 0));
     let many = KeyGroups::new(&ranges, 2).unwrap();
+    // the tensor-core variants (the plain kernel has no group limit): bf16 probabilities (module
+    // comment)
+    let variants = tensor_core_variants(&g);
     for (what, groups) in [("20 groups", &per_image), ("80 ranges", &many)] {
         for tq in [1, 200] {
-            let s = AttnShape {
-                tq,
-                tk,
-                heads,
-                kv_heads: kv,
-                head_dim: d,
-                causal: true,
-                q_pos0: tk - tq,
-                hole: None,
-            };
-            let (q, k, v) = (
-                rng.vec(tq * heads * d, 1.0),
-                rng.vec(tk * kv * d, 1.0),
-                rng.vec(tk * kv * d, 1.0),
-            );
-            let (oc, mc) = c.attention(&q, &k, &v, s, Some(groups));
-            for (variant, _) in tensor_core_variants(&g) {
-                g.set_attention(variant);
-                let (og, mg) = g.attention(&g.upload(&q), &g.upload(&k), &g.upload(&v), s, Some(groups));
-                let name = format!("attention {variant:?} tq={tq} {what}");
-                // bf16 tensor-core probabilities (module comment)
-                check(&name, &g.download(&og), &oc, GEMM_TOL);
-                check(
-                    &format!("{name} mass"),
-                    &mg.unwrap(),
-                    mc.as_ref().unwrap(),
-                    GEMM_TOL,
-                );
-            }
+            let s = decode_shape(tq, tk, heads, kv, d);
+            check_group_mass(&mut g, &c, &mut rng, s, groups, what, &variants);
         }
+    }
+}
+
+/// tq causal query rows at the end of tk keys (a decode step, or a prefill's last rows).
+fn decode_shape(tq: usize, tk: usize, heads: usize, kv_heads: usize, head_dim: usize) -> AttnShape {
+    AttnShape {
+        tq,
+        tk,
+        heads,
+        kv_heads,
+        head_dim,
+        causal: true,
+        q_pos0: tk - tq,
+        hole: None,
+    }
+}
+
+/// Random Q, K, V of shape `s`: the output and the mass on `groups` of every variant in `variants`
+/// (with its tolerance) against the CPU twin.
+fn check_group_mass(
+    g: &mut CudaBackend,
+    c: &CpuBackend,
+    rng: &mut TestRng,
+    s: AttnShape,
+    groups: &KeyGroups,
+    what: &str,
+    variants: &[(AttnKernel, f64)],
+) {
+    let (q, k, v) = (
+        rng.vec(s.tq * s.heads * s.head_dim, 1.0),
+        rng.vec(s.tk * s.kv_heads * s.head_dim, 1.0),
+        rng.vec(s.tk * s.kv_heads * s.head_dim, 1.0),
+    );
+    let (oc, mc) = c.attention(&q, &k, &v, s, Some(groups));
+    let mc = mc.expect("groups given");
+    for &(variant, tol) in variants {
+        g.set_attention(variant);
+        let (og, mg) = g.attention(&g.upload(&q), &g.upload(&k), &g.upload(&v), s, Some(groups));
+        let name = format!("attention {variant:?} tq={} {what}", s.tq);
+        check(&name, &g.download(&og), &oc, tol);
+        check(&format!("{name} mass"), &mg.expect("groups given"), &mc, tol);
     }
 }
 
@@ -637,36 +654,14 @@ fn attention_mass_of_grid_and_pip_groups() {
     };
     let pip = region(4..20, 4..20);
     let cell = region(8..16, 16..24); // block 6 of a 3×3 collage
+                                      // plain: f32 throughout; the tensor-core variants: bf16 probabilities (module comment); the
+                                      // masses are sums of those probabilities, bounded by 1
+    let mut variants = vec![(AttnKernel::Plain, F32_TOL)];
+    variants.extend(tensor_core_variants(&g));
     for (what, groups) in [("pip", &pip), ("grid cell", &cell)] {
         for tq in [1, 3, 200] {
-            let s = AttnShape {
-                tq,
-                tk,
-                heads,
-                kv_heads: kv,
-                head_dim: d,
-                causal: true,
-                q_pos0: tk - tq,
-                hole: None,
-            };
-            let (q, k, v) = (
-                rng.vec(tq * heads * d, 1.0),
-                rng.vec(tk * kv * d, 1.0),
-                rng.vec(tk * kv * d, 1.0),
-            );
-            let (oc, mc) = c.attention(&q, &k, &v, s, Some(groups));
-            let mc = mc.unwrap();
-            // plain: f32 throughout; the tensor-core variants: bf16 probabilities (module comment);
-            // the masses are sums of those probabilities, bounded by 1
-            let mut variants = vec![(AttnKernel::Plain, F32_TOL)];
-            variants.extend(tensor_core_variants(&g));
-            for (variant, tol) in variants {
-                g.set_attention(variant);
-                let (og, mg) = g.attention(&g.upload(&q), &g.upload(&k), &g.upload(&v), s, Some(groups));
-                let name = format!("attention {variant:?} tq={tq} {what}");
-                check(&name, &g.download(&og), &oc, tol);
-                check(&format!("{name} mass"), &mg.unwrap(), &mc, tol);
-            }
+            let s = decode_shape(tq, tk, heads, kv, d);
+            check_group_mass(&mut g, &c, &mut rng, s, groups, what, &variants);
         }
     }
 }
