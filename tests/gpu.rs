@@ -437,18 +437,91 @@ fn fused_logprobs_at_vocab_32000() {
     check("fused_logprobs_weight_grad", &g.download(&gg), &gc, GEMM_TOL);
 }
 
-/// The fixture end to end: the policy pass (log-probs and LoRA gradients) on both backends.
+/// The fixture end to end: the policy pass (log-probs and LoRA gradients) on both backends, in both
+/// layouts of a pair (prefix-shared `[prompt | chosen | rejected]`, the default, and two sequences),
+/// and the GPU's two layouts against each other.
 #[test]
 fn dpo_pass_on_the_fixture_matches_the_cpu() {
     use miadpo::model::llava::Llava;
-    use miadpo::model::lora::Proj;
-    use miadpo::train::backward::{pair_backward, pair_forward, LoraGrads, PassOptions};
+    use miadpo::train::backward::PassOptions;
     let Some(g) = gpu() else { return };
     let dir = common::fixture_dir();
     let mut mc = Llava::load(&dir.join("model"), CpuBackend::new()).unwrap();
     let mut mg = Llava::load(&dir.join("model"), g).unwrap();
     mc.load_adapter(&dir.join("adapter")).unwrap();
     mg.load_adapter(&dir.join("adapter")).unwrap();
+    let shared = PassOptions::default();
+    let separate = PassOptions {
+        prefix_sharing: false,
+        ..shared
+    };
+    assert!(shared.prefix_sharing, "the default layout is prefix-shared");
+    let (ls, gs) = fixture_pair_on_both(&mc, &mg, shared, "prefix-shared");
+    let (lt, gt) = fixture_pair_on_both(&mc, &mg, separate, "two sequences");
+    // The GPU's two layouts round the same values to bf16, except where a product's blocking or an
+    // attention tile edge depends on the packed length (f32 sums in another order, then a 1-ulp flip
+    // here and there), so they differ by less than the whole bf16 chain does from the CPU (1.4e-3
+    // measured on an H100 by `score`): 5e-3. A wrong hole, a rejected answer that sees the chosen
+    // one, moves the fixture's rejected log-prob by ~1e-1 (measured on the CPU: -123.1 against
+    // -109.5 after the chosen answer), twenty times the tolerance.
+    const LAYOUT_LOGP_TOL: f64 = 5e-3;
+    for (x, y, which) in [(ls.0, lt.0, "chosen"), (ls.1, lt.1, "rejected")] {
+        let e = (x - y).abs() / y.abs();
+        eprintln!(
+            "{:<40} rel err {e:.2e} (tol {LAYOUT_LOGP_TOL:.0e})",
+            format!("gpu layouts: {which} log-prob")
+        );
+        assert!(
+            e <= LAYOUT_LOGP_TOL,
+            "gpu {which} log-prob: prefix-shared {x} vs two sequences {y}"
+        );
+    }
+    // Their DPO gradients against each other, at the bound each meets against the CPU.
+    let mut failed = Vec::new();
+    for ((name, a, tol), (_, b, _)) in gs.iter().zip(&gt) {
+        let (e, cos) = (rel(a, b), cosine(a, b));
+        eprintln!(
+            "{:<40} rel err {e:.2e} (tol {tol:.1e})  cosine {cos:.5}",
+            format!("gpu layouts: {name} DPO")
+        );
+        if e > *tol || cos < MIN_COSINE {
+            failed.push(format!("{name}: {e:.2e}, cosine {cos:.5}"));
+        }
+    }
+    assert!(failed.is_empty(), "the GPU's two layouts disagree: {failed:#?}");
+    mc.decoder.detach_lora();
+    mg.decoder.detach_lora();
+}
+
+// One sequence's log-prob gradient on this fixture is sensitive: rounding the image features alone to
+// bf16 (one rounding of one input, 2^-9 relative) moves the CPU's LoRA gradients by up to 1.7e-2 of
+// their largest entry (measured on the CPU). The GPU rounds the inputs of every product (~25 in the
+// chain forward and back, vision tower included) and of the attention's tensor-core tiles:
+// √25 · 1.7e-2 ≈ 8.5e-2, so 1.5e-1 relative to the largest entry (two device runs on an H100 measured
+// up to 1.1e-1 and 1.15e-1). A wrong kernel shows up as a direction error, which the cosine catches:
+// ≥ 0.99 (a normwise error under ~14%).
+const PART_TOL: f64 = 1.5e-1;
+const MIN_COSINE: f64 = 0.99;
+
+fn cosine(a: &[f32], b: &[f32]) -> f64 {
+    let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| *p as f64 * *q as f64).sum::<f64>();
+    dot(a, b) / (dot(a, a) * dot(b, b)).sqrt().max(1e-300)
+}
+
+/// The fixture's first pair through the policy pass in layout `o` on the CPU and the GPU: the
+/// log-probs and the LoRA gradients (chosen part, rejected part, DPO sum) compared, each named with
+/// `layout`. Returns the GPU's (chosen, rejected) log-probs and its DPO gradients by name, each
+/// with the bound it was checked at.
+#[allow(clippy::type_complexity)]
+fn fixture_pair_on_both(
+    mc: &miadpo::model::llava::Llava<CpuBackend>,
+    mg: &miadpo::model::llava::Llava<CudaBackend>,
+    o: miadpo::train::backward::PassOptions,
+    layout: &str,
+) -> ((f64, f64), Vec<(String, Vec<f32>, f64)>) {
+    use miadpo::model::lora::Proj;
+    use miadpo::train::backward::{pair_backward, pair_forward, LoraGrads};
+    let dir = common::fixture_dir();
     let case = &common::cases()["score"][0];
     let images: Vec<std::path::PathBuf> = case["images"]
         .as_array()
@@ -472,24 +545,26 @@ fn dpo_pass_on_the_fixture_matches_the_cpu() {
         mc.tokenizer.response(case["chosen"].as_str().unwrap()).unwrap(),
         mc.tokenizer.response(case["rejected"].as_str().unwrap()).unwrap(),
     );
-    let o = PassOptions::default();
     let fc = mc.image_features(&px);
     let fg = mg.image_features(&px);
     check("image features", &mg.be.download(&fg), &fc, GEMM_TOL);
-    let pc = pair_forward(&mc, &prompt.ids, &chosen, &rejected, &fc, o, 0).unwrap();
-    let pg = pair_forward(&mg, &prompt.ids, &chosen, &rejected, &fg, o, 0).unwrap();
+    let pc = pair_forward(mc, &prompt.ids, &chosen, &rejected, &fc, o, 0).unwrap();
+    let pg = pair_forward(mg, &prompt.ids, &chosen, &rejected, &fg, o, 0).unwrap();
     let (a, b) = (pc.logps(), pg.logps());
     // summed log-probs of ~-100 through bf16 products: 1e-2 relative
     for (x, y) in [(a.0, b.0), (a.1, b.1)] {
-        assert!((x - y).abs() <= 1e-2 * x.abs(), "log-prob cpu {x} vs gpu {y}");
+        assert!(
+            (x - y).abs() <= 1e-2 * x.abs(),
+            "{layout}: log-prob cpu {x} vs gpu {y}"
+        );
     }
     // The DPO gradient is −½·∇logp(chosen) + ½·∇logp(rejected): the two parts share the prompt and
     // largely cancel, so its error is bounded by the parts' errors, not by its own (smaller) size.
     // Each part is checked alone, and the sum against the bound the parts give.
     let grads = |coef: (f64, f64)| {
         let (mut gc, mut gg) = (LoraGrads::default(), LoraGrads::default());
-        pair_backward(&mc, &pc, coef.0, coef.1, o, &mut gc);
-        pair_backward(&mg, &pg, coef.0, coef.1, o, &mut gg);
+        pair_backward(mc, &pc, coef.0, coef.1, o, &mut gc);
+        pair_backward(mg, &pg, coef.0, coef.1, o, &mut gg);
         let mut out = Vec::new();
         for layer in 0..mc.cfg.text.num_layers {
             for proj in Proj::ALL {
@@ -502,23 +577,12 @@ fn dpo_pass_on_the_fixture_matches_the_cpu() {
         out
     };
     let max_abs = |v: &[f32]| v.iter().fold(0f64, |m, x| m.max(x.abs() as f64));
-    let cosine = |a: &[f32], b: &[f32]| {
-        let dot = |x: &[f32], y: &[f32]| x.iter().zip(y).map(|(p, q)| *p as f64 * *q as f64).sum::<f64>();
-        dot(a, b) / (dot(a, a) * dot(b, b)).sqrt().max(1e-300)
-    };
     let (chosen_part, rejected_part, dpo) = (grads((-0.5, 0.0)), grads((0.0, 0.5)), grads((-0.5, 0.5)));
-    // One sequence's log-prob gradient on this fixture is sensitive: rounding the image features
-    // alone to bf16 (one rounding of one input, 2^-9 relative) moves the CPU's LoRA gradients by up to
-    // 1.7e-2 of their largest entry (measured on the CPU). The GPU rounds the inputs of every product
-    // (~25 in the chain forward and back, vision tower included) and of the attention's tensor-core
-    // tiles: √25 · 1.7e-2 ≈ 8.5e-2, so 1.5e-1 relative to the largest entry (two device runs on an H100
-    // measured up to 1.1e-1 and 1.15e-1). A wrong kernel shows up as a direction error, which the cosine catches:
-    // ≥ 0.99 (a normwise error under ~14%).
-    const PART_TOL: f64 = 1.5e-1;
-    const MIN_COSINE: f64 = 0.99;
     let mut failed = Vec::new();
+    let mut out = Vec::new();
     for ((c, r), d) in chosen_part.iter().zip(&rejected_part).zip(&dpo) {
         let bound = PART_TOL * (max_abs(&c.2) + max_abs(&r.2)) / max_abs(&d.2).max(1e-30);
+        out.push((d.0.clone(), d.1.clone(), bound));
         for (what, got, want, tol) in [
             ("chosen part", &c.1, &c.2, PART_TOL),
             ("rejected part", &r.1, &r.2, PART_TOL),
@@ -527,19 +591,18 @@ fn dpo_pass_on_the_fixture_matches_the_cpu() {
             let (e, cos) = (rel(got, want), cosine(got, want));
             eprintln!(
                 "grad {:<28} rel err {e:.2e} (tol {tol:.1e})  cosine {cos:.5}",
-                format!("{} {what}", c.0)
+                format!("{layout}: {} {what}", c.0)
             );
             if e > tol || cos < MIN_COSINE {
                 failed.push(format!(
-                    "{} {what}: {e:.2e} (tol {tol:.1e}), cosine {cos:.5}",
+                    "{layout}: {} {what}: {e:.2e} (tol {tol:.1e}), cosine {cos:.5}",
                     c.0
                 ));
             }
         }
     }
     assert!(failed.is_empty(), "gradients off: {failed:#?}");
-    mc.decoder.detach_lora();
-    mg.decoder.detach_lora();
+    (b, out)
 }
 
 /// The KV cache's growth: rows appended one block at a time (the allocation grows geometrically, the
