@@ -6,7 +6,7 @@
 //! Device errors inside an op (out of memory, a failed launch) panic with the op's name: the trait's
 //! ops return values, as the CPU's do; creating the backend returns every error of the setup.
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::CudaBlas;
@@ -68,7 +68,19 @@ pub struct CudaBackend {
     attn: AttnKernel,
     /// the device's default memory pool, where every buffer lives (None: no stream-ordered allocator)
     pool: Option<cudarc::driver::sys::CUmemoryPool>,
+    /// The last few index arrays uploaded (`ints`), by content, newest last. A decode step used to
+    /// upload the same positions for each of its 24 RoPE calls and an empty group layout for each
+    /// attention call, every one a copy from pageable memory, which the driver may make wait for the
+    /// stream; now one upload serves them all. Kernels only read these buffers.
+    ints_cache: Mutex<Vec<CachedInts>>,
 }
+
+/// An index array's content and its device copy.
+type CachedInts = (Vec<i32>, Arc<CudaSlice<i32>>);
+
+/// How many index arrays `ints_cache` keeps (a step's positions, a prompt's group layout, the empty
+/// one, a few spare).
+const INTS_CACHE: usize = 8;
 
 /// The attention kernels (numbered variants in kernels/attention.cu).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -317,6 +329,7 @@ impl CudaBackend {
             smem_optin,
             poison: std::env::var("MIADPO_POISON").is_ok_and(|v| v == "1"),
             pool,
+            ints_cache: Mutex::new(Vec::new()),
             attn: match std::env::var("MIADPO_ATTENTION").as_deref() {
                 Ok("plain") => AttnKernel::Plain,
                 // the fastest that has passed the GPU tests on a device (docs/attention-notes.md):
@@ -451,7 +464,7 @@ impl CudaBackend {
             .arg(&hf)
             .arg(&ha)
             .arg(&hb)
-            .arg(&groups_dev)
+            .arg(&*groups_dev)
             .arg(&ng);
         match mass.as_mut() {
             Some(m) => b.arg(&mut m.s),
@@ -531,7 +544,7 @@ impl CudaBackend {
             .arg(&hf)
             .arg(&ha)
             .arg(&hb)
-            .arg(&groups_dev)
+            .arg(&*groups_dev)
             .arg(&ng);
         match mass.as_mut() {
             Some(m) => b.arg(&mut m.s),
@@ -686,7 +699,7 @@ impl CudaBackend {
             .arg(&hf)
             .arg(&ha)
             .arg(&hb)
-            .arg(&groups_dev)
+            .arg(&*groups_dev)
             .arg(&ng)
             .arg(&ch);
         let cfg = LaunchConfig {
@@ -849,13 +862,27 @@ impl CudaBackend {
         x
     }
 
-    fn ints(&self, v: &[usize]) -> CudaSlice<i32> {
+    /// An index array on the device, from `ints_cache` when the same content was uploaded lately.
+    /// Evicting a buffer frees it in stream order, after every kernel already issued that reads it.
+    fn ints(&self, v: &[usize]) -> Arc<CudaSlice<i32>> {
         let v: Vec<i32> = v.iter().map(|&x| x as i32).collect();
-        self.stream.clone_htod(&v).expect("CUDA: upload")
+        let mut cache = self.ints_cache.lock().expect("index cache lock");
+        if let Some(i) = cache.iter().position(|(k, _)| *k == v) {
+            let hit = cache.remove(i);
+            let dev = Arc::clone(&hit.1);
+            cache.push(hit);
+            return dev;
+        }
+        let dev = Arc::new(self.stream.clone_htod(&v).expect("CUDA: upload"));
+        if cache.len() == INTS_CACHE {
+            cache.remove(0);
+        }
+        cache.push((v, Arc::clone(&dev)));
+        dev
     }
 
     /// `group_layout` on the device; a lone 0 (no groups, no ranges) when there are none.
-    fn group_ints(&self, groups: Option<&KeyGroups>) -> CudaSlice<i32> {
+    fn group_ints(&self, groups: Option<&KeyGroups>) -> Arc<CudaSlice<i32>> {
         self.ints(&groups.map_or(vec![0], group_layout))
     }
 
@@ -972,7 +999,7 @@ impl CudaBackend {
     }
 
     /// token ids on the device (i32)
-    fn token_ids(&self, ids: &[u32]) -> CudaSlice<i32> {
+    fn token_ids(&self, ids: &[u32]) -> Arc<CudaSlice<i32>> {
         self.ints(&ids.iter().map(|&x| x as usize).collect::<Vec<_>>())
     }
 
@@ -1006,7 +1033,7 @@ impl CudaBackend {
             b.arg(&logits.s)
                 .arg(&nn)
                 .arg(&cc)
-                .arg(&tv)
+                .arg(&*tv)
                 .arg(&lse_d.s)
                 .arg(&g_d.s)
                 .arg(&mut dl);
@@ -1141,7 +1168,7 @@ impl Backend for CudaBackend {
         let idv = self.token_ids(ids);
         let (n, dd) = (ids.len() as i32, d as i32);
         let mut b = self.stream.launch_builder(self.f("embed_gather"));
-        b.arg(&table.w).arg(&idv).arg(&mut out.s).arg(&n).arg(&dd);
+        b.arg(&table.w).arg(&*idv).arg(&mut out.s).arg(&n).arg(&dd);
         // SAFETY: ids checked against the table above.
         unsafe { b.launch(grid1d(ids.len() * d)) }.expect("CUDA: embed_gather");
         out
@@ -1326,7 +1353,7 @@ impl Backend for CudaBackend {
         let rv = self.ints(rows);
         let (n, dd) = (rows.len() as i32, d as i32);
         let mut b = self.stream.launch_builder(self.f("scatter_rows"));
-        b.arg(&x.s).arg(&rv).arg(&src.s).arg(&n).arg(&dd);
+        b.arg(&x.s).arg(&*rv).arg(&src.s).arg(&n).arg(&dd);
         // SAFETY: rows index x; src holds rows.len() rows of d.
         unsafe { b.launch(grid1d(rows.len() * d)) }.expect("CUDA: scatter_rows");
     }
@@ -1562,7 +1589,7 @@ impl Backend for CudaBackend {
         let rv = self.ints(rows);
         let (n, dd) = (rows.len() as i32, d as i32);
         let mut b = self.stream.launch_builder(self.f("scatter_add_rows"));
-        b.arg(&mut g.s).arg(&rv).arg(&src.s).arg(&n).arg(&dd);
+        b.arg(&mut g.s).arg(&*rv).arg(&src.s).arg(&n).arg(&dd);
         // SAFETY: rows index g; src holds rows.len() rows of d.
         unsafe { b.launch(grid1d(rows.len() * d)) }.expect("CUDA: scatter_add_rows");
     }
@@ -1623,7 +1650,7 @@ fn rope_launch(
     let (rows, h, d) = (positions.len() as i32, heads as i32, hd as i32);
     let mut b = be.stream.launch_builder(be.f("rope"));
     b.arg(&x.s)
-        .arg(&pv)
+        .arg(&*pv)
         .arg(&rows)
         .arg(&h)
         .arg(&d)
@@ -1637,7 +1664,7 @@ fn rope_launch(
 /// time: per row the running max, the sum of exp(logit − max), and the target's logit.
 struct OnlineLse {
     rows: usize,
-    targets: CudaSlice<i32>,
+    targets: Arc<CudaSlice<i32>>,
     run_max: DBuf,
     run_sum: DBuf,
     target_logit: DBuf,
@@ -1662,7 +1689,7 @@ impl OnlineLse {
         b.arg(&logits.s)
             .arg(&nn)
             .arg(&cc)
-            .arg(&self.targets)
+            .arg(&*self.targets)
             .arg(&mut self.run_max.s)
             .arg(&mut self.run_sum.s)
             .arg(&mut self.target_logit.s);
