@@ -804,22 +804,23 @@ extern "C" __global__ void __launch_bounds__(128) attention_bwd3_d128(const act*
 #define DEC_WARPS 4
 #define DEC_KEYS 4 // keys per warp and step
 
+// One block's share: query row i (of q and of the partials) at position qpos, head blockIdx.y, the
+// keys of split blockIdx.x.
 template <int D>
-__device__ __forceinline__ void flash_decode(const act* q, const act* k, const act* v, float* part, int tq, int tk,
-                                             int heads, int kv_heads, int causal, int q_pos0, int hole_first,
+__device__ __forceinline__ void flash_decode(const act* q, const act* k, const act* v, float* part, int i, int qpos,
+                                             int tk, int heads, int kv_heads, int causal, int hole_first,
                                              int hole_a, int hole_b, const int* groups, int n_groups, int chunk) {
     constexpr int E = D >= 32 ? D / 32 : 1;   // dims per lane
     constexpr int LANES = D / E;              // lanes that hold dims
     constexpr int P = 2 + D + FA_MAX_GROUPS;  // one partial: max, sum, acc[D], mass[16]
     __shared__ float sp_part[DEC_WARPS][P];
     __shared__ int sg[FA_MAX_GROUPS + 1 + 2 * FA_MAX_RANGES];
-    int split = blockIdx.x, h = blockIdx.y, i = blockIdx.z, kvh = h / (heads / kv_heads);
+    int split = blockIdx.x, h = blockIdx.y, kvh = h / (heads / kv_heads);
     int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     int ng = min(n_groups, FA_MAX_GROUPS);
     load_groups(sg, groups, n_groups, ng);
     __syncthreads();
     const int* rng = sg + ng + 1;
-    int qpos = q_pos0 + i;
     int j0 = split * chunk, j1 = min(tk, j0 + chunk);
     if (causal) j1 = min(j1, qpos + 1);
     const float scale = rsqrtf((float)D) * 1.4426950408889634f;
@@ -969,29 +970,106 @@ extern "C" __global__ void attention_mass_heads(const float* per_head, float* ma
 extern "C" __global__ void __launch_bounds__(128) attention_decode_d16(const act* q, const act* k, const act* v,
         float* part, int tq, int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first, int hole_a,
         int hole_b, const int* groups, int n_groups, int chunk) {
-    flash_decode<16>(q, k, v, part, tq, tk, heads, kv_heads, causal, q_pos0, hole_first, hole_a, hole_b, groups,
-                     n_groups, chunk);
+    flash_decode<16>(q, k, v, part, blockIdx.z, q_pos0 + blockIdx.z, tk, heads, kv_heads, causal, hole_first, hole_a,
+                     hole_b, groups, n_groups, chunk);
 }
 
 extern "C" __global__ void __launch_bounds__(128) attention_decode_d32(const act* q, const act* k, const act* v,
         float* part, int tq, int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first, int hole_a,
         int hole_b, const int* groups, int n_groups, int chunk) {
-    flash_decode<32>(q, k, v, part, tq, tk, heads, kv_heads, causal, q_pos0, hole_first, hole_a, hole_b, groups,
-                     n_groups, chunk);
+    flash_decode<32>(q, k, v, part, blockIdx.z, q_pos0 + blockIdx.z, tk, heads, kv_heads, causal, hole_first, hole_a,
+                     hole_b, groups, n_groups, chunk);
 }
 
 extern "C" __global__ void __launch_bounds__(128) attention_decode_d64(const act* q, const act* k, const act* v,
         float* part, int tq, int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first, int hole_a,
         int hole_b, const int* groups, int n_groups, int chunk) {
-    flash_decode<64>(q, k, v, part, tq, tk, heads, kv_heads, causal, q_pos0, hole_first, hole_a, hole_b, groups,
-                     n_groups, chunk);
+    flash_decode<64>(q, k, v, part, blockIdx.z, q_pos0 + blockIdx.z, tk, heads, kv_heads, causal, hole_first, hole_a,
+                     hole_b, groups, n_groups, chunk);
 }
 
 extern "C" __global__ void __launch_bounds__(128) attention_decode_d128(const act* q, const act* k, const act* v,
         float* part, int tq, int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first, int hole_a,
         int hole_b, const int* groups, int n_groups, int chunk) {
-    flash_decode<128>(q, k, v, part, tq, tk, heads, kv_heads, causal, q_pos0, hole_first, hole_a, hole_b, groups,
-                     n_groups, chunk);
+    flash_decode<128>(q, k, v, part, blockIdx.z, q_pos0 + blockIdx.z, tk, heads, kv_heads, causal, hole_first, hole_a,
+                     hole_b, groups, n_groups, chunk);
+}
+
+// ---- decode over a packed batch: every sequence against its own cache in one launch ----
+//
+// A batched decode step (select answers several records at once) has a few new rows per sequence and
+// one KV cache per sequence, of its own length. The caches' addresses, lengths and group layouts
+// travel by value in the launch's parameters (up to DEC_MAX_SEQS sequences; the backend splits bigger
+// batches), so a step costs one append launch and one decode launch per layer however many sequences
+// it holds, where it took a copy per cache and a launch per sequence.
+
+#define DEC_MAX_SEQS 32
+
+struct DecodeSeqs {
+    const act* k[DEC_MAX_SEQS]; // sequence s's cache (tk[s], kv_heads * D), its new rows included
+    const act* v[DEC_MAX_SEQS];
+    int row0[DEC_MAX_SEQS + 1]; // its query rows: row0[s] .. row0[s + 1] of q (and of the partials)
+    int tk[DEC_MAX_SEQS];       // its keys; its rows are the last, causal
+    int goff[DEC_MAX_SEQS];     // its group layout (as load_groups reads it) at groups + goff[s]
+    int ng[DEC_MAX_SEQS];       // its groups, 0 for none
+    int n;                      // sequences
+};
+
+// the sequence that holds row i (row0 ascending; at most DEC_MAX_SEQS steps through the parameters)
+__device__ __forceinline__ int seq_of_row(const int* row0, int n, int i) {
+    int s = 0;
+    while (s + 1 < n && row0[s + 1] <= i) s++;
+    return s;
+}
+
+// Grid (splits, heads, rows of every sequence): as attention_decode_d*, the keys of split blockIdx.x
+// of the row's own sequence (splits past its keys write an empty partial, which the merge weighs 0).
+template <int D>
+__device__ __forceinline__ void flash_decode_seqs(const act* q, float* part, const DecodeSeqs& b, int heads,
+                                                  int kv_heads, const int* groups, int chunk) {
+    int i = blockIdx.z, s = seq_of_row(b.row0, b.n, i);
+    int qpos = b.tk[s] - (b.row0[s + 1] - b.row0[s]) + (i - b.row0[s]);
+    flash_decode<D>(q, b.k[s], b.v[s], part, i, qpos, b.tk[s], heads, kv_heads, 1, -1, 0, 0, groups + b.goff[s],
+                    b.ng[s], chunk);
+}
+
+extern "C" __global__ void __launch_bounds__(128) attention_decode_seqs_d16(const act* q, float* part,
+        DecodeSeqs seqs, int heads, int kv_heads, const int* groups, int chunk) {
+    flash_decode_seqs<16>(q, part, seqs, heads, kv_heads, groups, chunk);
+}
+
+extern "C" __global__ void __launch_bounds__(128) attention_decode_seqs_d32(const act* q, float* part,
+        DecodeSeqs seqs, int heads, int kv_heads, const int* groups, int chunk) {
+    flash_decode_seqs<32>(q, part, seqs, heads, kv_heads, groups, chunk);
+}
+
+extern "C" __global__ void __launch_bounds__(128) attention_decode_seqs_d64(const act* q, float* part,
+        DecodeSeqs seqs, int heads, int kv_heads, const int* groups, int chunk) {
+    flash_decode_seqs<64>(q, part, seqs, heads, kv_heads, groups, chunk);
+}
+
+extern "C" __global__ void __launch_bounds__(128) attention_decode_seqs_d128(const act* q, float* part,
+        DecodeSeqs seqs, int heads, int kv_heads, const int* groups, int chunk) {
+    flash_decode_seqs<128>(q, part, seqs, heads, kv_heads, groups, chunk);
+}
+
+struct AppendSeqs {
+    act* k[DEC_MAX_SEQS];       // sequence s's K cache: len[s] rows of kvd, room for its new rows after them
+    act* v[DEC_MAX_SEQS];
+    int row0[DEC_MAX_SEQS + 1]; // its new rows: row0[s] .. row0[s + 1] of k_new and v_new
+    int len[DEC_MAX_SEQS];
+    int n;
+};
+
+// Appends each sequence's new rows of K and V to its caches. Grid (ceil(kvd / 256), new rows), a
+// thread per element of a row.
+extern "C" __global__ void kv_append_seqs(const act* k_new, const act* v_new, AppendSeqs b, int kvd) {
+    int r = blockIdx.y, c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= kvd) return;
+    int s = seq_of_row(b.row0, b.n, r);
+    long dst = (long)(b.len[s] + r - b.row0[s]) * kvd + c, src = (long)r * kvd + c;
+    b.k[s][dst] = k_new[src];
+    b.v[s][dst] = v_new[src];
 }
 
 // ---- variant 3: variant 2's forward with bf16 K/V packed once and the tiles pipelined ----

@@ -162,7 +162,7 @@ bench_both() {
 if want select; then
 small
 tm 150 python3 scripts/side_by_side_select.py --model "$S" --miadpo target/device/miadpo \
-    ${SELECT_ARGS:---images 2 5 --batch 1 --new-tokens 16} --device cuda > "$W/select-vs-hf.md" 2>> "$W/commands.log" || status=1
+    ${SELECT_ARGS:---images 2 5 --batch 1 8 --new-tokens 16} --device cuda > "$W/select-vs-hf.md" 2>> "$W/commands.log" || status=1
 lap select
 fi
 if want commands; then

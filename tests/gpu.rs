@@ -605,6 +605,108 @@ fn fixture_pair_on_both(
     (b, out)
 }
 
+/// A decode step over a packed batch (`attention_cached`): every sequence's new K/V rows appended to
+/// its own cache and its rows attended to that cache, in one launch per kind on the GPU, against the
+/// CPU's one `attention` per sequence. Caches of different lengths (one empty, one past a 4096-key
+/// split boundary), 1 to 3 new rows, key groups on some sequences only, GQA 1 and 4, two steps (the
+/// second appends into caches grown by the first), and 35 sequences (two launches of at most 32).
+#[test]
+fn attention_cached_decode_batch_matches_the_cpu() {
+    use miadpo::backend::{attention_cached_each, CachedSeq, Heads};
+    let Some(g) = gpu() else { return };
+    let c = CpuBackend::new();
+    let mut rng = TestRng(11);
+    let few: Vec<(usize, usize)> = vec![(700, 1), (0, 1), (4097, 1), (77, 3), (300, 2)];
+    let many: Vec<(usize, usize)> = (0..35).map(|i| (20 + 13 * i, 1 + i % 2)).collect();
+    for (h, lens) in [
+        ((8, 2, 128), &few),
+        ((4, 4, 64), &few),
+        ((4, 4, 16), &few),
+        ((8, 2, 64), &many),
+    ] {
+        let h = Heads {
+            heads: h.0,
+            kv_heads: h.1,
+            dim: h.2,
+        };
+        let (qd, kvd) = (h.heads * h.dim, h.kv_heads * h.dim);
+        let mut kc: Vec<Vec<f32>> = lens.iter().map(|&(len, _)| rng.vec(len * kvd, 1.0)).collect();
+        let mut vc: Vec<Vec<f32>> = lens.iter().map(|&(len, _)| rng.vec(len * kvd, 1.0)).collect();
+        let mut kg: Vec<_> = kc.iter().map(|x| g.upload(x)).collect();
+        let mut vg: Vec<_> = vc.iter().map(|x| g.upload(x)).collect();
+        let mut len: Vec<usize> = lens.iter().map(|l| l.0).collect();
+        for step in 0..2 {
+            let rows: Vec<usize> = lens.iter().map(|l| l.1).collect();
+            let total: usize = rows.iter().sum();
+            // groups on every other sequence: two ranges in group 0, the whole prefix in group 1
+            let groups: Vec<Option<KeyGroups>> = len
+                .iter()
+                .enumerate()
+                .map(|(i, &n)| {
+                    (i % 2 == 0 && n >= 8)
+                        .then(|| KeyGroups::new(&[(1, n / 3, 0), (n / 2, n - 2, 0), (0, n, 1)], 2).unwrap())
+                })
+                .collect();
+            let (q, k, v) = (
+                rng.vec(total * qd, 1.0),
+                rng.vec(total * kvd, 1.0),
+                rng.vec(total * kvd, 1.0),
+            );
+            let mut cs: Vec<CachedSeq<CpuBackend>> = kc
+                .iter_mut()
+                .zip(vc.iter_mut())
+                .enumerate()
+                .map(|(i, (k, v))| CachedSeq {
+                    k,
+                    v,
+                    len: len[i],
+                    rows: rows[i],
+                    groups: groups[i].as_ref(),
+                })
+                .collect();
+            let (oc, mc) = attention_cached_each(&c, &q, &k, &v, h, &mut cs);
+            let mut gs: Vec<CachedSeq<CudaBackend>> = kg
+                .iter_mut()
+                .zip(vg.iter_mut())
+                .enumerate()
+                .map(|(i, (k, v))| CachedSeq {
+                    k,
+                    v,
+                    len: len[i],
+                    rows: rows[i],
+                    groups: groups[i].as_ref(),
+                })
+                .collect();
+            let (og, mg) = g.attention_cached(&g.upload(&q), &g.upload(&k), &g.upload(&v), h, &mut gs);
+            let name = format!(
+                "attention_cached {} seqs h={}/{} d={} step {step}",
+                lens.len(),
+                h.heads,
+                h.kv_heads,
+                h.dim
+            );
+            // the decode kernels are f32 throughout (no tensor cores): summation order and exp2f
+            check(&name, &g.download(&og), &oc, F32_TOL);
+            assert_eq!(mg.len(), lens.len(), "{name}: a mass entry per sequence");
+            for (i, (a, b)) in mg.iter().zip(&mc).enumerate() {
+                match (a, b) {
+                    (Some(a), Some(b)) => check(&format!("{name} seq {i} mass"), a, b, F32_TOL),
+                    (None, None) => {}
+                    _ => panic!("{name} seq {i}: mass on one backend only"),
+                }
+            }
+            // the appended caches: copies, so exactly equal
+            for i in 0..lens.len() {
+                assert_eq!(g.download(&kg[i]), kc[i], "{name}: K cache of sequence {i}");
+                assert_eq!(g.download(&vg[i]), vc[i], "{name}: V cache of sequence {i}");
+            }
+            for (n, r) in len.iter_mut().zip(&rows) {
+                *n += r;
+            }
+        }
+    }
+}
+
 /// The KV cache's growth: rows appended one block at a time (the allocation grows geometrically, the
 /// buffer's length must not) equal the concatenation, and the buffer still works as an op input.
 #[test]

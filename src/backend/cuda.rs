@@ -11,10 +11,11 @@ use std::sync::{Arc, Mutex};
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
+    PushKernelArg,
 };
 
-use super::{AttnShape, Backend, KeyGroups, KeyRange};
+use super::{attention_cached_each, AttnShape, Backend, CachedSeq, Heads, KeyGroups, KeyRange};
 use crate::cuda::{nvrtc, FAMILIES};
 use crate::model::config::Activation;
 use crate::model::weights::Tensor;
@@ -177,6 +178,69 @@ fn attention_kernel(base: &str, mass: bool, d: usize) -> String {
 /// and 64 ranges in shared memory (`FA_MAX_GROUPS`, `FA_MAX_RANGES` in kernels/attention.cu).
 const FA_MAX_GROUPS: usize = 16;
 const FA_MAX_RANGES: usize = 64;
+
+/// Sequences one batched decode launch takes (`DEC_MAX_SEQS` in kernels/attention.cu).
+const DEC_MAX_SEQS: usize = 32;
+
+/// `DecodeSeqs` of kernels/attention.cu, passed by value: every sequence's cache, rows, keys and
+/// group layout.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct DecodeSeqs {
+    k: [u64; DEC_MAX_SEQS],
+    v: [u64; DEC_MAX_SEQS],
+    row0: [i32; DEC_MAX_SEQS + 1],
+    tk: [i32; DEC_MAX_SEQS],
+    goff: [i32; DEC_MAX_SEQS],
+    ng: [i32; DEC_MAX_SEQS],
+    n: i32,
+}
+
+/// `AppendSeqs` of kernels/attention.cu, passed by value: every sequence's caches, new rows and
+/// length.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct AppendSeqs {
+    k: [u64; DEC_MAX_SEQS],
+    v: [u64; DEC_MAX_SEQS],
+    row0: [i32; DEC_MAX_SEQS + 1],
+    len: [i32; DEC_MAX_SEQS],
+    n: i32,
+}
+
+// SAFETY: plain #[repr(C)] data of integers, laid out as the kernels' structs (pointers first, 8-byte
+// aligned, then 4-byte ints), which the launch copies into the kernel's parameters.
+unsafe impl DeviceRepr for DecodeSeqs {}
+// SAFETY: as DecodeSeqs.
+unsafe impl DeviceRepr for AppendSeqs {}
+
+/// A batched decode's mass, (Σ rows, ng_max) with each sequence's groups first in its rows, cut into
+/// each sequence's (rows, n_groups); `seqs` holds (rows, n_groups or None) per sequence.
+fn split_mass(avg: &[f32], ng_max: usize, seqs: &[(usize, Option<usize>)]) -> Vec<Option<Vec<f32>>> {
+    let mut r = 0;
+    seqs.iter()
+        .map(|&(rows, ng)| {
+            let first = r;
+            r += rows;
+            let ng = ng?;
+            Some(
+                (first..first + rows)
+                    .flat_map(|i| avg[i * ng_max..i * ng_max + ng].iter().copied())
+                    .collect(),
+            )
+        })
+        .collect()
+}
+
+/// The keys of a decode step split over blocks: (splits, keys per split) for `rows_heads` (query
+/// row, head) pairs against `tk` keys. ~8 blocks (32 warps) per SM of an H100 (132), at least 64
+/// keys per block: the loop is latency-bound, so the more rows in flight the better (2 blocks per SM
+/// read 0.8 TB/s).
+fn decode_splits(rows_heads: usize, tk: usize) -> (usize, usize) {
+    let splits = 1056usize.div_ceil(rows_heads).clamp(1, tk.div_ceil(64).max(1));
+    let chunk = tk.div_ceil(splits).max(1);
+    (tk.div_ceil(chunk).max(1), chunk)
+}
 
 /// Key groups as the kernels read them (kernels/attention.cu): the (n_groups + 1) offsets of each
 /// group's ranges, then (start, end) per range, sorted by group; ends clipped to i32.
@@ -676,12 +740,8 @@ impl CudaBackend {
         groups: Option<&KeyGroups>,
     ) -> (DBuf, Option<DBuf>) {
         let (d, n_groups) = (s.head_dim, groups.map_or(0, |g| g.n_groups()));
-        // ~8 blocks (32 warps) per SM of an H100 (132), at least 64 keys per block: the loop is
-        // latency-bound, so the more rows in flight the better (2 blocks per SM read 0.8 TB/s)
         let rows = s.tq * s.heads;
-        let splits = 1056usize.div_ceil(rows).clamp(1, s.tk.div_ceil(64).max(1));
-        let chunk = s.tk.div_ceil(splits).max(1);
-        let splits = s.tk.div_ceil(chunk).max(1);
+        let (splits, chunk) = decode_splits(rows, s.tk);
         let p = 2 + d + FA_MAX_GROUPS; // max, sum, d accumulators, 16 group masses
         let mut part = self.poisoned(rows * splits * p);
         let groups_dev = self.group_ints(groups);
@@ -723,6 +783,145 @@ impl CudaBackend {
         // SAFETY: a warp per (row, head), 8 per block; out (rows, d), mass (rows, n_groups).
         unsafe { b.launch(per_row(rows.div_ceil(8), 256, 0)) }.expect("CUDA: attention_decode_combine");
         (out, mass)
+    }
+
+    /// Makes room in `dst` for `n` elements, keeping its first `dst.n`: the allocation grows
+    /// geometrically (a KV cache grows by a row per decode step; its length is `n`, its capacity the
+    /// allocation's), so growing costs O(rows) copied in all instead of the whole cache per step.
+    fn reserve(&self, dst: &mut DBuf, n: usize) {
+        if dst.s.len() >= n {
+            return;
+        }
+        // SAFETY: the first dst.n elements are copied in below, the rest lie past the length.
+        let mut grown = unsafe { self.stream.alloc::<f32>((2 * n).max(1)) }.expect("CUDA: out of memory");
+        if dst.n > 0 {
+            let mut head = grown.slice_mut(..dst.n);
+            self.stream
+                .memcpy_dtod(&dst.s.slice(..dst.n), &mut head)
+                .expect("CUDA: copy");
+        }
+        dst.s = grown;
+    }
+
+    /// `attention_cached` for up to DEC_MAX_SEQS decode sequences whose rows start at row `r0` of
+    /// q, k, v and `out`: one launch appends every sequence's new K and V rows to its caches, one
+    /// decodes every row against its own cache, one merges the splits into `out`. Returns each
+    /// sequence's mass (rows, n_groups) when it has groups (each within one launch's limits).
+    fn decode_seqs(
+        &self,
+        (q, k, v): (&DBuf, &DBuf, &DBuf),
+        out: &mut DBuf,
+        h: Heads,
+        r0: usize,
+        seqs: &mut [CachedSeq<'_, Self>],
+    ) -> Vec<Option<Vec<f32>>> {
+        assert!(seqs.len() <= DEC_MAX_SEQS);
+        let (d, qd, kvd) = (h.dim, h.heads * h.dim, h.kv_heads * h.dim);
+        let rows: usize = seqs.iter().map(|s| s.rows).sum();
+        let (mut ap, mut dec) = (
+            AppendSeqs {
+                k: [0; DEC_MAX_SEQS],
+                v: [0; DEC_MAX_SEQS],
+                row0: [rows as i32; DEC_MAX_SEQS + 1],
+                len: [0; DEC_MAX_SEQS],
+                n: seqs.len() as i32,
+            },
+            DecodeSeqs {
+                k: [0; DEC_MAX_SEQS],
+                v: [0; DEC_MAX_SEQS],
+                row0: [rows as i32; DEC_MAX_SEQS + 1],
+                tk: [0; DEC_MAX_SEQS],
+                goff: [0; DEC_MAX_SEQS],
+                ng: [0; DEC_MAX_SEQS],
+                n: seqs.len() as i32,
+            },
+        );
+        // the group layouts back to back after a lone 0 (the empty layout of sequences without groups)
+        let mut layouts = vec![0usize];
+        let (mut at, mut max_tk, mut ng_max) = (0, 1, 0);
+        for (i, seq) in seqs.iter_mut().enumerate() {
+            let n = (seq.len + seq.rows) * kvd;
+            assert_eq!(seq.k.n, seq.len * kvd, "cache {i}: its length is not `len` rows");
+            self.reserve(seq.k, n);
+            self.reserve(seq.v, n);
+            // cudarc's event tracking is off (`new`), so the raw pointers need no guard; the caches
+            // outlive the launches
+            let (kp, vp) = (
+                seq.k.s.device_ptr_mut(&self.stream).0,
+                seq.v.s.device_ptr_mut(&self.stream).0,
+            );
+            (ap.k[i], ap.v[i], dec.k[i], dec.v[i]) = (kp, vp, kp, vp);
+            (ap.row0[i], dec.row0[i]) = (at as i32, at as i32);
+            ap.len[i] = seq.len as i32;
+            dec.tk[i] = (seq.len + seq.rows) as i32;
+            if let Some(g) = seq.groups {
+                dec.goff[i] = layouts.len() as i32;
+                dec.ng[i] = g.n_groups() as i32;
+                layouts.extend(group_layout(g));
+                ng_max = ng_max.max(g.n_groups());
+            }
+            at += seq.rows;
+            max_tk = max_tk.max(seq.len + seq.rows);
+        }
+        let kvd_i = kvd as i32;
+        let (kn, vn) = (k.s.slice(r0 * kvd..), v.s.slice(r0 * kvd..));
+        let mut b = self.stream.launch_builder(self.f("kv_append_seqs"));
+        b.arg(&kn).arg(&vn).arg(&ap).arg(&kvd_i);
+        let cfg = LaunchConfig {
+            grid_dim: (kvd.div_ceil(256) as u32, rows as u32, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: each cache holds (len + rows) rows of kvd after `reserve`; k and v hold the rows.
+        unsafe { b.launch(cfg) }.expect("CUDA: kv_append_seqs");
+        for seq in seqs.iter_mut() {
+            seq.k.n += seq.rows * kvd;
+            seq.v.n += seq.rows * kvd;
+        }
+        let rows_heads = rows * h.heads;
+        let (splits, chunk) = decode_splits(rows_heads, max_tk);
+        let mut part = self.poisoned(rows_heads * splits * (2 + d + FA_MAX_GROUPS));
+        let groups_dev = self.ints(&layouts);
+        let (hh, kvh, ch) = (h.heads as i32, h.kv_heads as i32, chunk as i32);
+        let name = attention_kernel("attention_decode_seqs", false, d);
+        let qs = q.s.slice(r0 * qd..);
+        let mut b = self.stream.launch_builder(self.f(&name));
+        b.arg(&qs)
+            .arg(&mut part.s)
+            .arg(&dec)
+            .arg(&hh)
+            .arg(&kvh)
+            .arg(&*groups_dev)
+            .arg(&ch);
+        let cfg = LaunchConfig {
+            grid_dim: (splits as u32, h.heads as u32, rows as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // SAFETY: part holds (rows, heads, splits, p) floats, every one written by its block; each
+        // cache holds tk[s] rows.
+        unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("CUDA: {name}: {e:?}"));
+        let mut mass = (ng_max > 0).then(|| self.poisoned(rows_heads * ng_max));
+        let mut o = out.s.slice_mut(r0 * qd..(r0 + rows) * qd);
+        let (r, dd, sp, ng) = (rows_heads as i32, d as i32, splits as i32, ng_max as i32);
+        let null: u64 = 0;
+        let mut b = self.stream.launch_builder(self.f("attention_decode_combine"));
+        b.arg(&part.s).arg(&mut o);
+        match mass.as_mut() {
+            Some(m) => b.arg(&mut m.s),
+            None => b.arg(&null),
+        };
+        b.arg(&r).arg(&dd).arg(&sp).arg(&ng);
+        // SAFETY: a warp per (row, head), 8 per block; out (rows, heads·d), mass (rows, heads, ng).
+        unsafe { b.launch(per_row(rows_heads.div_ceil(8), 256, 0)) }.expect("CUDA: attention_decode_combine");
+        // (rows, heads, ng_max) averaged over the heads on the device, then each sequence's rows and
+        // groups
+        let avg = mass.map(|m| self.download(&self.mass_over_heads(&m, rows, h.heads, ng_max)));
+        let shape: Vec<(usize, Option<usize>)> = seqs
+            .iter()
+            .map(|s| (s.rows, s.groups.map(|g| g.n_groups())))
+            .collect();
+        split_mass(avg.as_deref().unwrap_or(&[]), ng_max, &shape)
     }
 
     /// Variant 2's backward: the forward's log-sum-exp (from `attention_train`, else recomputed by a
@@ -1301,6 +1500,48 @@ impl Backend for CudaBackend {
         (out.expect("at least one launch"), m)
     }
 
+    fn attention_cached(
+        &self,
+        q: &DBuf,
+        k: &DBuf,
+        v: &DBuf,
+        h: Heads,
+        seqs: &mut [CachedSeq<'_, Self>],
+    ) -> (DBuf, Vec<Option<Vec<f32>>>) {
+        // decode steps (1..15 new rows per sequence) of the fused variants, each sequence's groups
+        // within one launch's limits: DEC_MAX_SEQS sequences per launch; anything else one
+        // `attention` per sequence
+        let shape = AttnShape {
+            tq: 1,
+            tk: 1,
+            heads: h.heads,
+            kv_heads: h.kv_heads,
+            head_dim: h.dim,
+            causal: true,
+            q_pos0: 0,
+            hole: None,
+        };
+        let fits = |g: Option<&KeyGroups>| {
+            g.is_none_or(|g| g.n_groups() <= FA_MAX_GROUPS && g.ranges().len() <= FA_MAX_RANGES)
+        };
+        if !self.fused_attention(shape)
+            || seqs
+                .iter()
+                .any(|s| s.rows == 0 || s.rows >= 16 || !fits(s.groups))
+        {
+            return attention_cached_each(self, q, k, v, h, seqs);
+        }
+        let rows: usize = seqs.iter().map(|s| s.rows).sum();
+        let mut out = self.poisoned(rows * h.heads * h.dim);
+        let (mut masses, mut r0) = (Vec::with_capacity(seqs.len()), 0);
+        for chunk in seqs.chunks_mut(DEC_MAX_SEQS) {
+            let n: usize = chunk.iter().map(|s| s.rows).sum();
+            masses.extend(self.decode_seqs((q, k, v), &mut out, h, r0, chunk));
+            r0 += n;
+        }
+        (out, masses)
+    }
+
     fn concat_rows(&self, parts: &[DBuf]) -> DBuf {
         let n: usize = parts.iter().map(|p| p.n).sum();
         let mut out = self.zeros(n);
@@ -1315,21 +1556,8 @@ impl Backend for CudaBackend {
     }
 
     fn append_rows(&self, dst: &mut DBuf, src: &DBuf) {
-        // The KV cache grows by a row per decode step: the allocation grows geometrically (the
-        // buffer's length is `n`, its capacity the allocation's), so appending costs O(rows) copied
-        // in all instead of a copy of the whole cache per step.
         let n = dst.n + src.n;
-        if dst.s.len() < n {
-            // SAFETY: the first dst.n elements are copied in below, the rest lie past `n`.
-            let mut grown = unsafe { self.stream.alloc::<f32>((2 * n).max(1)) }.expect("CUDA: out of memory");
-            if dst.n > 0 {
-                let mut head = grown.slice_mut(..dst.n);
-                self.stream
-                    .memcpy_dtod(&dst.s.slice(..dst.n), &mut head)
-                    .expect("CUDA: copy");
-            }
-            dst.s = grown;
-        }
+        self.reserve(dst, n);
         if src.n > 0 {
             let mut tail = dst.s.slice_mut(dst.n..n);
             self.stream
@@ -1719,6 +1947,103 @@ impl OnlineLse {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The by-value launch parameters of the batched decode have the layout of their C structs in
+    /// kernels/attention.cu (x86-64 and CUDA agree: 8-byte pointers first, then 4-byte ints; the
+    /// offsets are those gcc gives the C structs).
+    #[test]
+    fn decode_launch_parameters_match_the_kernels_structs() {
+        use std::mem::{offset_of, size_of};
+        assert_eq!(
+            [
+                offset_of!(DecodeSeqs, v),
+                offset_of!(DecodeSeqs, row0),
+                offset_of!(DecodeSeqs, tk),
+                offset_of!(DecodeSeqs, goff),
+                offset_of!(DecodeSeqs, ng),
+                offset_of!(DecodeSeqs, n),
+                size_of::<DecodeSeqs>()
+            ],
+            [256, 512, 644, 772, 900, 1028, 1032]
+        );
+        assert_eq!(
+            [
+                offset_of!(AppendSeqs, v),
+                offset_of!(AppendSeqs, row0),
+                offset_of!(AppendSeqs, len),
+                offset_of!(AppendSeqs, n),
+                size_of::<AppendSeqs>()
+            ],
+            [256, 512, 644, 772, 776]
+        );
+        // the kernels' structs must say the same: DEC_MAX_SEQS and the field order
+        let src = FAMILIES.iter().find(|f| f.name == "attention").unwrap().source;
+        assert!(src.contains(&format!("#define DEC_MAX_SEQS {DEC_MAX_SEQS}\n")));
+        let fields = |name: &str| {
+            let body = src.split(&format!("struct {name} {{")).nth(1).unwrap();
+            let body = body.split("};").next().unwrap();
+            body.lines()
+                .filter_map(|l| {
+                    l.split("//")
+                        .next()
+                        .unwrap()
+                        .trim()
+                        .strip_suffix(';')
+                        .map(str::to_string)
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            fields("DecodeSeqs"),
+            [
+                "const act* k[DEC_MAX_SEQS]",
+                "const act* v[DEC_MAX_SEQS]",
+                "int row0[DEC_MAX_SEQS + 1]",
+                "int tk[DEC_MAX_SEQS]",
+                "int goff[DEC_MAX_SEQS]",
+                "int ng[DEC_MAX_SEQS]",
+                "int n"
+            ]
+        );
+        assert_eq!(
+            fields("AppendSeqs"),
+            [
+                "act* k[DEC_MAX_SEQS]",
+                "act* v[DEC_MAX_SEQS]",
+                "int row0[DEC_MAX_SEQS + 1]",
+                "int len[DEC_MAX_SEQS]",
+                "int n"
+            ]
+        );
+    }
+
+    #[test]
+    fn batched_decode_mass_is_cut_per_sequence() {
+        // three sequences: 2 rows with 2 groups, 1 row without, 3 rows with 3 groups; ng_max 3
+        let avg: Vec<f32> = (0..6 * 3).map(|x| x as f32).collect();
+        let got = split_mass(&avg, 3, &[(2, Some(2)), (1, None), (3, Some(3))]);
+        assert_eq!(
+            got,
+            [
+                Some(vec![0.0, 1.0, 3.0, 4.0]),
+                None,
+                Some((9..18).map(|x| x as f32).collect())
+            ]
+        );
+        assert_eq!(split_mass(&[], 0, &[(1, None), (2, None)]), [None, None]);
+    }
+
+    #[test]
+    fn decode_splits_cover_the_keys() {
+        for (rh, tk) in [(32, 1), (32, 4097), (256, 700), (2000, 16384), (1, 64)] {
+            let (splits, chunk) = decode_splits(rh, tk);
+            assert!(
+                splits * chunk >= tk && (splits - 1) * chunk < tk.max(1),
+                "{rh} {tk}"
+            );
+            assert!(chunk >= 64.min(tk), "{rh} {tk}: at least 64 keys per block");
+        }
+    }
 
     #[test]
     fn group_layout_is_offsets_then_ranges() {

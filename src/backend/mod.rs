@@ -162,6 +162,28 @@ pub struct AttnShape {
     pub hole: Option<(usize, usize, usize)>,
 }
 
+/// The heads of an attention layer: query heads, key/value heads (GQA), and the head dim.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Heads {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub dim: usize,
+}
+
+/// One sequence of a packed attention call against KV caches (`Backend::attention_cached`).
+pub struct CachedSeq<'a, B: Backend + ?Sized> {
+    /// this layer's keys of the sequence, (len, kv_heads·D): its new rows are appended
+    pub k: &'a mut B::Buf,
+    /// this layer's values, as `k`
+    pub v: &'a mut B::Buf,
+    /// rows in the cache before the call: the new rows are at positions `len..len + rows`
+    pub len: usize,
+    /// new rows
+    pub rows: usize,
+    /// the key groups whose attention mass to report for this sequence's rows
+    pub groups: Option<&'a KeyGroups>,
+}
+
 pub trait Backend: Send + Sync {
     /// A device buffer of f32.
     type Buf: Send + Sync + Clone;
@@ -225,6 +247,23 @@ pub trait Backend: Send + Sync {
         shape: AttnShape,
         groups: Option<&KeyGroups>,
     ) -> (Self::Buf, Option<Vec<f32>>);
+    /// One layer's attention over a packed batch of sequences that each continue a KV cache: q
+    /// (Σ rows, heads·D), k and v (Σ rows, kv_heads·D) hold every sequence's new rows, in order.
+    /// Appends each sequence's rows of k and v to its cache, then attends its query rows (causal, at
+    /// positions `len..len + rows`) to its whole cache. Returns the output (Σ rows, heads·D) and,
+    /// per sequence, its mass (rows, n_groups) as `attention` gives it when it has groups. The
+    /// default is one `attention` per sequence (`attention_cached_each`); the CUDA backend takes a
+    /// decode step's sequences in one launch.
+    fn attention_cached(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        heads: Heads,
+        seqs: &mut [CachedSeq<'_, Self>],
+    ) -> (Self::Buf, Vec<Option<Vec<f32>>>) {
+        attention_cached_each(self, q, k, v, heads, seqs)
+    }
     /// The rows of every part, in order (packed batches).
     fn concat_rows(&self, parts: &[Self::Buf]) -> Self::Buf;
     /// Rows of `src` (rows, d) appended to `dst` (KV cache growth).
@@ -358,6 +397,52 @@ pub trait Backend: Send + Sync {
     /// Inverted dropout with the mask of [`dropout_keep`]: x / (1 − p) where kept, 0 elsewhere. The
     /// same key gives the same mask (the backward reapplies it to the gradient).
     fn dropout(&self, x: &Self::Buf, p: f32, key: u64) -> Self::Buf;
+}
+/// `Backend::attention_cached` as one `attention` call per sequence: its rows of k and v appended to
+/// its cache (copied out first when there are several sequences), its rows of q attended.
+pub fn attention_cached_each<B: Backend + ?Sized>(
+    be: &B,
+    q: &B::Buf,
+    k: &B::Buf,
+    v: &B::Buf,
+    h: Heads,
+    seqs: &mut [CachedSeq<'_, B>],
+) -> (B::Buf, Vec<Option<Vec<f32>>>) {
+    let (qd, kvd) = (h.heads * h.dim, h.kv_heads * h.dim);
+    let one = seqs.len() == 1; // a lone sequence needs no row copies
+    let (mut outs, mut masses) = (Vec::with_capacity(seqs.len()), Vec::with_capacity(seqs.len()));
+    let mut r0 = 0;
+    for seq in seqs.iter_mut() {
+        let r1 = r0 + seq.rows;
+        if one {
+            be.append_rows(seq.k, k);
+            be.append_rows(seq.v, v);
+        } else {
+            be.append_rows(seq.k, &be.slice_rows(k, kvd, r0, r1));
+            be.append_rows(seq.v, &be.slice_rows(v, kvd, r0, r1));
+        }
+        let shape = AttnShape {
+            tq: seq.rows,
+            tk: seq.len + seq.rows,
+            heads: h.heads,
+            kv_heads: h.kv_heads,
+            head_dim: h.dim,
+            causal: true,
+            q_pos0: seq.len,
+            hole: None,
+        };
+        let qs = (!one).then(|| be.slice_rows(q, qd, r0, r1));
+        let (o, mass) = be.attention(qs.as_ref().unwrap_or(q), seq.k, seq.v, shape, seq.groups);
+        outs.push(o);
+        masses.push(mass);
+        r0 = r1;
+    }
+    let out = if outs.len() == 1 {
+        outs.pop().expect("one sequence")
+    } else {
+        be.concat_rows(&outs)
+    };
+    (out, masses)
 }
 
 /// Whether element `index` survives dropout of rate `p` under `key`: a counter-based hash

@@ -2,7 +2,7 @@
 use super::config::{Activation, TextConfig};
 use super::lora::{LoraAdapter, Proj as ProjKind};
 use super::weights::WeightStore;
-use crate::backend::{AttnShape, Backend, KeyGroups};
+use crate::backend::{Backend, CachedSeq, Heads, KeyGroups};
 use crate::{Error, Result};
 
 /// A low-rank update `scale · B A` kept beside its base weight (never merged into it).
@@ -252,7 +252,11 @@ impl<B: Backend> Decoder<B> {
         assert_eq!(segs.len(), caches.len(), "one cache per segment");
         let c = &self.cfg;
         let (h, hd) = (c.hidden_size, c.head_dim);
-        let (qd, kvd) = (c.num_heads * hd, c.num_kv_heads * hd);
+        let heads = Heads {
+            heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            dim: hd,
+        };
         let t: usize = segs.iter().map(|s| s.rows).sum();
         let positions: Vec<usize> = segs
             .iter()
@@ -267,49 +271,26 @@ impl<B: Backend> Decoder<B> {
             let v = l.v.forward(be, &a, t, use_lora);
             be.rope(&mut q, c.num_heads, hd, &positions, c.rope_theta);
             be.rope(&mut k, c.num_kv_heads, hd, &positions, c.rope_theta);
-            let mut outs = Vec::with_capacity(segs.len());
-            let mut r0 = 0;
-            for (si, (seg, kv)) in segs.iter().zip(caches.iter_mut()).enumerate() {
-                let r1 = r0 + seg.rows;
-                let one = segs.len() == 1; // a lone segment needs no row copies
-                if one {
-                    be.append_rows(&mut kv.k[li], &k);
-                    be.append_rows(&mut kv.v[li], &v);
-                } else {
-                    be.append_rows(&mut kv.k[li], &be.slice_rows(&k, kvd, r0, r1));
-                    be.append_rows(&mut kv.v[li], &be.slice_rows(&v, kvd, r0, r1));
-                }
-                let groups = seg
-                    .capture
-                    .filter(|cp| cp.layers.contains(&li))
-                    .map(|cp| cp.groups);
-                let shape = AttnShape {
-                    tq: seg.rows,
-                    tk: kv.len + seg.rows,
-                    heads: c.num_heads,
-                    kv_heads: c.num_kv_heads,
-                    head_dim: hd,
-                    causal: true,
-                    q_pos0: kv.len,
-                    hole: None,
-                };
-                let qs = if one {
-                    None
-                } else {
-                    Some(be.slice_rows(&q, qd, r0, r1))
-                };
-                let (o, mass) = be.attention(qs.as_ref().unwrap_or(&q), &kv.k[li], &kv.v[li], shape, groups);
+            let mut seqs: Vec<CachedSeq<B>> = segs
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(seg, kv)| CachedSeq {
+                    k: &mut kv.k[li],
+                    v: &mut kv.v[li],
+                    len: kv.len,
+                    rows: seg.rows,
+                    groups: seg
+                        .capture
+                        .filter(|cp| cp.layers.contains(&li))
+                        .map(|cp| cp.groups),
+                })
+                .collect();
+            let (o, got) = be.attention_cached(&q, &k, &v, heads, &mut seqs);
+            for (si, mass) in got.into_iter().enumerate() {
                 if let Some(m) = mass {
                     masses[si].push((li, m));
                 }
-                outs.push(o);
-                r0 = r1;
             }
-            let o = if outs.len() == 1 {
-                outs.pop().expect("one segment")
-            } else {
-                be.concat_rows(&outs)
-            };
             be.add(&mut x, &l.o.forward(be, &o, t, use_lora));
             let a = be.rms_norm(&x, h, &l.post_norm, c.rms_norm_eps);
             let mut g = l.gate.forward(be, &a, t, use_lora); // (t, intermediate)
