@@ -1,5 +1,6 @@
 // Elementwise ops on act activations (f32 math), casts, bias add, dropout. Grid-stride loops over n.
-// CPU twins: add, axpy, mul, activation, swiglu_backward, dropout in src/backend/cpu.rs.
+// CPU twins: add, axpy, mul, activation, swiglu (activation then mul), swiglu_backward, dropout in
+// src/backend/cpu.rs.
 
 extern "C" __global__ void add(act* x, const act* y, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
@@ -28,11 +29,11 @@ extern "C" __global__ void activation(act* x, long n, int kind) {
     }
 }
 
-// mid = silu(gate) * up
-extern "C" __global__ void swiglu_fwd(const act* gate, const act* up, act* mid, long n) {
+// gate = silu(gate) * up, in place (activation then mul in one pass, the same f32 roundings)
+extern "C" __global__ void swiglu_fwd(act* gate, const act* up, long n) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         float g = ld(gate[i]);
-        mid[i] = st(g / (1.0f + expf(-g)) * ld(up[i]));
+        gate[i] = st(g / (1.0f + expf(-g)) * ld(up[i]));
     }
 }
 

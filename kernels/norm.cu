@@ -1,5 +1,5 @@
 // RMSNorm forward/backward and LayerNorm forward: one block per row, f32 statistics.
-// CPU twins: rms_norm, rms_norm_backward, layer_norm in src/backend/cpu.rs.
+// CPU twins: rms_norm, rms_norm_backward, layer_norm (add_rms_norm: add then rms_norm) in src/backend/cpu.rs.
 
 // y = w * x / sqrt(mean(x^2) + eps)
 extern "C" __global__ void rms_norm_fwd(const act* x, const float* w, act* y, int d, float eps) {
@@ -10,6 +10,25 @@ extern "C" __global__ void rms_norm_fwd(const act* x, const float* w, act* y, in
     for (int i = threadIdx.x; i < d; i += blockDim.x) { float v = ld(xr[i]); ss += v * v; }
     float r = rsqrtf(block_sum(ss, scratch) / d + eps);
     for (int i = threadIdx.x; i < d; i += blockDim.x) yr[i] = st(w[i] * (ld(xr[i]) * r));
+}
+
+// The residual add and the next norm in one pass: x += y, then out = w * x / sqrt(mean(x^2) + eps)
+// (the CPU's add then rms_norm; the same f32 roundings)
+extern "C" __global__ void add_rms_norm_fwd(act* x, const act* y, const float* w, act* out, int d, float eps) {
+    __shared__ float scratch[32];
+    act* xr = x + (long)blockIdx.x * d;
+    const act* yr = y + (long)blockIdx.x * d;
+    act* orow = out + (long)blockIdx.x * d;
+    float ss = 0.0f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        act s = st(ld(xr[i]) + ld(yr[i]));
+        xr[i] = s;
+        float v = ld(s);
+        ss += v * v;
+    }
+    float r = rsqrtf(block_sum(ss, scratch) / d + eps);
+    // each thread reads back only the elements it wrote
+    for (int i = threadIdx.x; i < d; i += blockDim.x) orow[i] = st(w[i] * (ld(xr[i]) * r));
 }
 
 // dx = r * w * dy - x * r^3 * sum(w * dy * x) / d

@@ -116,6 +116,26 @@ fn linear_and_its_backward_at_llama_shapes() {
             &c.linear_backward(&dy, m, &wc),
             GEMM_TOL,
         );
+        // three products of one input (q, k, v of a GQA layer: 4096, 1024, 1024 outputs), one with a
+        // bias, the input rounded to bf16 once
+        let (w2, w3) = (
+            tensor("w2", 1024, k, &rng.vec(1024 * k, 0.02)),
+            tensor("w3", 1024, k, &rng.vec(1024 * k, 0.02)),
+        );
+        let (w2c, w2g, w3c, w3g) = (
+            c.matrix(&w2).unwrap(),
+            g.matrix(&w2).unwrap(),
+            c.matrix(&w3).unwrap(),
+            g.matrix(&w3).unwrap(),
+        );
+        let bias = rng.vec(1024, 1.0);
+        let bg = g.upload(&bias);
+        let got = g.linears(&g.upload(&x), m, &[(&wg, None), (&w2g, Some(&bg)), (&w3g, None)]);
+        let want = c.linears(&x, m, &[(&wc, None), (&w2c, Some(&bias)), (&w3c, None)]);
+        assert_eq!(got.len(), 3);
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            check(&format!("linears m={m} product {i}"), &g.download(a), b, GEMM_TOL);
+        }
     }
 }
 
@@ -158,6 +178,18 @@ fn elementwise_norm_rope_and_dropout() {
         c.activation(&mut b, act);
         check(&format!("activation {act:?}"), &g.download(&a), &b, F32_TOL);
     }
+    // the fused pairs against the CPU's two ops
+    let (mut a, mut b) = (xg.clone(), x.clone());
+    g.swiglu(&mut a, &yg);
+    c.swiglu(&mut b, &y);
+    check("swiglu", &g.download(&a), &b, F32_TOL);
+    let (mut a, mut b) = (xg.clone(), x.clone());
+    let (na, nb) = (
+        g.add_rms_norm(&mut a, &yg, d, &wg, 1e-5),
+        c.add_rms_norm(&mut b, &y, d, &w, 1e-5),
+    );
+    check("add_rms_norm: the sum", &g.download(&a), &b, F32_TOL);
+    check("add_rms_norm: the norm", &g.download(&na), &nb, F32_TOL);
     let (dg, du) = g.swiglu_backward(&xg, &yg, &yg);
     let (cg, cu) = c.swiglu_backward(&x, &y, &y);
     check("swiglu_backward d gate", &g.download(&dg), &cg, F32_TOL);

@@ -1087,10 +1087,8 @@ impl CudaBackend {
 
     /// x (f32) -> a bf16 copy, for cuBLAS
     fn to_bf16(&self, x: &DBuf, n: usize) -> CudaSlice<u16> {
-        let mut y = self
-            .stream
-            .alloc_zeros::<u16>(n.max(1))
-            .expect("CUDA: out of memory");
+        // SAFETY: the cast below writes all n elements before any read.
+        let mut y = unsafe { self.stream.alloc::<u16>(n.max(1)) }.expect("CUDA: out of memory");
         let nn = n as i64;
         let mut b = self.stream.launch_builder(self.f("cast_f32_bf16"));
         b.arg(&x.s).arg(&mut y).arg(&nn);
@@ -1341,17 +1339,29 @@ impl Backend for CudaBackend {
     }
 
     fn linear(&self, x: &DBuf, m: usize, w: &CudaMat, bias: Option<&DBuf>) -> DBuf {
-        let mut y = self.poisoned(m * w.rows);
-        let xb = self.to_bf16(x, m * w.cols);
-        self.xwt(&xb, m, w, 0, w.rows, &mut y, 0.0);
-        if let Some(b) = bias {
-            let (rows, cols) = (m as i64, w.rows as i32);
-            let mut l = self.stream.launch_builder(self.f("bias_add"));
-            l.arg(&mut y.s).arg(&b.s).arg(&rows).arg(&cols);
-            // SAFETY: y (m, out), b (out).
-            unsafe { l.launch(grid1d(m * w.rows)) }.expect("CUDA: bias_add");
-        }
-        y
+        self.linears(x, m, &[(w, bias)]).pop().expect("one product")
+    }
+
+    fn linears(&self, x: &DBuf, m: usize, ws: &[(&CudaMat, Option<&DBuf>)]) -> Vec<DBuf> {
+        let Some(k) = ws.first().map(|(w, _)| w.cols) else {
+            return Vec::new();
+        };
+        assert!(ws.iter().all(|(w, _)| w.cols == k), "linears: one input width");
+        let xb = self.to_bf16(x, m * k);
+        ws.iter()
+            .map(|&(w, bias)| {
+                let mut y = self.poisoned(m * w.rows);
+                self.xwt(&xb, m, w, 0, w.rows, &mut y, 0.0);
+                if let Some(b) = bias {
+                    let (rows, cols) = (m as i64, w.rows as i32);
+                    let mut l = self.stream.launch_builder(self.f("bias_add"));
+                    l.arg(&mut y.s).arg(&b.s).arg(&rows).arg(&cols);
+                    // SAFETY: y (m, out), b (out).
+                    unsafe { l.launch(grid1d(m * w.rows)) }.expect("CUDA: bias_add");
+                }
+                y
+            })
+            .collect()
     }
 
     fn embed(&self, ids: &[u32], table: &CudaMat) -> DBuf {
@@ -1398,6 +1408,32 @@ impl Backend for CudaBackend {
         // SAFETY: one block per row of d.
         unsafe { b.launch(per_row(rows, BLOCK, 0)) }.expect("CUDA: rms_norm_fwd");
         y
+    }
+
+    fn swiglu(&self, gate: &mut DBuf, up: &DBuf) {
+        assert_eq!(gate.n, up.n, "swiglu: shapes");
+        let n = gate.n as i64;
+        let mut b = self.stream.launch_builder(self.f("swiglu_fwd"));
+        b.arg(&mut gate.s).arg(&up.s).arg(&n);
+        // SAFETY: gate and up hold n elements.
+        unsafe { b.launch(grid1d(gate.n)) }.expect("CUDA: swiglu_fwd");
+    }
+
+    fn add_rms_norm(&self, x: &mut DBuf, y: &DBuf, d: usize, w: &DBuf, eps: f32) -> DBuf {
+        assert_eq!(x.n, y.n, "add_rms_norm: shapes");
+        let rows = x.n / d;
+        let mut out = self.poisoned(x.n);
+        let dd = d as i32;
+        let mut b = self.stream.launch_builder(self.f("add_rms_norm_fwd"));
+        b.arg(&mut x.s)
+            .arg(&y.s)
+            .arg(&w.s)
+            .arg(&mut out.s)
+            .arg(&dd)
+            .arg(&eps);
+        // SAFETY: one block per row of d.
+        unsafe { b.launch(per_row(rows, BLOCK, 0)) }.expect("CUDA: add_rms_norm_fwd");
+        out
     }
 
     fn activation(&self, x: &mut DBuf, act: Activation) {
@@ -1544,7 +1580,7 @@ impl Backend for CudaBackend {
 
     fn concat_rows(&self, parts: &[DBuf]) -> DBuf {
         let n: usize = parts.iter().map(|p| p.n).sum();
-        let mut out = self.zeros(n);
+        let mut out = self.poisoned(n); // every element copied in below
         let mut at = 0;
         for p in parts.iter().filter(|p| p.n > 0) {
             let src = p.s.slice(..p.n);
@@ -1568,7 +1604,7 @@ impl Backend for CudaBackend {
     }
 
     fn slice_rows(&self, x: &DBuf, d: usize, r0: usize, r1: usize) -> DBuf {
-        let mut out = self.zeros((r1 - r0) * d);
+        let mut out = self.poisoned((r1 - r0) * d); // every element copied in below
         if r1 > r0 {
             let src = x.s.slice(r0 * d..r1 * d);
             let mut dst = out.s.slice_mut(..);

@@ -220,6 +220,11 @@ pub trait Backend: Send + Sync {
 
     /// y (m, n) = x (m, k) · wᵀ (k, n) + bias (n)
     fn linear(&self, x: &Self::Buf, m: usize, w: &Self::Mat, bias: Option<&Self::Buf>) -> Self::Buf;
+    /// Several `linear`s of one input x (m, k): [x · wᵢᵀ + biasᵢ]. The CUDA backend rounds x to bf16
+    /// once for all of them (a decode step's q, k and v; gate and up).
+    fn linears(&self, x: &Self::Buf, m: usize, ws: &[(&Self::Mat, Option<&Self::Buf>)]) -> Vec<Self::Buf> {
+        ws.iter().map(|&(w, b)| self.linear(x, m, w, b)).collect()
+    }
     /// rows of `table` (vocab, d) picked by `ids` -> (len, d)
     fn embed(&self, ids: &[u32], table: &Self::Mat) -> Self::Buf;
     /// x (rows, d) -> LayerNorm(x) * w + b
@@ -227,6 +232,18 @@ pub trait Backend: Send + Sync {
     /// x (rows, d) -> x / rms(x) * w  (HF LlamaRMSNorm)
     fn rms_norm(&self, x: &Self::Buf, d: usize, w: &Self::Buf, eps: f32) -> Self::Buf;
     fn activation(&self, x: &mut Self::Buf, act: Activation);
+    /// The SwiGLU of LLaMA's MLP in place: gate = silu(gate) ⊙ up (`activation` then `mul`; one
+    /// kernel on the GPU).
+    fn swiglu(&self, gate: &mut Self::Buf, up: &Self::Buf) {
+        self.activation(gate, Activation::Silu);
+        self.mul(gate, up);
+    }
+    /// The residual add and the next RMSNorm: x += y, then rms_norm(x) (`add` then `rms_norm`; one
+    /// kernel on the GPU).
+    fn add_rms_norm(&self, x: &mut Self::Buf, y: &Self::Buf, d: usize, w: &Self::Buf, eps: f32) -> Self::Buf {
+        self.add(x, y);
+        self.rms_norm(x, d, w, eps)
+    }
     /// x += y
     fn add(&self, x: &mut Self::Buf, y: &Self::Buf);
     /// x += alpha * y

@@ -22,12 +22,31 @@ pub struct Linear<B: Backend> {
 impl<B: Backend> Linear<B> {
     /// y (m, out) = x (m, in) · Wᵀ + bias [+ scale · (x Aᵀ) Bᵀ when `use_lora`]
     pub fn forward(&self, be: &B, x: &B::Buf, m: usize, use_lora: bool) -> B::Buf {
-        let mut y = be.linear(x, m, &self.w, self.bias.as_ref());
-        if let (true, Some(l)) = (use_lora, &self.lora) {
-            let t = be.linear(x, m, &l.a, None); // (m, r)
-            be.axpy(&mut y, l.scale, &be.linear(&t, m, &l.b, None));
+        Self::forward_many(be, &[self], x, m, use_lora)
+            .pop()
+            .expect("one layer")
+    }
+
+    /// `forward` of several layers that read the same x (q, k and v; gate and up): their products
+    /// with x, the LoRA down-projections included, go to the backend together (`linears`, which
+    /// rounds x to bf16 once on the GPU).
+    pub fn forward_many(be: &B, layers: &[&Self], x: &B::Buf, m: usize, use_lora: bool) -> Vec<B::Buf> {
+        let lora: Vec<Option<&LoraPair<B>>> = layers
+            .iter()
+            .map(|l| l.lora.as_ref().filter(|_| use_lora))
+            .collect();
+        let mut ws: Vec<(&B::Mat, Option<&B::Buf>)> =
+            layers.iter().map(|l| (&l.w, l.bias.as_ref())).collect();
+        ws.extend(lora.iter().flatten().map(|l| (&l.a, None)));
+        let mut products = be.linears(x, m, &ws).into_iter();
+        let mut ys: Vec<B::Buf> = products.by_ref().take(layers.len()).collect();
+        for (y, l) in ys.iter_mut().zip(&lora) {
+            if let Some(l) = l {
+                let t = products.next().expect("a LoRA down-projection"); // (m, r)
+                be.axpy(y, l.scale, &be.linear(&t, m, &l.b, None));
+            }
         }
-        y
+        ys
     }
 }
 
@@ -264,11 +283,15 @@ impl<B: Backend> Decoder<B> {
             .flat_map(|(s, kv)| kv.len..kv.len + s.rows)
             .collect();
         let mut masses: Vec<Vec<(usize, Vec<f32>)>> = vec![Vec::new(); segs.len()];
+        // each layer's input norm is taken with the residual add that ends the layer before
+        let first = self.layers.first().map_or(&self.norm, |l| &l.input_norm);
+        let mut a = be.rms_norm(&x, h, first, c.rms_norm_eps);
         for (li, l) in self.layers.iter().enumerate() {
-            let a = be.rms_norm(&x, h, &l.input_norm, c.rms_norm_eps);
-            let mut q = l.q.forward(be, &a, t, use_lora); // (t, heads·hd)
-            let mut k = l.k.forward(be, &a, t, use_lora); // (t, kv_heads·hd)
-            let v = l.v.forward(be, &a, t, use_lora);
+            // q (t, heads·hd), k and v (t, kv_heads·hd)
+            let [mut q, mut k, v]: [B::Buf; 3] =
+                Linear::forward_many(be, &[&l.q, &l.k, &l.v], &a, t, use_lora)
+                    .try_into()
+                    .unwrap_or_else(|_| unreachable!("three products"));
             be.rope(&mut q, c.num_heads, hd, &positions, c.rope_theta);
             be.rope(&mut k, c.num_kv_heads, hd, &positions, c.rope_theta);
             let mut seqs: Vec<CachedSeq<B>> = segs
@@ -291,12 +314,26 @@ impl<B: Backend> Decoder<B> {
                     masses[si].push((li, m));
                 }
             }
-            be.add(&mut x, &l.o.forward(be, &o, t, use_lora));
-            let a = be.rms_norm(&x, h, &l.post_norm, c.rms_norm_eps);
-            let mut g = l.gate.forward(be, &a, t, use_lora); // (t, intermediate)
-            be.activation(&mut g, Activation::Silu);
-            be.mul(&mut g, &l.up.forward(be, &a, t, use_lora));
-            be.add(&mut x, &l.down.forward(be, &g, t, use_lora));
+            let a2 = be.add_rms_norm(
+                &mut x,
+                &l.o.forward(be, &o, t, use_lora),
+                h,
+                &l.post_norm,
+                c.rms_norm_eps,
+            );
+            // gate and up (t, intermediate)
+            let [mut g, up]: [B::Buf; 2] = Linear::forward_many(be, &[&l.gate, &l.up], &a2, t, use_lora)
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("two products"));
+            be.swiglu(&mut g, &up);
+            let next = self.layers.get(li + 1).map_or(&self.norm, |n| &n.input_norm);
+            a = be.add_rms_norm(
+                &mut x,
+                &l.down.forward(be, &g, t, use_lora),
+                h,
+                next,
+                c.rms_norm_eps,
+            );
         }
         for (seg, kv) in segs.iter().zip(caches.iter_mut()) {
             kv.len += seg.rows;
@@ -319,7 +356,7 @@ impl<B: Backend> Decoder<B> {
                 None => Vec::new(),
             })
             .collect();
-        (be.rms_norm(&x, h, &self.norm, c.rms_norm_eps), ordered)
+        (a, ordered)
     }
 
     /// hidden (t, hidden) -> logits (t, vocab)
