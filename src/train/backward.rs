@@ -584,15 +584,16 @@ impl<B: Backend> SeqForward<B> {
         let be = &m.be;
         let n: usize = self.rows.iter().map(|(_, t)| t.len()).sum();
         let vocab = m.cfg.text.vocab_size;
-        let logits = be.download(&m.decoder.logits(be, &self.rows_hidden, n)); // (n, vocab)
-        let mut rows = logits.chunks_exact(vocab);
+        // the pick per row on the backend (on the GPU, two numbers per row come back, not the row)
+        let picks = be.greedy_rows(&m.decoder.logits(be, &self.rows_hidden, n), n, vocab);
+        let mut picks = picks.iter();
         self.rows
             .iter()
             .map(|(_, targets)| {
                 targets
                     .iter()
-                    .zip(rows.by_ref())
-                    .filter(|(&t, row)| crate::model::llava::greedy(row).0 == t)
+                    .zip(picks.by_ref())
+                    .filter(|(&t, &(pick, _))| pick == t)
                     .count()
             })
             .collect()
