@@ -150,6 +150,9 @@ pub struct TrainBenchOptions {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct TrainBenchResult {
     pub step_s: Stats,
+    /// the step's update part (gradients to the host, clipping, optimizer, weights back), seconds:
+    /// what the step costs that no layout of the pair changes
+    pub update_s: Stats,
     pub pairs_per_s: f64,
     /// rows the forward ran over per second (the packed sequence counts its prompt once)
     pub tokens_per_s: f64,
@@ -232,7 +235,7 @@ pub fn run_train<B: Backend>(
             seed: 0,
         },
     };
-    let (mut times, mut tokens) = (Vec::new(), Vec::new());
+    let (mut times, mut updates, mut tokens) = (Vec::new(), Vec::new(), Vec::new());
     let never = std::sync::atomic::AtomicBool::new(false);
     progress(0, total);
     train(
@@ -246,6 +249,7 @@ pub fn run_train<B: Backend>(
             progress(s.step, total);
             if s.step > o.warmup {
                 times.push(s.step_time_s);
+                updates.push(s.update_time_s);
                 tokens.push(s.tokens_per_s);
             }
             Ok(())
@@ -256,6 +260,7 @@ pub fn run_train<B: Backend>(
         pairs_per_s: 1.0 / step_s.median,
         tokens_per_s: Stats::of(tokens).median,
         step_s,
+        update_s: Stats::of(updates),
         reference_s,
         prompt_tokens: prompt.ids.len(),
         answer_tokens: o.answer_tokens,

@@ -1452,6 +1452,11 @@ fn bench_cmd<B: Backend>(a: BenchArgs, be: B) -> Result<()> {
                 "  step {:.3} s (min {:.3}, max {:.3})  {:.3} pairs/s  {:.1} tok/s  peak RSS {:.0} MiB  (reference pass {:.3} s, once per pair)",
                 r.step_s.median, r.step_s.min, r.step_s.max, r.pairs_per_s, r.tokens_per_s, r.peak_rss_mib, r.reference_s
             );
+            println!(
+                "  of which update {:.3} s (gradients to the host, clipping, AdamW, weights back), forward + backward {:.3} s",
+                r.update_s.median,
+                r.step_s.median - r.update_s.median
+            );
         }
         return Ok(());
     }

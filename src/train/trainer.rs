@@ -101,6 +101,11 @@ pub struct StepMetrics<X = DpoMetrics> {
     pub grad_norm: f64,
     pub tokens_per_s: f64,
     pub step_time_s: f64,
+    /// the part of `step_time_s` after the backward: gradients to the host, clipping, the optimizer
+    /// update, the weights back to the backend (`bench --task train` reports it; not logged, as
+    /// the logs of a resumed run must equal the uninterrupted one's but for the timings they drop)
+    #[serde(skip)]
+    pub update_time_s: f64,
     /// the update was skipped: the loss or the gradient was not finite
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub skipped: bool,
@@ -277,6 +282,7 @@ pub fn run_steps<B: Backend, S: Stage<B>>(
             }
         }
         // clip over every tensor, then one optimizer update per tensor
+        let t_update = Instant::now();
         let (loss, stage_metrics, mut grads) = stage.end_step(m)?;
         if grads.len() != state.optim.len() {
             return Err(Error::Invalid(format!(
@@ -309,7 +315,7 @@ pub fn run_steps<B: Backend, S: Stage<B>>(
                 .for_each(|((p, g), st)| update(&cfg.optim, p, g, st, lr as f32));
             stage.apply(m)?;
         }
-        let step_time_s = t0.elapsed().as_secs_f64();
+        let (step_time_s, update_time_s) = (t0.elapsed().as_secs_f64(), t_update.elapsed().as_secs_f64());
         let metrics = StepMetrics {
             step: step + 1,
             loss,
@@ -318,6 +324,7 @@ pub fn run_steps<B: Backend, S: Stage<B>>(
             grad_norm,
             tokens_per_s: tokens as f64 / step_time_s,
             step_time_s,
+            update_time_s,
             skipped,
         };
         state.step += 1;
