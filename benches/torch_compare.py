@@ -74,6 +74,7 @@ def main():
         ("ceiling/copy", "memory", 2 * f4 * (64 << 20), lambda: big.clone()),
         ("ceiling/gemm", "compute", 2.0 * gm * gk * gk, lambda: gx @ gw.T),
         ("linear/forward", "compute", 2.0 * n * h, lambda: x.to(mm_dtype) @ w.T),
+        ("linear/decode", "memory", 2.0 * h * h, lambda: x[:1].to(mm_dtype) @ w.T),
         ("linear/backward", "compute", 2.0 * n * h, lambda: x.to(mm_dtype) @ w),
         ("norm/rms_norm", "memory", 2 * f4 * n, lambda: rms(x)),
         ("norm/rms_norm_backward", "memory", 3 * f4 * n, lambda: torch.autograd.grad(rms(xg), xg, x)),

@@ -50,10 +50,11 @@ struct Case<'a> {
 }
 
 /// The op names, in order (`--list`).
-pub const OPS: [&str; 20] = [
+pub const OPS: [&str; 21] = [
     "ceiling/copy",
     "ceiling/gemm",
     "linear/forward",
+    "linear/decode",
     "linear/backward",
     "norm/rms_norm",
     "norm/rms_norm_backward",
@@ -193,6 +194,20 @@ pub fn run<B: Backend>(
             work: 2.0 * n * h as f64,
             run: Box::new(|| {
                 std::hint::black_box(be.linear(&x, rows, &w, None));
+            }),
+        },
+        Case {
+            // a decode step's product: one row against the whole weight matrix, a read of W
+            name: "linear/decode",
+            shape: format!("1x{h} · {h}x{h}"),
+            bound: Bound::Memory,
+            // the weights as the backend holds them: bf16 on the GPU, this bench's f32 on the CPU
+            work: (h * h) as f64 * if be.name() == "cuda" { 2.0 } else { f },
+            run: Box::new({
+                let (x1, w) = (be.slice_rows(&x, h, 0, 1), &w);
+                move || {
+                    std::hint::black_box(be.linear(&x1, 1, w, None));
+                }
             }),
         },
         Case {

@@ -95,8 +95,9 @@ fn linear_and_its_backward_at_llama_shapes() {
     let Some(g) = gpu() else { return };
     let c = CpuBackend::new();
     let mut rng = TestRng(1);
-    // hidden 4096 -> 4096 (q_proj of LLaMA-7B), 300 rows; and 1 row (decode)
-    for m in [300, 1] {
+    // hidden 4096 -> 4096 (q_proj of LLaMA-7B), 300 rows (cuBLAS); 1, 3 and 8 rows (decode steps:
+    // the gemv kernels for up to 8 rows, with 1, 4 and 8 rows per launch)
+    for m in [300, 1, 3, 8] {
         let (n, k) = (4096, 4096);
         let w = tensor("w", n, k, &rng.vec(n * k, 0.02));
         let (wc, wg) = (c.matrix(&w).unwrap(), g.matrix(&w).unwrap());
@@ -135,6 +136,47 @@ fn linear_and_its_backward_at_llama_shapes() {
         assert_eq!(got.len(), 3);
         for (i, (a, b)) in got.iter().zip(&want).enumerate() {
             check(&format!("linears m={m} product {i}"), &g.download(a), b, GEMM_TOL);
+        }
+    }
+    // more matrices than one gemv launch takes (4), of several widths; an input width that is not a
+    // multiple of 8 (cuBLAS even for one row)
+    for (m, k) in [(2, 1024), (1, 100)] {
+        let shapes = [96, 1024, 40, 8, 512, 200];
+        let ws: Vec<Tensor> = shapes
+            .iter()
+            .map(|&n| tensor("w", n, k, &rng.vec(n * k, 0.05)))
+            .collect();
+        let (wc, wg): (Vec<_>, Vec<_>) = ws
+            .iter()
+            .map(|t| (c.matrix(t).unwrap(), g.matrix(t).unwrap()))
+            .unzip();
+        let bias = rng.vec(40, 1.0);
+        let bg = g.upload(&bias);
+        let x = rng.vec(m * k, 1.0);
+        let pick = |i: usize| i == 2; // the 40-wide one has a bias
+        let got = g.linears(
+            &g.upload(&x),
+            m,
+            &wg.iter()
+                .enumerate()
+                .map(|(i, w)| (w, pick(i).then_some(&bg)))
+                .collect::<Vec<_>>(),
+        );
+        let want = c.linears(
+            &x,
+            m,
+            &wc.iter()
+                .enumerate()
+                .map(|(i, w)| (w, pick(i).then_some(&bias)))
+                .collect::<Vec<_>>(),
+        );
+        for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+            check(
+                &format!("linears m={m} k={k} product {i} of 6"),
+                &g.download(a),
+                b,
+                GEMM_TOL,
+            );
         }
     }
 }

@@ -232,6 +232,26 @@ fn split_mass(avg: &[f32], ng_max: usize, seqs: &[(usize, Option<usize>)]) -> Ve
         .collect()
 }
 
+/// Weight matrices one `gemv_bf16_m*` launch takes (`GEMV_MAX_MATS` in kernels/gemv.cu).
+const GEMV_MAX_MATS: usize = 4;
+/// Rows up to which `linears` runs as `gemv_bf16_m*` instead of cuBLAS (decode steps).
+const GEMV_MAX_ROWS: usize = 8;
+
+/// `GemvMats` of kernels/gemv.cu, passed by value: each matrix's weights, bias (0: none), output and
+/// first feature.
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct GemvMats {
+    w: [u64; GEMV_MAX_MATS],
+    bias: [u64; GEMV_MAX_MATS],
+    y: [u64; GEMV_MAX_MATS],
+    n0: [i32; GEMV_MAX_MATS + 1],
+    count: i32,
+}
+
+// SAFETY: as DecodeSeqs.
+unsafe impl DeviceRepr for GemvMats {}
+
 /// The keys of a decode step split over blocks: (splits, keys per split) for `rows_heads` (query
 /// row, head) pairs against `tk` keys. ~8 blocks (32 warps) per SM of an H100 (132), at least 64
 /// keys per block: the loop is latency-bound, so the more rows in flight the better (2 blocks per SM
@@ -783,6 +803,46 @@ impl CudaBackend {
         // SAFETY: a warp per (row, head), 8 per block; out (rows, d), mass (rows, n_groups).
         unsafe { b.launch(per_row(rows.div_ceil(8), 256, 0)) }.expect("CUDA: attention_decode_combine");
         (out, mass)
+    }
+
+    /// `linears` for a few rows (m <= GEMV_MAX_ROWS, k a multiple of 8): up to GEMV_MAX_MATS
+    /// matrices per `gemv_bf16_m*` launch, x in f32 (no cast, no cuBLAS call).
+    fn gemv(&self, x: &DBuf, m: usize, ws: &[(&CudaMat, Option<&DBuf>)]) -> Vec<DBuf> {
+        let k = ws[0].0.cols;
+        assert_eq!(x.n, m * k, "linears: x is not ({m}, {k})");
+        let mut ys: Vec<DBuf> = ws.iter().map(|(w, _)| self.poisoned(m * w.rows)).collect();
+        let rows = [1, 2, 4, 8].into_iter().find(|&r| r >= m).expect("m <= 8");
+        let name = format!("gemv_bf16_m{rows}");
+        for (wc, yc) in ws.chunks(GEMV_MAX_MATS).zip(ys.chunks_mut(GEMV_MAX_MATS)) {
+            let mut mats = GemvMats {
+                w: [0; GEMV_MAX_MATS],
+                bias: [0; GEMV_MAX_MATS],
+                y: [0; GEMV_MAX_MATS],
+                n0: [0; GEMV_MAX_MATS + 1],
+                count: wc.len() as i32,
+            };
+            let mut n = 0;
+            for (i, ((w, bias), y)) in wc.iter().zip(yc.iter_mut()).enumerate() {
+                if let Some(b) = bias {
+                    assert_eq!(b.n, w.rows, "linears: bias of {} features", w.rows);
+                }
+                // cudarc's event tracking is off (`new`): the raw pointers need no guard
+                mats.w[i] = w.w.device_ptr(&self.stream).0;
+                mats.bias[i] = bias.map_or(0, |b| b.s.device_ptr(&self.stream).0);
+                mats.y[i] = y.s.device_ptr_mut(&self.stream).0;
+                mats.n0[i] = n as i32;
+                n += w.rows;
+            }
+            mats.n0[wc.len()..].fill(n as i32);
+            let (mm, kk) = (m as i32, k as i32);
+            let mut b = self.stream.launch_builder(self.f(&name));
+            b.arg(&x.s).arg(&mats).arg(&mm).arg(&kk);
+            // SAFETY: x (m, k), each W (n_i, k) with k a multiple of 8 (16-byte rows), each y
+            // (m, n_i); a warp per feature of every matrix, 8 per block.
+            unsafe { b.launch(per_row(n.div_ceil(8), 256, 0)) }
+                .unwrap_or_else(|e| panic!("CUDA: {name}: {e:?}"));
+        }
+        ys
     }
 
     /// Makes room in `dst` for `n` elements, keeping its first `dst.n`: the allocation grows
@@ -1347,6 +1407,9 @@ impl Backend for CudaBackend {
             return Vec::new();
         };
         assert!(ws.iter().all(|(w, _)| w.cols == k), "linears: one input width");
+        if m <= GEMV_MAX_ROWS && k % 8 == 0 {
+            return self.gemv(x, m, ws);
+        }
         let xb = self.to_bf16(x, m * k);
         ws.iter()
             .map(|&(w, bias)| {
@@ -2049,6 +2112,45 @@ mod tests {
                 "int row0[DEC_MAX_SEQS + 1]",
                 "int len[DEC_MAX_SEQS]",
                 "int n"
+            ]
+        );
+    }
+
+    /// As `decode_launch_parameters_match_the_kernels_structs`, for kernels/gemv.cu's `GemvMats`.
+    #[test]
+    fn gemv_launch_parameters_match_the_kernels_struct() {
+        use std::mem::{offset_of, size_of};
+        assert_eq!(
+            [
+                offset_of!(GemvMats, bias),
+                offset_of!(GemvMats, y),
+                offset_of!(GemvMats, n0),
+                offset_of!(GemvMats, count),
+                size_of::<GemvMats>()
+            ],
+            [32, 64, 96, 116, 120]
+        );
+        let src = FAMILIES.iter().find(|f| f.name == "gemv").unwrap().source;
+        assert!(src.contains(&format!("#define GEMV_MAX_MATS {GEMV_MAX_MATS}\n")));
+        let body = src
+            .split("struct GemvMats {")
+            .nth(1)
+            .unwrap()
+            .split("};")
+            .next()
+            .unwrap();
+        let fields: Vec<_> = body
+            .lines()
+            .filter_map(|l| l.split("//").next().unwrap().trim().strip_suffix(';'))
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "const bf16* w[GEMV_MAX_MATS]",
+                "const float* bias[GEMV_MAX_MATS]",
+                "float* y[GEMV_MAX_MATS]",
+                "int n0[GEMV_MAX_MATS + 1]",
+                "int count"
             ]
         );
     }
