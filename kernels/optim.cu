@@ -2,12 +2,14 @@
 // global gradient norm (two passes: per-block partial sums, then one block; deterministic).
 // CPU twins: update, clip_grad_norm in src/train/optim.rs.
 
-// p <- p (1 - lr wd); m, v moments; p <- p - (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps)
+// g scaled by gs (the clipping factor, 1 for none); p <- p (1 - lr wd); m, v moments;
+// p <- p - (lr / bc1) m / (sqrt(v) / sqrt(bc2) + eps)
 extern "C" __global__ void adamw_step(float* p, const float* g, float* m, float* v, long n, float lr,
-                                      float beta1, float beta2, float eps, float wd, float bc1, float bc2) {
+                                      float beta1, float beta2, float eps, float wd, float bc1, float bc2,
+                                      float gs) {
     float step = lr / bc1, sqrt_bc2 = sqrtf(bc2);
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
-        float pi = p[i] * (1.0f - lr * wd), gi = g[i];
+        float pi = p[i] * (1.0f - lr * wd), gi = g[i] * gs;
         float mi = beta1 * m[i] + (1.0f - beta1) * gi;
         float vi = beta2 * v[i] + (1.0f - beta2) * gi * gi;
         m[i] = mi;
@@ -16,10 +18,10 @@ extern "C" __global__ void adamw_step(float* p, const float* g, float* m, float*
     }
 }
 
-// g <- g + wd p; p <- p - lr g
-extern "C" __global__ void sgd_step(float* p, const float* g, long n, float lr, float wd) {
+// g scaled by gs; g <- g + wd p; p <- p - lr g
+extern "C" __global__ void sgd_step(float* p, const float* g, long n, float lr, float wd, float gs) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
-        p[i] -= lr * (g[i] + wd * p[i]);
+        p[i] -= lr * (g[i] * gs + wd * p[i]);
 }
 
 // partial[blockIdx.x] = sum of g[i]^2 over this block's grid-stride share

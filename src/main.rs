@@ -915,6 +915,8 @@ impl TrainArgs {
             grad_accum: self.grad_accum,
             steps: self.steps.unwrap_or(self.epochs * n.div_ceil(per_step.max(1))),
             seed: self.seed,
+            // the host copies as often as a checkpoint reads them (and when the run returns)
+            sync_every: self.save_every,
         }
     }
 }
@@ -1453,7 +1455,7 @@ fn bench_cmd<B: Backend>(a: BenchArgs, be: B) -> Result<()> {
                 r.step_s.median, r.step_s.min, r.step_s.max, r.pairs_per_s, r.tokens_per_s, r.peak_rss_mib, r.reference_s
             );
             println!(
-                "  of which update {:.3} s (gradients to the host, clipping, AdamW, weights back), forward + backward {:.3} s",
+                "  of which update {:.3} s (gradient norm, clipping, optimizer, weights into the model), forward + backward {:.3} s",
                 r.update_s.median,
                 r.step_s.median - r.update_s.median
             );

@@ -363,6 +363,7 @@ fn a_short_training_run_learns_the_preferences() {
             grad_accum: 1,
             steps: 8,
             seed: 0,
+            sync_every: 1,
         },
     };
     let mut seen = 0;
@@ -447,6 +448,7 @@ fn non_finite_steps_are_skipped_then_stop_the_run() {
             grad_accum: 1,
             steps: 10,
             seed: 0,
+            sync_every: 1,
         },
     };
     let mut logged = Vec::new();

@@ -444,6 +444,252 @@ fn attention_variants_forward_mass_and_backward() {
     }
 }
 
+/// The optimizer on the backend (LoRA training's update): the global gradient norm's Σ g², AdamW
+/// and SGD with and without the clipping factor over three steps, and the updated master as a
+/// weight matrix, against the CPU's (the host update of `train::optim`, bit for bit what it was).
+#[test]
+fn optimizer_on_the_backend_matches_the_host_update() {
+    use miadpo::backend::BufState;
+    use miadpo::train::optim::{OptimConfig, OptimizerKind};
+    let Some(g) = gpu() else { return };
+    let c = CpuBackend::new();
+    let mut rng = TestRng(21);
+    let sizes = [128 * 1024, 1000, 4096 * 128 + 3];
+    let grads: Vec<Vec<f32>> = sizes.iter().map(|&n| rng.vec(n, 1e-2)).collect();
+    let gg: Vec<_> = grads.iter().map(|x| g.upload(x)).collect();
+    let (sc, sg) = (
+        c.sum_squares(&grads.iter().collect::<Vec<_>>()),
+        g.sum_squares(&gg.iter().collect::<Vec<_>>()),
+    );
+    // f32 partial sums of 650 k squares against the CPU's f64 sum: ~1e-6 relative
+    let e = (sc - sg).abs() / sc;
+    eprintln!("{:<40} rel err {e:.2e} (tol 1e-5)", "sum_squares");
+    assert!(e <= 1e-5, "sum_squares: cpu {sc} vs gpu {sg}");
+    for (kind, gscale) in [
+        (OptimizerKind::AdamW, 1.0),
+        (OptimizerKind::AdamW, 0.37),
+        (OptimizerKind::Sgd, 0.5),
+    ] {
+        let cfg = OptimConfig {
+            kind,
+            weight_decay: 0.01,
+            ..Default::default()
+        };
+        let (rows, cols) = (128, 1024);
+        let p0 = rng.vec(rows * cols, 0.1);
+        let (mut pc, mut pg) = (p0.clone(), g.upload(&p0));
+        let (mut stc, mut stg) = (BufState::default(), BufState::default());
+        for step in 0..3 {
+            let grad = rng.vec(rows * cols, 1e-2);
+            let (mut gc, mut ggr) = (grad.clone(), g.upload(&grad));
+            c.optim_update(&cfg, &mut pc, &mut gc, gscale, &mut stc, 1e-3);
+            g.optim_update(&cfg, &mut pg, &mut ggr, gscale, &mut stg, 1e-3);
+            // f32 on both sides (the GPU scales g in f32, the host in f64; FMA contraction and
+            // sqrtf): a few ulps of p per step
+            check(
+                &format!("optim_update {kind:?} gscale {gscale} step {step}"),
+                &g.download(&pg),
+                &pc,
+                F32_TOL,
+            );
+            assert_eq!(
+                stg.step, stc.step,
+                "{kind:?}: the step count of the bias corrections"
+            );
+            if let (Some(mg), Some(mc)) = (&stg.m, &stc.m) {
+                check(
+                    &format!("optim_update {kind:?} m step {step}"),
+                    &g.download(mg),
+                    mc,
+                    F32_TOL,
+                );
+            }
+            if let (Some(vg), Some(vc)) = (&stg.v, &stc.v) {
+                check(
+                    &format!("optim_update {kind:?} v step {step}"),
+                    &g.download(vg),
+                    vc,
+                    F32_TOL,
+                );
+            }
+            assert_eq!(
+                stg.m.is_some(),
+                stc.m.is_some(),
+                "{kind:?}: moments on one side only"
+            );
+        }
+        // the master as the model's matrix: the product with it as with the CPU's f32 matrix
+        let (mc, mg) = (
+            c.to_mat(&pc, rows, cols).unwrap(),
+            g.to_mat(&pg, rows, cols).unwrap(),
+        );
+        let x = rng.vec(16 * cols, 1.0);
+        check(
+            &format!("to_mat {kind:?} product"),
+            &g.download(&g.linear(&g.upload(&x), 16, &mg, None)),
+            &c.linear(&x, 16, &mc, None),
+            GEMM_TOL,
+        );
+    }
+    assert_eq!(g.download(&g.zeros(1000)), vec![0.0; 1000], "zeros");
+}
+
+/// `train` on the GPU, the optimizer there too (only Σ g² and, at a sync, the weights and states come
+/// back), against the CPU: three steps on the fixture's pairs. The first step's loss is ln 2 on both
+/// (the LoRA starts as the identity) and its gradient norm agrees within the bf16 chain's bound; the
+/// host copies after the run are those of three updates (AdamW's step counts, moments of the
+/// masters' sizes) and they moved the weights.
+#[test]
+fn dpo_training_steps_on_the_gpu() {
+    use miadpo::model::llava::Llava;
+    use miadpo::model::lora::Proj;
+    use miadpo::train::adapter::LoraWeights;
+    use miadpo::train::backward::{pair_forward, PassOptions};
+    use miadpo::train::optim::{OptimConfig, Schedule};
+    use miadpo::train::trainer::{train, LoopConfig, StepMetrics, TrainConfig, TrainPair, TrainState};
+    let Some(g) = gpu() else { return };
+    fn run<B: Backend>(mut m: Llava<B>) -> (Vec<StepMetrics>, LoraWeights, LoraWeights, TrainState) {
+        let dir = common::fixture_dir();
+        let pass = PassOptions::default();
+        let pairs: Vec<TrainPair> = common::cases()["score"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                let paths: Vec<_> = c["images"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|n| dir.join("images").join(n.as_str().unwrap()))
+                    .collect();
+                let prompt = m
+                    .prompt(
+                        miadpo::text::Template::VicunaV1,
+                        c["prompt"].as_str().unwrap(),
+                        paths.len(),
+                        "gpu",
+                    )
+                    .unwrap();
+                let px: Vec<Vec<f32>> = paths
+                    .iter()
+                    .map(|p| m.pixels(p, miadpo::vision::preprocess::AspectMode::Pad).unwrap())
+                    .collect();
+                let feats = m.image_features(&px);
+                let (chosen, rejected) = (
+                    m.tokenizer.response(c["chosen"].as_str().unwrap()).unwrap(),
+                    m.tokenizer.response(c["rejected"].as_str().unwrap()).unwrap(),
+                );
+                let refs = pair_forward(&m, &prompt.ids, &chosen, &rejected, &feats, pass, 0)
+                    .unwrap()
+                    .logps();
+                TrainPair {
+                    id: format!("pair{i}"),
+                    prompt: prompt.ids,
+                    features: m.be.download(&feats),
+                    chosen,
+                    rejected,
+                    ref_chosen: refs.0,
+                    ref_rejected: refs.1,
+                }
+            })
+            .collect();
+        let t = m.cfg.text.clone();
+        let init = LoraWeights::init(t.num_layers, &Proj::ALL, 4, 8.0, 1, |_, p| p.shape(&t));
+        let mut w = init.clone();
+        let cfg = TrainConfig {
+            dpo: Default::default(),
+            pass,
+            run: LoopConfig {
+                optim: OptimConfig::default(),
+                lr: 5e-3,
+                schedule: Schedule::Constant,
+                warmup_ratio: 0.0,
+                max_grad_norm: 0.3, // below the fixture's first gradient norm (~0.44): clipping runs
+                batch_size: 3,
+                grad_accum: 1,
+                steps: 3,
+                seed: 0,
+                sync_every: 0,
+            },
+        };
+        let mut state = TrainState::default();
+        let never = std::sync::atomic::AtomicBool::new(false);
+        let out = train(
+            &mut m,
+            &mut w,
+            &mut state,
+            &pairs,
+            &cfg,
+            &never,
+            &mut |_, _, _| Ok(()),
+        )
+        .unwrap();
+        (out.history, init, w, state)
+    }
+    let dir = common::fixture_dir();
+    let (hc, _, wc, _) = run(Llava::load(&dir.join("model"), CpuBackend::new()).unwrap());
+    let (hg, init, wg, sg) = run(Llava::load(&dir.join("model"), g).unwrap());
+    assert_eq!(hg.len(), 3);
+    let e = (hg[0].loss - std::f64::consts::LN_2).abs();
+    eprintln!("{:<40} rel err {e:.2e} (tol 1e-6)", "train step 1 loss vs ln 2");
+    assert!(e <= 1e-6, "step 1 loss {} on the GPU", hg[0].loss);
+    // the gradient's norm through the bf16 chain: within the fixture DPO test's part bound
+    let e = (hg[0].grad_norm - hc[0].grad_norm).abs() / hc[0].grad_norm;
+    eprintln!(
+        "{:<40} rel err {e:.2e} (tol 1.5e-1)",
+        "train step 1 gradient norm"
+    );
+    assert!(
+        e <= 1.5e-1,
+        "gradient norm cpu {} vs gpu {}",
+        hc[0].grad_norm,
+        hg[0].grad_norm
+    );
+    for s in &hg {
+        assert!(
+            s.loss.is_finite() && s.grad_norm.is_finite() && !s.skipped,
+            "step {}: {s:?}",
+            s.step
+        );
+    }
+    // the host copies: three AdamW updates of every tensor, synced when the run returned
+    assert_eq!(sg.step, 3);
+    assert_eq!(sg.optim.len(), 2 * wg.modules.len());
+    for (st, (n, mw)) in sg.optim.iter().zip(
+        wg.modules
+            .iter()
+            .flat_map(|mw| [(mw.a.len(), mw), (mw.b.len(), mw)]),
+    ) {
+        assert_eq!(
+            (st.step, st.m.len(), st.v.len()),
+            (3, n, n),
+            "layer {} {:?}",
+            mw.layer,
+            mw.proj
+        );
+    }
+    let moved = |w: &LoraWeights| {
+        w.modules
+            .iter()
+            .zip(&init.modules)
+            .map(|(a, b)| {
+                a.b.iter()
+                    .zip(&b.b)
+                    .map(|(x, y)| (x - y).abs())
+                    .fold(0f32, f32::max)
+            })
+            .fold(0f32, f32::max)
+    };
+    // B starts at 0 and each AdamW step moves an element by about lr = 5e-3
+    assert!(
+        moved(&wg) > 1e-3 && moved(&wc) > 1e-3,
+        "the updates moved B: gpu {} cpu {}",
+        moved(&wg),
+        moved(&wc)
+    );
+}
+
 /// Greedy decoding's pick on the device against the host's: the same first index of the maximum
 /// (ties planted: a row's maximum repeated later in the row), and its log-softmax.
 #[test]

@@ -17,7 +17,7 @@ use miadpo::train::backward::{forward, PassOptions};
 use miadpo::train::dpo::RunningMean;
 use miadpo::train::optim::{OptimConfig, Schedule};
 use miadpo::train::sft::{prepare_samples, SftSample, SftStage};
-use miadpo::train::trainer::{run_steps, LoopConfig, MicroAt, Stage, TrainState};
+use miadpo::train::trainer::{run_steps, LoopConfig, MicroAt, Stage, StepGrads, TrainState};
 use miadpo::vision::preprocess::AspectMode;
 use serde_json::{json, Value};
 
@@ -244,7 +244,7 @@ fn check_gradients_along(model: &Path, suffixes: &[&str], answer_rows: bool) {
     );
     let batches = vec![vec![&sm[0], &sm[1]], vec![&sm[2], &sm[3]]];
     let mut stage = SftStage::new(&m, model, PassOptions::default()).unwrap();
-    stage.attach(&mut m).unwrap();
+    stage.attach(&mut m, &TrainState::default()).unwrap();
     stage.begin_step();
     for (micro, b) in batches.iter().enumerate() {
         let at = MicroAt {
@@ -259,6 +259,9 @@ fn check_gradients_along(model: &Path, suffixes: &[&str], answer_rows: bool) {
         assert!(rows.unwrap() > 0);
     }
     let (loss, metrics, grads) = stage.end_step(&m).unwrap();
+    let StepGrads::Host(grads) = grads else {
+        panic!("SFT updates its tensors on the host")
+    };
     let reference = sft_loss(&m, &batches);
     assert!(
         (loss - reference).abs() <= 1e-9 * reference.abs(),
@@ -463,6 +466,7 @@ fn sft_trains_saves_a_loadable_model_and_resumes_exactly() {
         grad_accum: 1,
         steps: 8,
         seed: 0,
+        sync_every: 1,
     };
     let out = run_steps(
         &mut mem,

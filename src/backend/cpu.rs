@@ -1080,6 +1080,37 @@ impl Backend for CpuBackend {
             })
             .collect()
     }
+
+    fn sum_squares(&self, xs: &[&Vec<f32>]) -> f64 {
+        // in order, without the default's copies: the sum `clip_grad_norm` takes
+        xs.iter()
+            .flat_map(|x| x.iter())
+            .map(|&v| v as f64 * v as f64)
+            .sum()
+    }
+
+    fn optim_update(
+        &self,
+        cfg: &crate::train::optim::OptimConfig,
+        p: &mut Vec<f32>,
+        g: &mut Vec<f32>,
+        gscale: f64,
+        state: &mut super::BufState<Vec<f32>>,
+        lr: f32,
+    ) {
+        // the host update in place: the state's vectors move in and out, nothing is copied
+        let mut st = crate::train::optim::ParamState {
+            m: state.m.take().unwrap_or_default(),
+            v: state.v.take().unwrap_or_default(),
+            step: state.step,
+        };
+        super::host_update(cfg, p, g, gscale, &mut st, lr);
+        *state = super::BufState {
+            m: (!st.m.is_empty()).then_some(st.m),
+            v: (!st.v.is_empty()).then_some(st.v),
+            step: st.step,
+        };
+    }
 }
 
 /// RoPE's rotation of x (rows, heads·D) by `sign` × the angles of each row's position (−1: the inverse,

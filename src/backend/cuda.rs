@@ -15,10 +15,11 @@ use cudarc::driver::{
     PushKernelArg,
 };
 
-use super::{attention_cached_each, AttnShape, Backend, CachedSeq, Heads, KeyGroups, KeyRange};
+use super::{attention_cached_each, AttnShape, Backend, BufState, CachedSeq, Heads, KeyGroups, KeyRange};
 use crate::cuda::{nvrtc, FAMILIES};
 use crate::model::config::Activation;
 use crate::model::weights::Tensor;
+use crate::train::optim::{OptimConfig, OptimizerKind};
 use crate::{Error, Result};
 
 /// An f32 device buffer and its length (`n` may be 0: the allocation then holds one unused element,
@@ -1950,6 +1951,101 @@ impl Backend for CudaBackend {
                 (gp + (c0 * h * 4) as u64, h),
             );
         });
+    }
+
+    fn zeros(&self, n: usize) -> DBuf {
+        CudaBackend::zeros(self, n)
+    }
+
+    fn sum_squares(&self, xs: &[&DBuf]) -> f64 {
+        // per tensor, up to 256 blocks' partial sums into one buffer, then one block sums them all:
+        // one number comes back (f32 sums; the CPU's are f64, ~1e-6 relative apart)
+        let blocks: Vec<usize> = xs
+            .iter()
+            .map(|x| x.n.div_ceil(BLOCK as usize).clamp(1, 256))
+            .collect();
+        let total: usize = blocks.iter().sum();
+        if total == 0 {
+            return 0.0;
+        }
+        let mut partial = self.poisoned(total);
+        let mut at = 0;
+        for (x, &nb) in xs.iter().zip(&blocks) {
+            let n = x.n as i64;
+            let mut part = partial.s.slice_mut(at..at + nb);
+            let mut b = self.stream.launch_builder(self.f("sumsq_partial"));
+            b.arg(&x.s).arg(&n).arg(&mut part);
+            // SAFETY: x holds n elements; part nb floats, one per block.
+            unsafe { b.launch(per_row(nb, BLOCK, 0)) }.expect("CUDA: sumsq_partial");
+            at += nb;
+        }
+        let mut out = self.poisoned(1);
+        let t = total as i32;
+        let mut b = self.stream.launch_builder(self.f("sum_final"));
+        b.arg(&partial.s).arg(&t).arg(&mut out.s);
+        // SAFETY: partial holds total floats; one block.
+        unsafe { b.launch(per_row(1, 1024, 0)) }.expect("CUDA: sum_final");
+        self.download(&out)[0] as f64
+    }
+
+    fn optim_update(
+        &self,
+        cfg: &OptimConfig,
+        p: &mut DBuf,
+        g: &mut DBuf,
+        gscale: f64,
+        state: &mut BufState<DBuf>,
+        lr: f32,
+    ) {
+        assert_eq!(p.n, g.n, "parameter and gradient sizes");
+        let (n, gs) = (p.n as i64, if gscale < 1.0 { gscale as f32 } else { 1.0 });
+        match cfg.kind {
+            OptimizerKind::Sgd => {
+                let mut b = self.stream.launch_builder(self.f("sgd_step"));
+                b.arg(&mut p.s)
+                    .arg(&g.s)
+                    .arg(&n)
+                    .arg(&lr)
+                    .arg(&cfg.weight_decay)
+                    .arg(&gs);
+                // SAFETY: p and g hold n elements.
+                unsafe { b.launch(grid1d(p.n)) }.expect("CUDA: sgd_step");
+            }
+            OptimizerKind::AdamW => {
+                let mut m = state.m.take().unwrap_or_else(|| CudaBackend::zeros(self, p.n));
+                let mut v = state.v.take().unwrap_or_else(|| CudaBackend::zeros(self, p.n));
+                state.step += 1;
+                // the bias corrections as the host computes them (f32 powers)
+                let bc1 = 1.0 - cfg.beta1.powi(state.step as i32);
+                let bc2 = 1.0 - cfg.beta2.powi(state.step as i32);
+                let mut b = self.stream.launch_builder(self.f("adamw_step"));
+                b.arg(&mut p.s)
+                    .arg(&g.s)
+                    .arg(&mut m.s)
+                    .arg(&mut v.s)
+                    .arg(&n)
+                    .arg(&lr)
+                    .arg(&cfg.beta1)
+                    .arg(&cfg.beta2)
+                    .arg(&cfg.eps)
+                    .arg(&cfg.weight_decay)
+                    .arg(&bc1)
+                    .arg(&bc2)
+                    .arg(&gs);
+                // SAFETY: p, g, m and v hold n elements.
+                unsafe { b.launch(grid1d(p.n)) }.expect("CUDA: adamw_step");
+                (state.m, state.v) = (Some(m), Some(v));
+            }
+        }
+    }
+
+    fn to_mat(&self, x: &DBuf, rows: usize, cols: usize) -> Result<CudaMat> {
+        assert_eq!(x.n, rows * cols, "to_mat: a ({rows}, {cols}) matrix");
+        Ok(CudaMat {
+            w: self.to_bf16(x, x.n),
+            rows,
+            cols,
+        })
     }
 
     fn dropout(&self, x: &DBuf, p: f32, key: u64) -> DBuf {

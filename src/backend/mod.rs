@@ -12,6 +12,7 @@ use std::str::FromStr;
 
 use crate::model::config::Activation;
 use crate::model::weights::Tensor;
+use crate::train::optim::{OptimConfig, ParamState};
 use crate::{Error, Result};
 
 /// `--device`: where the model runs.
@@ -160,6 +161,41 @@ pub struct AttnShape {
     /// `(first, start, end)`: queries at positions ≥ `first` do not see keys `[start, end)` — the
     /// prefix-shared DPO layout `[prompt | chosen | rejected]`, where rejected must not see chosen
     pub hole: Option<(usize, usize, usize)>,
+}
+
+/// A trained tensor's optimizer state on a backend (`Backend::optim_update`): AdamW's moments
+/// (none for SGD, or before the first update) and the step count of its bias corrections.
+#[derive(Clone, Debug)]
+pub struct BufState<T> {
+    pub m: Option<T>,
+    pub v: Option<T>,
+    pub step: u64,
+}
+
+impl<T> Default for BufState<T> {
+    fn default() -> Self {
+        BufState {
+            m: None,
+            v: None,
+            step: 0,
+        }
+    }
+}
+
+/// `Backend::optim_update` on host vectors: the clipping scale (as `clip_grad_norm` applies it),
+/// then `optim::update`.
+pub fn host_update(
+    cfg: &OptimConfig,
+    p: &mut [f32],
+    g: &mut [f32],
+    gscale: f64,
+    st: &mut ParamState,
+    lr: f32,
+) {
+    if gscale < 1.0 {
+        g.iter_mut().for_each(|x| *x = (*x as f64 * gscale) as f32);
+    }
+    crate::train::optim::update(cfg, p, g, st, lr);
 }
 
 /// The heads of an attention layer: query heads, key/value heads (GQA), and the head dim.
@@ -414,6 +450,60 @@ pub trait Backend: Send + Sync {
     /// Inverted dropout with the mask of [`dropout_keep`]: x / (1 − p) where kept, 0 elsewhere. The
     /// same key gives the same mask (the backward reapplies it to the gradient).
     fn dropout(&self, x: &Self::Buf, p: f32, key: u64) -> Self::Buf;
+
+    // ---- the optimizer, on the backend that holds the trained tensors (LoRA training): the
+    // defaults run on the host exactly as `train::optim` does, so the CPU's training keeps its bits
+
+    /// A buffer of n zeros (a gradient accumulator).
+    fn zeros(&self, n: usize) -> Self::Buf {
+        self.upload(&vec![0.0; n])
+    }
+    /// Σ x² over every element of `xs` in order, in f64: the global gradient norm's square, as
+    /// `optim::clip_grad_norm` sums it.
+    fn sum_squares(&self, xs: &[&Self::Buf]) -> f64 {
+        xs.iter()
+            .flat_map(|x| self.download(x))
+            .map(|v| v as f64 * v as f64)
+            .sum()
+    }
+    /// One optimizer update of the f32 master `p` (n) from the gradient `g` (n), as
+    /// `optim::update`: first g ← g · `gscale` when `gscale` < 1 (the clipping, in f64 as
+    /// `clip_grad_norm` scales), then the step with `state` (created on the first update).
+    fn optim_update(
+        &self,
+        cfg: &OptimConfig,
+        p: &mut Self::Buf,
+        g: &mut Self::Buf,
+        gscale: f64,
+        state: &mut BufState<Self::Buf>,
+        lr: f32,
+    ) {
+        let (mut ph, mut gh) = (self.download(p), self.download(g));
+        let mut st = ParamState {
+            m: state.m.as_ref().map_or_else(Vec::new, |m| self.download(m)),
+            v: state.v.as_ref().map_or_else(Vec::new, |v| self.download(v)),
+            step: state.step,
+        };
+        host_update(cfg, &mut ph, &mut gh, gscale, &mut st, lr);
+        *p = self.upload(&ph);
+        *g = self.upload(&gh);
+        *state = BufState {
+            m: (!st.m.is_empty()).then(|| self.upload(&st.m)),
+            v: (!st.v.is_empty()).then(|| self.upload(&st.v)),
+            step: st.step,
+        };
+    }
+    /// A weight matrix (rows, cols) from an f32 buffer (a trained LoRA matrix after its update): as
+    /// `matrix` of the f32 tensor.
+    fn to_mat(&self, x: &Self::Buf, rows: usize, cols: usize) -> Result<Self::Mat> {
+        let t = Tensor::from_f32(
+            "<trained matrix>",
+            vec![rows, cols],
+            &self.download(x),
+            std::path::Path::new("<training>"),
+        )?;
+        self.matrix(&t)
+    }
 }
 /// `Backend::attention_cached` as one `attention` call per sequence: its rows of k and v appended to
 /// its cache (copied out first when there are several sequences), its rows of q attended.

@@ -618,6 +618,7 @@ pub fn run<B: Backend>(be: B, o: &DemoOptions, events: &mut dyn FnMut(Event)) ->
                 grad_accum: 1,
                 steps: s.sft_steps,
                 seed: o.seed,
+                sync_every: 0, // the weights are read when the run returns
             };
             let mut state = TrainState::default();
             let mut tail = Vec::new();
@@ -873,6 +874,7 @@ pub fn run<B: Backend>(be: B, o: &DemoOptions, events: &mut dyn FnMut(Event)) ->
                 grad_accum: 1,
                 steps,
                 seed: o.seed,
+                sync_every: 0, // the adapter is read when the run returns
             },
         };
         let mut mf = std::fs::File::create(&dpo_metrics).map_err(|e| Error::io(&dpo_metrics, e))?;

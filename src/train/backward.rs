@@ -65,8 +65,8 @@ impl<B: Backend> LoraGrads<B> {
                 self.modules.push(ModuleGrad {
                     layer: key.0,
                     proj: key.1,
-                    da: be.upload(&vec![0.0; a_len]),
-                    db: be.upload(&vec![0.0; b_len]),
+                    da: be.zeros(a_len),
+                    db: be.zeros(b_len),
                 });
                 self.modules.len() - 1
             }

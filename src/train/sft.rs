@@ -25,7 +25,7 @@ use serde_json::Value;
 
 use super::backward::{backward_full, forward, FullGrads, LoraGrads, PassOptions};
 use super::dpo::RunningMean;
-use super::trainer::{MicroAt, Stage};
+use super::trainer::{MicroAt, Stage, StepGrads, TrainState};
 use crate::augment::llava_json::sample_head;
 use crate::backend::Backend;
 use crate::data::{read_json_list, resolve_image};
@@ -514,7 +514,7 @@ impl<B: Backend> Stage<B> for SftStage<B> {
     type Item = SftSample;
     type Metrics = SftMetrics;
 
-    fn attach(&mut self, m: &mut Llava<B>) -> Result<()> {
+    fn attach(&mut self, m: &mut Llava<B>, _state: &TrainState) -> Result<()> {
         if m.decoder.has_lora() {
             return Err(Error::Invalid(
                 "SFT trains the base weights: no LoRA adapter may be attached (merge it into the model first)"
@@ -579,7 +579,7 @@ impl<B: Backend> Stage<B> for SftStage<B> {
         Ok(Some(rows))
     }
 
-    fn end_step(&mut self, m: &Llava<B>) -> Result<(f64, SftMetrics, Vec<Vec<f32>>)> {
+    fn end_step(&mut self, m: &Llava<B>) -> Result<(f64, SftMetrics, StepGrads)> {
         let grads = (0..self.params.len())
             .map(|i| self.gradient(m, i))
             .collect::<Result<Vec<_>>>()?;
@@ -587,7 +587,7 @@ impl<B: Backend> Stage<B> for SftStage<B> {
             mean_token_accuracy: self.hits as f64 / self.tokens.max(1) as f64,
             answer_tokens: self.tokens,
         };
-        Ok((self.loss, metrics, grads))
+        Ok((self.loss, metrics, StepGrads::Host(grads)))
     }
 
     fn params(&mut self) -> Vec<&mut [f32]> {

@@ -19,7 +19,7 @@ use super::adapter::LoraWeights;
 use super::backward::{pair_backward, pair_forward, LoraGrads, PassOptions};
 use super::dpo::{dpo_loss, DpoConfig, PairLogps, RunningMean};
 use super::optim::{clip_grad_norm, update, OptimConfig, ParamState, Schedule};
-use crate::backend::Backend;
+use crate::backend::{Backend, BufState};
 use crate::model::llama::LoraPair;
 use crate::model::llava::Llava;
 use crate::model::weights::Tensor;
@@ -79,6 +79,11 @@ pub struct LoopConfig {
     pub steps: usize,
     /// data order (and the stage's own draws, e.g. LoRA-dropout masks)
     pub seed: u64,
+    /// For a stage that updates its tensors on the backend (DPO's LoRA): every how many steps their
+    /// host copies (the stage's weights, `TrainState::optim`) are brought up to date before
+    /// `on_step` sees them, e.g. the checkpoint interval; 1 = every step, 0 = only when the run
+    /// returns (finished or stopped). Stages that update on the host keep them current anyway.
+    pub sync_every: usize,
 }
 
 /// A DPO run: the loss, how the policy pass runs, and the loop.
@@ -101,8 +106,8 @@ pub struct StepMetrics<X = DpoMetrics> {
     pub grad_norm: f64,
     pub tokens_per_s: f64,
     pub step_time_s: f64,
-    /// the part of `step_time_s` after the backward: gradients to the host, clipping, the optimizer
-    /// update, the weights back to the backend (`bench --task train` reports it; not logged, as
+    /// the part of `step_time_s` after the backward: the gradient norm, clipping, the optimizer
+    /// update, the weights into the model (`bench --task train` reports it; not logged, as
     /// the logs of a resumed run must equal the uninterrupted one's but for the timings they drop)
     #[serde(skip)]
     pub update_time_s: f64,
@@ -181,6 +186,16 @@ pub struct MicroAt {
     pub seed: u64,
 }
 
+/// Where a step's gradients are when it ends (`Stage::end_step`).
+pub enum StepGrads {
+    /// copied to the host, one per slot: [`run_steps`] clips them and updates the stage's host
+    /// masters (`Stage::params`), then the stage writes them into the model (`Stage::apply`)
+    Host(Vec<Vec<f32>>),
+    /// left on the backend, with Σ g² over all of them: the stage updates its tensors there
+    /// (`Stage::update_on_backend`) and copies them to the host when asked (`Stage::sync_host`)
+    Backend { sum_squares: f64 },
+}
+
 /// One kind of training: what a micro-batch computes and which tensors it trains. [`run_steps`] does
 /// the rest. Gradients are those of the step's loss, the mean of its micro-batches' losses.
 pub trait Stage<B: Backend> {
@@ -188,8 +203,9 @@ pub trait Stage<B: Backend> {
     type Item;
     /// the stage's own metrics of a step
     type Metrics: Serialize + Clone + fmt::Debug + PartialEq;
-    /// Puts the trained weights on the model, before the first step.
-    fn attach(&mut self, m: &mut Llava<B>) -> Result<()>;
+    /// Puts the trained weights on the model, before the first step; `state` holds the optimizer
+    /// state to continue from (one per slot, default before the first update).
+    fn attach(&mut self, m: &mut Llava<B>, state: &TrainState) -> Result<()>;
     /// The number of trained tensors (optimizer slots).
     fn slots(&self) -> usize;
     /// Starts a step: gradient and metric accumulators from zero.
@@ -205,12 +221,31 @@ pub trait Stage<B: Backend> {
         running: &mut RunningMean,
         stop: &AtomicBool,
     ) -> Result<Option<usize>>;
-    /// Ends the step: its loss, its metrics, and its gradients on the host, one per slot.
-    fn end_step(&mut self, m: &Llava<B>) -> Result<(f64, Self::Metrics, Vec<Vec<f32>>)>;
-    /// The trained tensors' f32 masters, one per slot (in the order of `end_step`'s gradients).
+    /// Ends the step: its loss, its metrics, and where its gradients are.
+    fn end_step(&mut self, m: &Llava<B>) -> Result<(f64, Self::Metrics, StepGrads)>;
+    /// `StepGrads::Host`: the trained tensors' f32 masters, one per slot (in the order of
+    /// `end_step`'s gradients).
     fn params(&mut self) -> Vec<&mut [f32]>;
-    /// Writes the updated masters into the model.
+    /// `StepGrads::Host`: writes the updated masters into the model.
     fn apply(&mut self, m: &mut Llava<B>) -> Result<()>;
+    /// `StepGrads::Backend`: one optimizer update of every trained tensor on the backend, each
+    /// gradient scaled by `gscale` (the clipping, 1 for none), and the model's weights refreshed.
+    fn update_on_backend(
+        &mut self,
+        _m: &mut Llava<B>,
+        _optim: &OptimConfig,
+        _lr: f32,
+        _gscale: f64,
+    ) -> Result<()> {
+        Err(Error::Invalid(
+            "this stage updates its tensors on the host".into(),
+        ))
+    }
+    /// `StepGrads::Backend`: copies the trained tensors to the stage's host weights and their
+    /// optimizer states into `optim`.
+    fn sync_host(&mut self, _m: &Llava<B>, _optim: &mut [ParamState]) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// What [`run_steps`] calls after each step: the step's metrics, the state, the stage.
@@ -235,20 +270,24 @@ pub fn run_steps<B: Backend, S: Stage<B>>(
             "training needs examples, --batch-size >= 1 and --grad-accum >= 1".into(),
         ));
     }
-    stage.attach(m)?;
     let warmup = Schedule::warmup_steps(cfg.steps, cfg.warmup_ratio);
     if state.optim.len() != stage.slots() {
         state.optim = vec![Default::default(); stage.slots()];
     }
+    stage.attach(m, state)?;
     let mut order = epoch_order(items.len(), cfg.seed, state.epoch);
     let mut history = Vec::with_capacity(cfg.steps.saturating_sub(state.step));
-    let stopped = |history| TrainOutcome {
-        history,
-        interrupted: true,
+    // a run returns with the host copies of backend-updated tensors up to date
+    let stopped = |history, m: &Llava<B>, stage: &mut S, state: &mut TrainState| {
+        stage.sync_host(m, &mut state.optim)?;
+        Ok(TrainOutcome {
+            history,
+            interrupted: true,
+        })
     };
     while state.step < cfg.steps {
         if stop.load(Ordering::Relaxed) {
-            return Ok(stopped(history));
+            return stopped(history, m, stage, state);
         }
         let step = state.step;
         // restored if the step is abandoned (the optimizer state changes only at the update)
@@ -277,22 +316,27 @@ pub fn run_steps<B: Backend, S: Stage<B>>(
                 Some(rows) => tokens += rows,
                 None => {
                     (state.epoch, state.cursor, state.running) = before;
-                    return Ok(stopped(history));
+                    return stopped(history, m, stage, state);
                 }
             }
         }
         // clip over every tensor, then one optimizer update per tensor
         let t_update = Instant::now();
-        let (loss, stage_metrics, mut grads) = stage.end_step(m)?;
-        if grads.len() != state.optim.len() {
-            return Err(Error::Invalid(format!(
-                "the stage gave {} gradients for {} trained tensors",
-                grads.len(),
-                state.optim.len()
-            )));
-        }
-        let mut refs: Vec<&mut [f32]> = grads.iter_mut().map(Vec::as_mut_slice).collect();
-        let grad_norm = clip_grad_norm(&mut refs, cfg.max_grad_norm);
+        let (loss, stage_metrics, grads) = stage.end_step(m)?;
+        let (grad_norm, mut grads) = match grads {
+            StepGrads::Host(mut grads) => {
+                if grads.len() != state.optim.len() {
+                    return Err(Error::Invalid(format!(
+                        "the stage gave {} gradients for {} trained tensors",
+                        grads.len(),
+                        state.optim.len()
+                    )));
+                }
+                let mut refs: Vec<&mut [f32]> = grads.iter_mut().map(Vec::as_mut_slice).collect();
+                (clip_grad_norm(&mut refs, cfg.max_grad_norm), Some(grads))
+            }
+            StepGrads::Backend { sum_squares } => (sum_squares.sqrt(), None),
+        };
         let lr = cfg.lr * cfg.schedule.factor(step, cfg.steps, warmup);
         // a NaN/Inf loss or gradient skips the update; three in a row stop the run
         let skipped = !loss.is_finite() || !grad_norm.is_finite();
@@ -306,14 +350,24 @@ pub fn run_steps<B: Backend, S: Stage<B>>(
             }
         } else {
             state.bad_steps = 0;
-            // every tensor on its own: in parallel, with the bits of one at a time
-            let params = stage.params();
-            params
-                .into_par_iter()
-                .zip(grads.par_iter())
-                .zip(state.optim.par_iter_mut())
-                .for_each(|((p, g), st)| update(&cfg.optim, p, g, st, lr as f32));
-            stage.apply(m)?;
+            if let Some(grads) = grads.as_mut() {
+                // every tensor on its own: in parallel, with the bits of one at a time
+                let params = stage.params();
+                params
+                    .into_par_iter()
+                    .zip(grads.par_iter())
+                    .zip(state.optim.par_iter_mut())
+                    .for_each(|((p, g), st)| update(&cfg.optim, p, g, st, lr as f32));
+                stage.apply(m)?;
+            } else {
+                // clip_grad_norm's factor, applied by the update
+                let coef = if cfg.max_grad_norm > 0.0 {
+                    cfg.max_grad_norm / (grad_norm + 1e-6)
+                } else {
+                    1.0
+                };
+                stage.update_on_backend(m, &cfg.optim, lr as f32, coef.min(1.0))?;
+            }
         }
         let (step_time_s, update_time_s) = (t0.elapsed().as_secs_f64(), t_update.elapsed().as_secs_f64());
         let metrics = StepMetrics {
@@ -328,9 +382,13 @@ pub fn run_steps<B: Backend, S: Stage<B>>(
             skipped,
         };
         state.step += 1;
+        if cfg.sync_every > 0 && state.step.is_multiple_of(cfg.sync_every) {
+            stage.sync_host(m, &mut state.optim)?;
+        }
         on_step(&metrics, state, stage)?;
         history.push(metrics);
     }
+    stage.sync_host(m, &mut state.optim)?;
     Ok(TrainOutcome {
         history,
         interrupted: false,
@@ -348,12 +406,19 @@ fn sequence_key(seed: u64, step: usize, micro: usize, pair: usize) -> u64 {
 }
 
 /// DPO with LoRA: the policy forward of both answers of every pair, the DPO loss against the cached
-/// reference log-probs, the backward into every LoRA A and B.
+/// reference log-probs, the backward into every LoRA A and B, the optimizer on the backend (its
+/// gradients never leave it: on a GPU, a LoRA of LLaVA-1.5-7B's size is ~300 M parameters, whose
+/// gradients, host update and upload would take longer than the step's forward and backward).
 pub struct DpoStage<'a, B: Backend> {
+    /// the host copy of the trained weights: up to date after `sync_host`
     pub w: &'a mut LoraWeights,
     pub dpo: &'a DpoConfig,
     pub pass: PassOptions,
     grads: LoraGrads<B>,
+    /// the f32 masters on the backend, A then B of each module in `w.modules` order (the slots)
+    masters: Vec<B::Buf>,
+    /// their optimizer states
+    states: Vec<BufState<B::Buf>>,
     /// loss, rewards chosen / rejected, accuracy, log-probs chosen / rejected: sums over micro-batches / k
     sums: [f64; 6],
 }
@@ -365,6 +430,8 @@ impl<'a, B: Backend> DpoStage<'a, B> {
             dpo,
             pass,
             grads: LoraGrads::default(),
+            masters: Vec::new(),
+            states: Vec::new(),
             sums: [0.0; 6],
         }
     }
@@ -374,8 +441,26 @@ impl<B: Backend> Stage<B> for DpoStage<'_, B> {
     type Item = TrainPair;
     type Metrics = DpoMetrics;
 
-    fn attach(&mut self, m: &mut Llava<B>) -> Result<()> {
-        set_lora(m, self.w)
+    fn attach(&mut self, m: &mut Llava<B>, state: &TrainState) -> Result<()> {
+        set_lora(m, self.w)?;
+        let be = &m.be;
+        self.masters = self
+            .w
+            .modules
+            .iter()
+            .flat_map(|mw| [be.upload(&mw.a), be.upload(&mw.b)])
+            .collect();
+        let up = |v: &Vec<f32>| (!v.is_empty()).then(|| be.upload(v));
+        self.states = state
+            .optim
+            .iter()
+            .map(|st| BufState {
+                m: up(&st.m),
+                v: up(&st.v),
+                step: st.step,
+            })
+            .collect();
+        Ok(())
     }
 
     fn slots(&self) -> usize {
@@ -442,16 +527,19 @@ impl<B: Backend> Stage<B> for DpoStage<'_, B> {
         Ok(Some(tokens))
     }
 
-    fn end_step(&mut self, m: &Llava<B>) -> Result<(f64, DpoMetrics, Vec<Vec<f32>>)> {
+    fn end_step(&mut self, m: &Llava<B>) -> Result<(f64, DpoMetrics, StepGrads)> {
         let mut grads = Vec::with_capacity(2 * self.w.modules.len());
         for mw in &self.w.modules {
-            let (da, db) = self
+            let g = self
                 .grads
-                .host(&m.be, mw.layer, mw.proj)
+                .modules
+                .iter()
+                .find(|g| (g.layer, g.proj) == (mw.layer, mw.proj))
                 .ok_or_else(|| Error::Invalid(format!("no gradient for layer {} {:?}", mw.layer, mw.proj)))?;
-            grads.push(da);
-            grads.push(db);
+            grads.push(&g.da);
+            grads.push(&g.db);
         }
+        let sum_squares = m.be.sum_squares(&grads);
         let [loss, rc, rr, acc, lpc, lpr] = self.sums;
         let metrics = DpoMetrics {
             rewards_chosen: rc,
@@ -461,19 +549,68 @@ impl<B: Backend> Stage<B> for DpoStage<'_, B> {
             logps_chosen: lpc,
             logps_rejected: lpr,
         };
-        Ok((loss, metrics, grads))
+        Ok((loss, metrics, StepGrads::Backend { sum_squares }))
     }
 
     fn params(&mut self) -> Vec<&mut [f32]> {
-        self.w
-            .modules
-            .iter_mut()
-            .flat_map(|mw| [mw.a.as_mut_slice(), mw.b.as_mut_slice()])
-            .collect()
+        Vec::new() // updated on the backend
     }
 
-    fn apply(&mut self, m: &mut Llava<B>) -> Result<()> {
-        set_lora(m, self.w)
+    fn apply(&mut self, _m: &mut Llava<B>) -> Result<()> {
+        Ok(())
+    }
+
+    fn update_on_backend(
+        &mut self,
+        m: &mut Llava<B>,
+        optim: &OptimConfig,
+        lr: f32,
+        gscale: f64,
+    ) -> Result<()> {
+        let scale = (self.w.alpha / self.w.r as f64) as f32;
+        let r = self.w.r;
+        for (i, mw) in self.w.modules.iter().enumerate() {
+            let g = self
+                .grads
+                .modules
+                .iter_mut()
+                .find(|g| (g.layer, g.proj) == (mw.layer, mw.proj))
+                .ok_or_else(|| Error::Invalid(format!("no gradient for layer {} {:?}", mw.layer, mw.proj)))?;
+            let (pa, pb) = self.masters.split_at_mut(2 * i + 1);
+            let (sa, sb) = self.states.split_at_mut(2 * i + 1);
+            let be = &m.be;
+            be.optim_update(optim, &mut pa[2 * i], &mut g.da, gscale, &mut sa[2 * i], lr);
+            be.optim_update(optim, &mut pb[0], &mut g.db, gscale, &mut sb[0], lr);
+            let pair = LoraPair {
+                a: be.to_mat(&pa[2 * i], r, mw.in_features)?,
+                b: be.to_mat(&pb[0], mw.out_features, r)?,
+                scale,
+            };
+            let layer = m
+                .decoder
+                .layers
+                .get_mut(mw.layer)
+                .ok_or_else(|| Error::Invalid(format!("LoRA of layer {}: no such layer", mw.layer)))?;
+            layer.proj_mut(mw.proj).lora = Some(pair);
+        }
+        Ok(())
+    }
+
+    fn sync_host(&mut self, m: &Llava<B>, optim: &mut [ParamState]) -> Result<()> {
+        let be = &m.be;
+        for (i, mw) in self.w.modules.iter_mut().enumerate() {
+            mw.a = be.download(&self.masters[2 * i]);
+            mw.b = be.download(&self.masters[2 * i + 1]);
+        }
+        for (host, st) in optim.iter_mut().zip(&self.states) {
+            let down = |v: &Option<B::Buf>| v.as_ref().map_or_else(Vec::new, |v| be.download(v));
+            *host = ParamState {
+                m: down(&st.m),
+                v: down(&st.v),
+                step: st.step,
+            };
+        }
+        Ok(())
     }
 }
 
