@@ -320,7 +320,10 @@ pub fn run_steps<B: Backend, S: Stage<B>>(
                 }
             }
         }
-        // clip over every tensor, then one optimizer update per tensor
+        // clip over every tensor, then one optimizer update per tensor (the backend's queue drained
+        // first and after, so that the update's time is its own: a GPU runs the backward's kernels
+        // after their launches return)
+        m.be.synchronize();
         let t_update = Instant::now();
         let (loss, stage_metrics, grads) = stage.end_step(m)?;
         let (grad_norm, mut grads) = match grads {
@@ -369,6 +372,7 @@ pub fn run_steps<B: Backend, S: Stage<B>>(
                 stage.update_on_backend(m, &cfg.optim, lr as f32, coef.min(1.0))?;
             }
         }
+        m.be.synchronize();
         let (step_time_s, update_time_s) = (t0.elapsed().as_secs_f64(), t_update.elapsed().as_secs_f64());
         let metrics = StepMetrics {
             step: step + 1,
