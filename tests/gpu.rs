@@ -690,6 +690,96 @@ fn dpo_training_steps_on_the_gpu() {
     );
 }
 
+/// Batched greedy generation with the image attention (what `select` runs) on the GPU against the
+/// CPU, on the fixture's three generation prompts in one batch: the decode steps go through the
+/// batched append and flash-decoding launches and the gemv products. Tokens are compared up to the
+/// first pick that differs (a near tie may round either way through bf16), which must not be the
+/// first; the per-token attention rows of the steps before it agree within the bf16 tolerance.
+#[test]
+fn batched_generation_on_the_gpu_matches_the_cpu() {
+    use miadpo::model::llava::{GenerateItem, GenerateOptions, Generation, Llava};
+    let Some(g) = gpu() else { return };
+    fn run<B: Backend>(m: &Llava<B>) -> Vec<Generation> {
+        let dir = common::fixture_dir();
+        let (mut prompts, mut feats) = (Vec::new(), Vec::new());
+        for c in common::cases()["generate"].as_array().unwrap() {
+            let paths: Vec<_> = c["images"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| dir.join("images").join(n.as_str().unwrap()))
+                .collect();
+            prompts.push(
+                m.prompt(
+                    miadpo::text::Template::VicunaV1,
+                    c["question"].as_str().unwrap(),
+                    paths.len(),
+                    "gpu",
+                )
+                .unwrap(),
+            );
+            let px: Vec<Vec<f32>> = paths
+                .iter()
+                .map(|p| m.pixels(p, miadpo::vision::preprocess::AspectMode::Pad).unwrap())
+                .collect();
+            feats.push(m.image_features(&px));
+        }
+        let groups: Vec<KeyGroups> = prompts
+            .iter()
+            .map(|p| KeyGroups::per_span(&p.image_spans).unwrap())
+            .collect();
+        let items: Vec<GenerateItem<B>> = prompts
+            .iter()
+            .zip(&feats)
+            .zip(&groups)
+            .map(|((p, f), g)| GenerateItem {
+                prompt: p,
+                features: f,
+                groups: Some(g),
+            })
+            .collect();
+        let opts = GenerateOptions {
+            max_new_tokens: 8,
+            attn_layer: Some(1),
+            use_adapter: false,
+        };
+        m.generate_batch(&items, &opts, &mut |_| {}).unwrap()
+    }
+    let dir = common::fixture_dir();
+    let cpu = run(&miadpo::model::llava::Llava::load(&dir.join("model"), CpuBackend::new()).unwrap());
+    let gpu = run(&miadpo::model::llava::Llava::load(&dir.join("model"), g).unwrap());
+    assert_eq!(cpu.len(), gpu.len());
+    for (i, (c, g)) in cpu.iter().zip(&gpu).enumerate() {
+        let same = c
+            .token_ids
+            .iter()
+            .zip(&g.token_ids)
+            .take_while(|(a, b)| a == b)
+            .count();
+        eprintln!(
+            "generation {i}: {same} of {} tokens the same (cpu {:?}, gpu {:?})",
+            c.token_ids.len(),
+            c.token_ids,
+            g.token_ids
+        );
+        assert!(same >= 1, "generation {i}: the first token differs");
+        // row r of the attention rows is the step that fed back token r: the same tokens so far
+        let rows = same.min(c.attention_rows.len()).min(g.attention_rows.len());
+        assert!(
+            rows >= 1 || c.attention_rows.is_empty(),
+            "generation {i}: no attention row to compare"
+        );
+        for r in 0..rows {
+            let (a, b): (Vec<f32>, Vec<f32>) = (
+                g.attention_rows[r].iter().map(|&x| x as f32).collect(),
+                c.attention_rows[r].iter().map(|&x| x as f32).collect(),
+            );
+            // probabilities through bf16 weights: the product tolerance
+            check(&format!("generation {i} attention row {r}"), &a, &b, GEMM_TOL);
+        }
+    }
+}
+
 /// Greedy decoding's pick on the device against the host's: the same first index of the maximum
 /// (ties planted: a row's maximum repeated later in the row), and its log-softmax.
 #[test]
