@@ -248,6 +248,14 @@ fn elementwise_norm_rope_and_dropout() {
         }
         check(&format!("rope backward={back}"), &g.download(&a), &b, F32_TOL);
     }
+    // q and k of a GQA layer in one launch
+    let (hq, hk, hd) = (8, 2, 128);
+    let (qv, kv) = (rng.vec(rows * hq * hd, 1.0), rng.vec(rows * hk * hd, 1.0));
+    let (mut qg, mut kg, mut qc, mut kc) = (g.upload(&qv), g.upload(&kv), qv.clone(), kv.clone());
+    g.rope_qk(&mut qg, &mut kg, hq, hk, hd, &positions, 10000.0);
+    c.rope_qk(&mut qc, &mut kc, hq, hk, hd, &positions, 10000.0);
+    check("rope_qk q", &g.download(&qg), &qc, F32_TOL);
+    check("rope_qk k", &g.download(&kg), &kc, F32_TOL);
     check(
         "rms_norm_weight_grad",
         &g.download(&g.rms_norm_weight_grad(&xg, d, &yg, 1e-5)),

@@ -1541,6 +1541,42 @@ impl Backend for CudaBackend {
         rope_launch(self, x, heads, head_dim, positions, theta, 1.0);
     }
 
+    fn rope_qk(
+        &self,
+        q: &mut DBuf,
+        k: &mut DBuf,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        positions: &[usize],
+        theta: f64,
+    ) {
+        let rows = positions.len();
+        assert_eq!(
+            q.n,
+            rows * heads * head_dim,
+            "rope_qk: q is not ({rows}, {heads}·{head_dim})"
+        );
+        assert_eq!(
+            k.n,
+            rows * kv_heads * head_dim,
+            "rope_qk: k is not ({rows}, {kv_heads}·{head_dim})"
+        );
+        let pv = self.ints(positions);
+        let (r, h, kh, d) = (rows as i32, heads as i32, kv_heads as i32, head_dim as i32);
+        let mut b = self.stream.launch_builder(self.f("rope_qk"));
+        b.arg(&mut q.s)
+            .arg(&mut k.s)
+            .arg(&*pv)
+            .arg(&r)
+            .arg(&h)
+            .arg(&kh)
+            .arg(&d)
+            .arg(&theta);
+        // SAFETY: q (rows, heads·d) and k (rows, kv_heads·d), positions per row.
+        unsafe { b.launch(grid1d(rows * (heads + kv_heads) * head_dim / 2)) }.expect("CUDA: rope_qk");
+    }
+
     fn attention(
         &self,
         q: &DBuf,

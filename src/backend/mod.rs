@@ -288,6 +288,22 @@ pub trait Backend: Send + Sync {
     fn mul(&self, x: &mut Self::Buf, y: &Self::Buf);
     /// Rotary embedding (HF rotate_half layout) on x (rows, heads·head_dim), row i at `positions[i]`.
     fn rope(&self, x: &mut Self::Buf, heads: usize, head_dim: usize, positions: &[usize], theta: f64);
+    /// `rope` of q (rows, heads·head_dim) and k (rows, kv_heads·head_dim) at the same positions (one
+    /// launch on the GPU).
+    #[allow(clippy::too_many_arguments)]
+    fn rope_qk(
+        &self,
+        q: &mut Self::Buf,
+        k: &mut Self::Buf,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        positions: &[usize],
+        theta: f64,
+    ) {
+        self.rope(q, heads, head_dim, positions, theta);
+        self.rope(k, kv_heads, head_dim, positions, theta);
+    }
     /// Scaled dot-product attention: q (tq, heads·D), k and v (tk, kv_heads·D) -> (tq, heads·D).
     /// With `groups`, also returns the attention probability mass that each query row puts on each
     /// group (the sum over its ranges), averaged over heads: (tq, n_groups) — the per-image attention

@@ -292,8 +292,15 @@ impl<B: Backend> Decoder<B> {
                 Linear::forward_many(be, &[&l.q, &l.k, &l.v], &a, t, use_lora)
                     .try_into()
                     .unwrap_or_else(|_| unreachable!("three products"));
-            be.rope(&mut q, c.num_heads, hd, &positions, c.rope_theta);
-            be.rope(&mut k, c.num_kv_heads, hd, &positions, c.rope_theta);
+            be.rope_qk(
+                &mut q,
+                &mut k,
+                c.num_heads,
+                c.num_kv_heads,
+                hd,
+                &positions,
+                c.rope_theta,
+            );
             let mut seqs: Vec<CachedSeq<B>> = segs
                 .iter()
                 .zip(caches.iter_mut())
