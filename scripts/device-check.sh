@@ -219,7 +219,7 @@ fi
 # small LLaVA under Nsight Compute, summed per kernel, against the step's wall time
 if want profile && command -v ncu > /dev/null; then
     small
-    tm 120 ncu --metrics gpu__time_duration.sum --csv --log-file "$W/ncu-generate.csv" \
+    tm 120 ncu --clock-control none --metrics gpu__time_duration.sum --csv --log-file "$W/ncu-generate.csv" \
         target/device/miadpo bench --model "$S" --task generate --device cuda --repeats 1 --warmup 0 --new-tokens 4 \
         >> "$W/commands.log" 2>&1 || status=1
     python3 - "$W/ncu-generate.csv" > "$W/ncu-summary.md" 2>> "$W/commands.log" <<'PY'
