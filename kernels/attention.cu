@@ -231,6 +231,59 @@ __device__ __forceinline__ void fa_mass_update(const float (&sc)[BN / 8][4], int
     }
 }
 
+// Variant 5's group masses: one accumulator per (query row, group) in shared memory, summed over
+// the row's quad (its 4 lanes hold different keys of the tile), instead of 2 x 16 per thread in
+// registers, which cost the mass kernels of variant 4 their second block per SM (192 registers at
+// d128). Per tile only the groups whose ranges meet it are reduced over the quad (2 shuffles per
+// row; which groups is uniform over the block); the quad's first lane rescales its rows' groups when
+// the running max moved (alpha != 1) and adds. acc0 and acc1: this thread's two rows' accumulators
+// (written by lane t == 0 of the quad only). fa_store's quad sum then reads them from that lane.
+template <int BN>
+__device__ __forceinline__ void fa_mass_update_quad(const float (&sc)[BN / 8][4], int n0, const float (&rs)[2],
+                                                    const float (&alpha)[2], const int* sg, int ng, float* acc0,
+                                                    float* acc1) {
+    const int t = threadIdx.x & 3;
+    const int* rng = sg + ng + 1;
+    const bool moved0 = alpha[0] != 1.0f, moved1 = alpha[1] != 1.0f;
+    for (int gi = 0; gi < ng; gi++) {
+        float add0 = 0.0f, add1 = 0.0f;
+        bool touched = false;
+        for (int r = sg[gi]; r < sg[gi + 1]; r++) {
+            int a = rng[2 * r], b = rng[2 * r + 1];
+            if (a >= n0 + BN) break; // sorted by start: the rest lie past this tile
+            if (a <= n0 && n0 + BN <= b) {
+                // the tile lies inside the range: the row sums; no other range of the group meets it
+                add0 = rs[0];
+                add1 = rs[1];
+                touched = true;
+                break;
+            }
+            if (b > n0) {
+                touched = true;
+#pragma unroll
+                for (int nt = 0; nt < BN / 8; nt++) {
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        int j = n0 + nt * 8 + 2 * t + (e & 1);
+                        float x = (j >= a && j < b) ? sc[nt][e] : 0.0f;
+                        if (e < 2) add0 += x; else add1 += x;
+                    }
+                }
+            }
+        }
+        if (touched) { // uniform: the ranges and n0 are the block's
+            add0 += __shfl_xor_sync(0xffffffffu, add0, 1);
+            add0 += __shfl_xor_sync(0xffffffffu, add0, 2);
+            add1 += __shfl_xor_sync(0xffffffffu, add1, 1);
+            add1 += __shfl_xor_sync(0xffffffffu, add1, 2);
+        }
+        if (t == 0) {
+            if (touched || moved0) acc0[gi] = acc0[gi] * alpha[0] + add0;
+            if (touched || moved1) acc1[gi] = acc1[gi] * alpha[1] + add1;
+        }
+    }
+}
+
 // The online-softmax step of one tile of BN keys for this thread's two query rows (variants 2, 3 and
 // 4). sc holds the tile's raw scores in the c-fragment layout that mma.m16n8 (per warp) and wgmma's
 // m64nN accumulator (per warp of the warpgroup) share: lane = 4g + t, sc[j][e] is row g + 8 * (e >> 1)
@@ -1313,6 +1366,7 @@ extern "C" __global__ void __launch_bounds__(256) attention_fwd3_mass_d128(const
 // sm_90a alone.
 
 #define FA4_BM 128 // query rows per block: two warpgroups of 64
+#define FA4_QM_STRIDE 17 // variant 5's mass accumulators: floats per query row (16 groups + 1 pad)
 // keys per tile: 64 (attention_fwd4[_mass]_d*; at d128 the plain kernel keeps to 128 registers, so
 // two blocks share an SM) or 128 (attention_fwd4w_d*: wider Q Kᵀ products, half the barriers, one
 // block per SM at d128); the mass kernels take 64 (at 128 they would hold 253 registers at d128)
@@ -1555,12 +1609,15 @@ __device__ __forceinline__ void fa4_pack_p(const float (&sc)[BN / 8][4], unsigne
 // fewer than 128), its warp's first and last (w_first, w_last), its own two rows (qpos: g and g + 8
 // of the warp's 16), and the descriptor of the warpgroup's (64, D) query tile (dq). Skipped
 // (uniformly over the warpgroup) where none of the warpgroup's rows sees a key of the tile.
-template <int D, int BN, bool MASS>
+// QUAD (variant 5's mass kernels): the group masses in shared memory (fa_mass_update_quad: qm0, qm1
+// this thread's rows' accumulators), macc untouched.
+template <int D, int BN, bool MASS, bool QUAD>
 __device__ __forceinline__ void fa4_step(bool wg_live, int wg_first, int wg_last, int w_first, int w_last,
                                          const int (&qpos)[2], u64 dq, const bf16* sk, const bf16* svt, int n0,
                                          int tk, int causal, int hole_first, int hole_a, int hole_b, const int* sg,
                                          int ng, float (&o)[D / 8][4], float (&sc)[BN / 8][4], float (&mrow)[2],
-                                         float (&lrow)[2], float (&macc)[2][MASS ? FA_MAX_GROUPS : 1]) {
+                                         float (&lrow)[2], float (&macc)[2][MASS ? FA_MAX_GROUPS : 1], float* qm0,
+                                         float* qm1) {
     bool in_hole = hole_first >= 0 && wg_first >= hole_first && n0 >= hole_a && n0 + BN <= hole_b;
     // (an if around the body, not an early return: with a return ptxas kept 30 more registers in
     // the mass kernels and spilled in attention_fwd4w_d64)
@@ -1579,8 +1636,21 @@ __device__ __forceinline__ void fa4_step(bool wg_live, int wg_first, int wg_last
         bool full = n0 + BN <= tk && (!causal || n0 + BN - 1 <= w_first) &&
                     !(hole_first >= 0 && w_last >= hole_first && n0 < hole_b && n0 + BN > hole_a);
         float alpha[2];
-        fa_softmax<BN, MASS>(sc, scale, n0, qpos, tk, causal, hole_first, hole_a, hole_b, full, sg, ng, mrow, lrow,
-                             macc, alpha);
+        if constexpr (MASS && QUAD) {
+            float no_mass[2][1];
+            fa_softmax<BN, false>(sc, scale, n0, qpos, tk, causal, hole_first, hole_a, hole_b, full, sg, ng, mrow,
+                                  lrow, no_mass, alpha);
+            float rs[2] = {0.0f, 0.0f}; // this thread's probabilities of the tile, per row
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; nt++) {
+                rs[0] += sc[nt][0] + sc[nt][1];
+                rs[1] += sc[nt][2] + sc[nt][3];
+            }
+            fa_mass_update_quad<BN>(sc, n0, rs, alpha, sg, ng, qm0, qm1);
+        } else {
+            fa_softmax<BN, MASS>(sc, scale, n0, qpos, tk, causal, hole_first, hole_a, hole_b, full, sg, ng, mrow,
+                                 lrow, macc, alpha);
+        }
         fa4_rescale<D>(o, alpha);
         unsigned pa[BN / 16][4];
         fa4_pack_p<BN>(sc, pa);
@@ -1625,6 +1695,9 @@ __device__ __forceinline__ void flash_fwd_wgmma(const act* q, const bf16* kb, co
     // OVERLAP with MASS: each thread's group masses (2 rows x FA_MAX_GROUPS) in shared memory, not
     // registers (the kernel holds 228 of them without), at [group][row][thread]
     float* smass = (float*)(full + 2);
+    // variant 5 with MASS: one accumulator per (row of the block, group), rows FA4_QM_STRIDE floats
+    // apart (17: the 8 quads of a warp hit 8 banks), written by each quad's first lane
+    constexpr bool QUAD = MASS && MODE == 1;
     auto mass_acc = [&](int r, int gi) -> float& { return smass[(gi * 2 + r) * 256 + threadIdx.x]; }; // 256 threads
     __shared__ int done_with[2];
     __shared__ int sg[MASS ? FA_MAX_GROUPS + 1 + 2 * FA_MAX_RANGES : 1];
@@ -1697,6 +1770,12 @@ __device__ __forceinline__ void flash_fwd_wgmma(const act* q, const bf16* kb, co
     for (int gi = 0; gi < (MASS ? FA_MAX_GROUPS : 1); gi++) macc[0][gi] = macc[1][gi] = 0.0f;
     if constexpr (OVERLAP && MASS)
         for (int gi = 0; gi < ng; gi++) mass_acc(0, gi) = mass_acc(1, gi) = 0.0f; // this thread's own
+    // QUAD: this thread's two rows (g and g + 8 of its warp's 16) in the block's accumulators
+    float* qm0 = smass + (warp * 16 + g) * FA4_QM_STRIDE;
+    float* qm1 = qm0 + 8 * FA4_QM_STRIDE;
+    if constexpr (QUAD)
+        if ((threadIdx.x & 3) == 0)
+            for (int gi = 0; gi < ng; gi++) qm0[gi] = qm1[gi] = 0.0f; // the quad's first lane's own
     int buf = 0;
     unsigned phase = 0; // BULK: the parity of the stages' barriers in this round (both stages share it)
     // BULK: this warpgroup is done with stage `sb`, which holds the tile at n_done (every wgmma reading
@@ -1773,9 +1852,9 @@ __device__ __forceinline__ void flash_fwd_wgmma(const act* q, const bf16* kb, co
             prev_n0 = n0;
             phase ^= buf;
         } else {
-            fa4_step<D, BN, MASS>(wg_live, wg_first, wg_last, w_first, w_last, qpos, dq, sk0 + buf * BN * D,
-                                  sv0 + buf * D * BN, n0, tk, causal, hole_first, hole_a, hole_b, sg, ng, o, sc, mrow,
-                                  lrow, macc);
+            fa4_step<D, BN, MASS, QUAD>(wg_live, wg_first, wg_last, w_first, w_last, qpos, dq, sk0 + buf * BN * D,
+                                        sv0 + buf * D * BN, n0, tk, causal, hole_first, hole_a, hole_b, sg, ng, o, sc,
+                                        mrow, lrow, macc, qm0, qm1);
             if constexpr (BULK) {
                 release(buf, n0);
                 phase ^= buf; // a round is both stages
@@ -1803,6 +1882,15 @@ __device__ __forceinline__ void flash_fwd_wgmma(const act* q, const bf16* kb, co
         for (int gi = 0; gi < FA_MAX_GROUPS; gi++) {
             macc[0][gi] = gi < ng ? mass_acc(0, gi) : 0.0f;
             macc[1][gi] = gi < ng ? mass_acc(1, gi) : 0.0f;
+        }
+    }
+    if constexpr (QUAD) {
+        // the quad's sums from its first lane, zeros from the others: fa_store's quad sum is theirs
+        bool first = (threadIdx.x & 3) == 0;
+#pragma unroll
+        for (int gi = 0; gi < FA_MAX_GROUPS; gi++) {
+            macc[0][gi] = first && gi < ng ? qm0[gi] : 0.0f;
+            macc[1][gi] = first && gi < ng ? qm1[gi] : 0.0f;
         }
     }
     fa_store<D, MASS>(o, mrow, lrow, macc, m0 + warp * 16, out, lse, mass, tq, heads, h, ng);
@@ -1865,7 +1953,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) attention_fwd5_d64(const ac
         q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
 }
 
-extern "C" __global__ void __launch_bounds__(256) attention_fwd5_mass_d64(const act* q, const bf16* kb, const bf16* vt, act* out,
+extern "C" __global__ void __launch_bounds__(256, 2) attention_fwd5_mass_d64(const act* q, const bf16* kb, const bf16* vt, act* out,
         float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
         int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
     flash_fwd_wgmma<64, 64, true, 1>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,
@@ -1879,7 +1967,7 @@ extern "C" __global__ void __launch_bounds__(256, 2) attention_fwd5_d128(const a
         q_pos0, hole_first, hole_a, hole_b, groups, n_groups, mass);
 }
 
-extern "C" __global__ void __launch_bounds__(256) attention_fwd5_mass_d128(const act* q, const bf16* kb, const bf16* vt, act* out,
+extern "C" __global__ void __launch_bounds__(256, 2) attention_fwd5_mass_d128(const act* q, const bf16* kb, const bf16* vt, act* out,
         float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,
         int hole_a, int hole_b, const int* groups, int n_groups, float* mass) {
     flash_fwd_wgmma<128, 64, true, 1>(q, kb, vt, out, lse, tq, tk, tpad, heads, kv_heads, causal,

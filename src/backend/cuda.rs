@@ -178,6 +178,9 @@ fn attention_kernel(base: &str, mass: bool, d: usize) -> String {
 /// What one launch of the fused attention kernels holds: mass accumulators of 16 groups in registers
 /// and 64 ranges in shared memory (`FA_MAX_GROUPS`, `FA_MAX_RANGES` in kernels/attention.cu).
 const FA_MAX_GROUPS: usize = 16;
+/// Floats per query row of variant 5's group-mass accumulators (`FA4_QM_STRIDE` in
+/// kernels/attention.cu: 16 groups and a pad).
+const FA4_QM_STRIDE: usize = 17;
 const FA_MAX_RANGES: usize = 64;
 
 /// Sequences one batched decode launch takes (`DEC_MAX_SEQS` in kernels/attention.cu).
@@ -394,9 +397,14 @@ impl CudaBackend {
                     )
                     .map_err(|e| dev_err(&format!("shared memory of {k}"), e))?;
                 }
-                if k.starts_with("attention_fwd4") {
-                    // variant 4 holds 96 KB (64-key tiles at d128) to 160 KB per block: ask for the
-                    // whole carveout as shared memory, so that two 96 KB blocks can share an SM
+                if ["attention_fwd4", "attention_fwd5", "attention_fwd6"]
+                    .iter()
+                    .any(|v| k.starts_with(v))
+                {
+                    // variants 4 to 6 hold 96 KB (64-key tiles at d128; 105 KB with variant 5's
+                    // mass) to 192 KB per block: ask for the whole carveout as shared memory, so
+                    // that two blocks of variants 4 and 5 can share an SM (variant 5 had gone
+                    // without it)
                     func.set_attribute(
                         CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
                         100,
@@ -729,14 +737,15 @@ impl CudaBackend {
         };
         let name = attention_kernel(base, mass, d);
         // the two warpgroups' Q tiles (128 rows), two K tiles (bn rows) and two Vᵀ tiles (d rows of
-        // bn keys), bf16; variants 5 and 6 add their two stages' mbarriers, and variant 6's mass
-        // kernels each thread's group masses (2 rows x FA_MAX_GROUPS f32)
+        // bn keys), bf16; variants 5 and 6 add their two stages' mbarriers; their mass kernels the
+        // group masses: variant 5 one per (row, group), rows of FA4_QM_STRIDE floats; variant 6 each
+        // thread's own (2 rows x FA_MAX_GROUPS)
         let smem = (128 + 4 * bn) * d * 2
             + if tiles { 16 } else { 0 }
-            + if mass && self.attn == AttnKernel::WgmmaOverlap {
-                256 * 2 * FA_MAX_GROUPS * 4
-            } else {
-                0
+            + match self.attn {
+                AttnKernel::WgmmaOverlap if mass => 256 * 2 * FA_MAX_GROUPS * 4,
+                AttnKernel::WgmmaBulk if mass => 128 * FA4_QM_STRIDE * 4,
+                _ => 0,
             };
         let cfg = LaunchConfig {
             grid_dim: (s.tq.div_ceil(128) as u32, s.heads as u32, 1),
