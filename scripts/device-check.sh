@@ -191,6 +191,10 @@ for dev in cpu cuda; do
         --image-root $F/images --device $dev >> "$md" 2>> "$W/commands.log" || { status=1; echo "FAILED" >> "$md"; }
 done
 bench_both cuda
+# select's batched decode (8 sequences a step, one append and one flash-decoding launch per layer)
+echo "bench --task generate --device cuda --batch 8:" >> "$md"
+tm 60 target/device/miadpo bench --model "$S" --device cuda --batch 8 --repeats 3 --warmup 1 >> "$md" \
+    2>> "$W/commands.log" || { status=1; echo "FAILED" >> "$md"; }
 echo '```' >> "$md"
 echo >> "$md"
 lap commands

@@ -18,6 +18,8 @@ pub struct BenchOptions {
     pub new_tokens: usize,
     pub repeats: usize,
     pub warmup: usize,
+    /// sequences decoded together after the prefill (copies of its cache, packed steps)
+    pub batch: usize,
 }
 
 /// min / median / max of one figure over the repeats.
@@ -48,9 +50,11 @@ impl Stats {
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct BenchResult {
     pub prefill_tok_s: Stats,
+    /// every sequence's tokens per second
     pub decode_tok_s: Stats,
     pub prompt_tokens: usize,
     pub new_tokens: usize,
+    pub batch: usize,
     pub repeats: usize,
     pub threads: usize,
 }
@@ -75,8 +79,8 @@ pub fn run<B: Backend>(
     o: &BenchOptions,
     mut progress: impl FnMut(usize, usize),
 ) -> Result<BenchResult> {
-    if o.repeats == 0 {
-        return Err(Error::Invalid("--repeats must be at least 1".into()));
+    if o.repeats == 0 || o.batch == 0 {
+        return Err(Error::Invalid("--repeats and --batch must be at least 1".into()));
     }
     let prompt = bench_prompt(m, o.prompt_tokens)?;
     let s = m.cfg.vision.image_size;
@@ -92,12 +96,23 @@ pub fn run<B: Backend>(
         let (mut cache, logits) = m.prefill(&prompt.ids, &feats, false)?;
         // the first pick waits for the prefill (a download), so the prefill time is its own
         let first = m.be.greedy_rows(&logits, 1, m.cfg.text.vocab_size)[0].0;
+        // the batch's copies of the cache, before the timed steps (select prefills each prompt)
+        let mut caches = if o.batch > 1 {
+            let copies = vec![cache.clone(); o.batch];
+            m.be.synchronize();
+            Some(copies)
+        } else {
+            None
+        };
         let t1 = Instant::now();
-        greedy_steps(m, &mut cache, first, o.new_tokens);
+        match caches.as_mut() {
+            None => greedy_steps(m, &mut cache, first, o.new_tokens),
+            Some(caches) => greedy_steps_packed(m, caches, first, o.new_tokens),
+        }
         let t2 = Instant::now();
         if rep >= o.warmup {
             pre.push(t as f64 / (t1 - t0).as_secs_f64());
-            dec.push(o.new_tokens as f64 / (t2 - t1).as_secs_f64());
+            dec.push((o.new_tokens * o.batch) as f64 / (t2 - t1).as_secs_f64());
         }
     }
     progress(total, total);
@@ -106,6 +121,7 @@ pub fn run<B: Backend>(
         decode_tok_s: Stats::of(dec),
         prompt_tokens: t,
         new_tokens: o.new_tokens,
+        batch: o.batch,
         repeats: o.repeats,
         threads: rayon::current_num_threads(),
     })
@@ -119,6 +135,31 @@ pub fn greedy_steps<B: Backend>(m: &Llava<B>, cache: &mut KvCache<B>, mut tok: u
         let x = be.embed(&[tok], &m.decoder.embed);
         let (hid, _) = m.decoder.forward(be, x, 1, cache, false, None);
         tok = be.greedy_rows(&m.decoder.logits(be, &hid, 1), 1, m.cfg.text.vocab_size)[0].0;
+    }
+}
+
+/// `n` packed greedy decode steps of every sequence of `caches` (one row each), all from token
+/// `tok`: the batched decode that `select --batch-size` runs, without its statistics.
+pub fn greedy_steps_packed<B: Backend>(m: &Llava<B>, caches: &mut [KvCache<B>], tok: u32, n: usize) {
+    use crate::model::llama::Segment;
+    let be = &m.be;
+    let mut toks = vec![tok; caches.len()];
+    let segs = vec![
+        Segment {
+            rows: 1,
+            capture: None
+        };
+        caches.len()
+    ];
+    for _ in 0..n {
+        let x = be.embed(&toks, &m.decoder.embed);
+        let (hid, _) = m.decoder.forward_packed(be, x, &segs, caches, false);
+        let picks = be.greedy_rows(
+            &m.decoder.logits(be, &hid, toks.len()),
+            toks.len(),
+            m.cfg.text.vocab_size,
+        );
+        toks = picks.into_iter().map(|(t, _)| t).collect();
     }
 }
 

@@ -370,6 +370,11 @@ struct BenchArgs {
     /// Greedy decode steps timed after the prefill
     #[arg(long, default_value_t = 64)]
     new_tokens: usize,
+    /// generate: sequences decoded together after the prefill (copies of the prompt's cache, one
+    /// packed step each; what `select --batch-size` runs); decode tok/s counts every sequence's
+    /// tokens
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
     /// Timed repeats (medians are reported)
     #[arg(long, default_value_t = 5)]
     repeats: usize,
@@ -1467,6 +1472,7 @@ fn bench_cmd<B: Backend>(a: BenchArgs, be: B) -> Result<()> {
         new_tokens: a.new_tokens,
         repeats: a.repeats,
         warmup: a.warmup,
+        batch: a.batch,
     };
     let pb = bar((a.warmup + a.repeats) as u64, "timing");
     let r = bench::run(&model, &opts, |i, _| pb.set_position(i as u64))?;
@@ -1483,11 +1489,16 @@ fn bench_cmd<B: Backend>(a: BenchArgs, be: B) -> Result<()> {
         println!("{}", serde_json::to_string(&v)?);
     } else {
         println!(
-            "miadpo {} on {cpu} ({} threads), prompt {} tokens, {} new tokens, {} repeats:",
+            "miadpo {} on {cpu} ({} threads), prompt {} tokens, {} new tokens{}, {} repeats:",
             model.be_name(),
             r.threads,
             r.prompt_tokens,
             r.new_tokens,
+            if r.batch > 1 {
+                format!(" for each of {} sequences decoded together", r.batch)
+            } else {
+                String::new()
+            },
             r.repeats
         );
         println!(

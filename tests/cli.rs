@@ -680,6 +680,36 @@ fn train_reports_bad_pairs_by_id() {
     assert!(err.contains("only_bad.jsonl: no usable pair"), "{err}");
 }
 
+/// `bench` (generate) with `--batch`: decode tok/s counts every sequence's tokens; 0 is refused.
+#[test]
+fn bench_generate_decodes_a_batch() {
+    let out = ok_stdout(miadpo(&[
+        "bench",
+        "--preset",
+        "tiny",
+        "--prompt-tokens",
+        "24",
+        "--new-tokens",
+        "3",
+        "--repeats",
+        "1",
+        "--warmup",
+        "0",
+        "--batch",
+        "3",
+        "--json",
+    ]));
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        (v["batch"].as_u64(), v["new_tokens"].as_u64()),
+        (Some(3), Some(3))
+    );
+    assert!(v["decode_tok_s"]["median"].as_f64().unwrap() > 0.0);
+    let o = miadpo(&["bench", "--preset", "tiny", "--batch", "0"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--batch must be at least 1"));
+}
+
 /// `bench --task train` times DPO steps on a random model and reports them as one JSON line.
 #[test]
 fn bench_train_reports_dpo_step_times() {
