@@ -52,7 +52,7 @@ card=$(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,nohe
 } > "$md"
 nvidia-smi > "$W/nvidia-smi.txt" 2>&1
 status=0
-new_ok=0
+new_ok="" # the new attention variants (5, 6) whose tests passed
 arch=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -1 | tr -d .)
 arch="sm_${arch}"; [ "$arch" = "sm_90" ] && arch="sm_90a"
 if want kernels; then
@@ -68,10 +68,11 @@ fi
 if want tests; then
 echo "## GPU tests (CUDA backend vs CPU twin)" >> "$md"
 echo >> "$md"
-# Two processes: every test without attention variants 5 and 6 (never run on a GPU yet), then the
-# attention tests with them, so that a fault of theirs (a sticky CUDA error poisons the process; a
-# barrier deadlock traps after ~1 s) cannot take the other tests with it; their benchmarks below
-# run only if their tests passed. MIADPO_TEST_NO_WGMMA=1 would leave variant 4 out too.
+# Three processes: every test without attention variants 5 and 6 (never run on a GPU yet), then the
+# attention tests with variant 5, then with variant 6, so that a fault of one (a sticky CUDA error
+# poisons the process; a barrier deadlock traps after ~1 s) cannot take the other tests, or the other
+# variant, with it; each one's benchmarks below run only if its tests passed.
+# MIADPO_TEST_NO_WGMMA=1 would leave variant 4 out too.
 if MIADPO_TEST_NO_NEW=1 tm 240 target/device/gpu-tests --nocapture --test-threads 1 > "$W/gpu-tests.log" 2>&1; then
     if grep -q "skipped: no usable GPU" "$W/gpu-tests.log"; then
         # the tests pass by skipping when the backend cannot start: on this machine that is a failure
@@ -93,22 +94,24 @@ else
     fi
     grep -E 'panicked|^test .*FAILED' "$W/gpu-tests.log" | head -20 | sed 's/^/    default: /' >> "$md"
 fi
-: > "$W/gpu-tests-new.log"
-if [ "$arch" = "sm_90a" ]; then
+for n in 5 6; do
+    : > "$W/gpu-tests-v$n.log"
+    [ "$arch" = "sm_90a" ] || continue
     pack
-    if tm 120 target/device/gpu-tests attention --nocapture --test-threads 1 > "$W/gpu-tests-new.log" 2>&1; then
-        new_ok=1; echo "attention tests with variants 5 and 6: all passed" >> "$md"
+    if MIADPO_TEST_NEW=$n tm 90 target/device/gpu-tests attention --nocapture --test-threads 1 \
+        > "$W/gpu-tests-v$n.log" 2>&1; then
+        new_ok="$new_ok $n"; echo "attention tests with variant $n: all passed" >> "$md"
     else
-        status=1; echo "attention tests with variants 5 and 6: FAILED (see gpu-tests-new.log)" >> "$md"
+        status=1; echo "attention tests with variant $n: FAILED (see gpu-tests-v$n.log)" >> "$md"
     fi
-fi
+done
 echo >> "$md"
 echo '| check | relative error | tolerance | cosine |' >> "$md"
 echo '|---|---:|---:|---:|' >> "$md"
-{ grep -E 'rel err' "$W/gpu-tests.log"; grep -E 'rel err' "$W/gpu-tests-new.log" | grep -E 'WgmmaBulk|WgmmaOverlap'; } \
+{ grep -E 'rel err' "$W/gpu-tests.log"; grep -hE 'rel err' "$W/gpu-tests-v5.log" "$W/gpu-tests-v6.log" | grep -E 'WgmmaBulk|WgmmaOverlap'; } \
     | sed -E 's/^(.*[^ ]) +rel err ([^ ]+) \(tol ([^)]+)\)(  cosine ([^ ]+))?$/| \1 | \2 | \3 | \5 |/' >> "$md"
 grep -E '^test |panicked|skipped' "$W/gpu-tests.log" | sed 's/^/    /' >> "$md"
-grep -E '^test |panicked|skipped|error' "$W/gpu-tests-new.log" | sed 's/^/    variants 5, 6: /' >> "$md"
+for n in 5 6; do grep -E '^test |panicked|skipped|error' "$W/gpu-tests-v$n.log" | sed "s/^/    variant $n: /" >> "$md"; done
 echo >> "$md"
 # variant 4's tensor-core instructions in the compiled attention family (HGMMA: wgmma; HMMA: mma.sync)
 if [ "$arch" = "sm_90a" ] && command -v cuobjdump > /dev/null; then
@@ -135,12 +138,11 @@ tm 60 $B --filter attention --seq-len 4096 --repeats 7 > "$W/attn-miadpo-4096.js
 tm 60 $T --filter attention --seq-len 4096 --repeats 7 > "$W/attn-torch-4096.jsonl" 2>> "$W/commands.log" || status=1
 # variants 5 and 6 (bulk copies on mbarriers; 6 with Q Kᵀ over the previous P V), sm_90a: the
 # candidates to replace the default
-if [ "$arch" = "sm_90a" ] && [ "$new_ok" = 1 ]; then
-    for w in wgmma-bulk wgmma-overlap; do
-        MIADPO_ATTENTION=$w tm 60 $B --filter attention --seq-len 4096 --repeats 7 \
-            > "$W/attn-$w-4096.jsonl" 2>> "$W/commands.log" || status=1
-    done
-fi
+for n in $new_ok; do
+    w=$([ "$n" = 5 ] && echo wgmma-bulk || echo wgmma-overlap)
+    MIADPO_ATTENTION=$w tm 60 $B --filter attention --seq-len 4096 --repeats 7 \
+        > "$W/attn-$w-4096.jsonl" 2>> "$W/commands.log" || status=1
+done
 lap attention-4096
 fi
 # the random "small" LLaVA every later benchmark reads, written once (each bench run would write its own)

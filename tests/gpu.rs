@@ -65,17 +65,23 @@ fn test_variant_4(g: &CudaBackend) -> bool {
     g.arch() == "sm_90a" && std::env::var_os("MIADPO_TEST_NO_WGMMA").is_none()
 }
 
-/// The wgmma variants to test: 4 (both tile widths), and 5 and 6 unless MIADPO_TEST_NO_NEW is set.
-/// Variants 5 and 6 have not run on a GPU yet: scripts/device-check.sh runs every test without them
-/// first, then the attention tests with them in a second process, so that a fault there (a sticky
-/// error, or a barrier deadlock, which their kernels turn into a trap after about a second) cannot
-/// take the other tests with it.
+/// The wgmma variants to test: 4 (both tile widths), and 5 and 6 unless MIADPO_TEST_NO_NEW is set
+/// (MIADPO_TEST_NEW=5 or 6: that one only). Variants 5 and 6 have not run on a GPU yet:
+/// scripts/device-check.sh runs every test without them first, then the attention tests with each
+/// in a process of its own, so that a fault there (a sticky error, or a barrier deadlock, which their
+/// kernels turn into a trap after about a second) cannot take the other tests, or the other
+/// variant, with it.
 fn wgmma_variants(g: &CudaBackend) -> Vec<AttnKernel> {
     let mut v = Vec::new();
     if test_variant_4(g) {
         v.extend([AttnKernel::Wgmma, AttnKernel::WgmmaWide]);
         if std::env::var_os("MIADPO_TEST_NO_NEW").is_none() {
-            v.extend([AttnKernel::WgmmaBulk, AttnKernel::WgmmaOverlap]);
+            let only = std::env::var("MIADPO_TEST_NEW").ok();
+            for (n, k) in [("5", AttnKernel::WgmmaBulk), ("6", AttnKernel::WgmmaOverlap)] {
+                if only.as_deref().is_none_or(|o| o == n) {
+                    v.push(k);
+                }
+            }
         }
     }
     v
