@@ -298,6 +298,10 @@ if [ -s "$W/ncu-summary.md" ]; then
     echo >> "$md"
     cat "$W/ncu-summary.md" >> "$md"
 fi
+echo >> "$md"
+echo "## Predictions (docs/attention-notes.md, written before the run) against this run" >> "$md"
+echo >> "$md"
+python3 scripts/device_predictions.py "$W" >> "$md" 2>> "$W/commands.log"
 cat "$md"
 echo "- script time: $((SECONDS - t0)) s of a $BUDGET s budget; sections:$laps" >> "$md"
 pack
