@@ -15,7 +15,9 @@ use cudarc::driver::{
     PushKernelArg,
 };
 
-use super::{attention_cached_each, AttnShape, Backend, BufState, CachedSeq, Heads, KeyGroups, KeyRange};
+use super::{
+    attention_cached_each, AttnShape, Backend, BufState, CachedSeq, Heads, KeyGroups, KeyRange, Mass,
+};
 use crate::cuda::{nvrtc, FAMILIES};
 use crate::model::config::Activation;
 use crate::model::weights::Tensor;
@@ -217,24 +219,6 @@ struct AppendSeqs {
 unsafe impl DeviceRepr for DecodeSeqs {}
 // SAFETY: as DecodeSeqs.
 unsafe impl DeviceRepr for AppendSeqs {}
-
-/// A batched decode's mass, (Σ rows, ng_max) with each sequence's groups first in its rows, cut into
-/// each sequence's (rows, n_groups); `seqs` holds (rows, n_groups or None) per sequence.
-fn split_mass(avg: &[f32], ng_max: usize, seqs: &[(usize, Option<usize>)]) -> Vec<Option<Vec<f32>>> {
-    let mut r = 0;
-    seqs.iter()
-        .map(|&(rows, ng)| {
-            let first = r;
-            r += rows;
-            let ng = ng?;
-            Some(
-                (first..first + rows)
-                    .flat_map(|i| avg[i * ng_max..i * ng_max + ng].iter().copied())
-                    .collect(),
-            )
-        })
-        .collect()
-}
 
 /// Weight matrices one `gemv_bf16_m*` launch takes (`GEMV_MAX_MATS` in kernels/gemv.cu).
 const GEMV_MAX_MATS: usize = 4;
@@ -884,7 +868,7 @@ impl CudaBackend {
         h: Heads,
         r0: usize,
         seqs: &mut [CachedSeq<'_, Self>],
-    ) -> Vec<Option<Vec<f32>>> {
+    ) -> Vec<Option<Mass<Self>>> {
         assert!(seqs.len() <= DEC_MAX_SEQS);
         let (d, qd, kvd) = (h.dim, h.heads * h.dim, h.kv_heads * h.dim);
         let rows: usize = seqs.iter().map(|s| s.rows).sum();
@@ -986,12 +970,23 @@ impl CudaBackend {
         unsafe { b.launch(per_row(rows_heads.div_ceil(8), 256, 0)) }.expect("CUDA: attention_decode_combine");
         // (rows, heads, ng_max) averaged over the heads on the device, then each sequence's rows and
         // groups
-        let avg = mass.map(|m| self.download(&self.mass_over_heads(&m, rows, h.heads, ng_max)));
-        let shape: Vec<(usize, Option<usize>)> = seqs
-            .iter()
-            .map(|s| (s.rows, s.groups.map(|g| g.n_groups())))
-            .collect();
-        split_mass(avg.as_deref().unwrap_or(&[]), ng_max, &shape)
+        // left on the device, read after the step (`read_masses`): no wait between layers
+        let avg = mass.map(|m| Arc::new(self.mass_over_heads(&m, rows, h.heads, ng_max)));
+        let mut r = 0;
+        seqs.iter()
+            .map(|seq| {
+                let row0 = r;
+                r += seq.rows;
+                let (g, buf) = (seq.groups?, avg.as_ref()?);
+                Some(Mass::Device {
+                    buf: Arc::clone(buf),
+                    row0,
+                    rows: seq.rows,
+                    stride: ng_max,
+                    n_groups: g.n_groups(),
+                })
+            })
+            .collect()
     }
 
     /// Variant 2's backward: the forward's log-sum-exp (from `attention_train`, else recomputed by a
@@ -1652,7 +1647,7 @@ impl Backend for CudaBackend {
         v: &DBuf,
         h: Heads,
         seqs: &mut [CachedSeq<'_, Self>],
-    ) -> (DBuf, Vec<Option<Vec<f32>>>) {
+    ) -> (DBuf, Vec<Option<Mass<Self>>>) {
         // decode steps (1..15 new rows per sequence) of the fused variants, each sequence's groups
         // within one launch's limits: DEC_MAX_SEQS sequences per launch; anything else one
         // `attention` per sequence
@@ -2294,22 +2289,6 @@ mod tests {
                 "int count"
             ]
         );
-    }
-
-    #[test]
-    fn batched_decode_mass_is_cut_per_sequence() {
-        // three sequences: 2 rows with 2 groups, 1 row without, 3 rows with 3 groups; ng_max 3
-        let avg: Vec<f32> = (0..6 * 3).map(|x| x as f32).collect();
-        let got = split_mass(&avg, 3, &[(2, Some(2)), (1, None), (3, Some(3))]);
-        assert_eq!(
-            got,
-            [
-                Some(vec![0.0, 1.0, 3.0, 4.0]),
-                None,
-                Some((9..18).map(|x| x as f32).collect())
-            ]
-        );
-        assert_eq!(split_mass(&[], 0, &[(1, None), (2, None)]), [None, None]);
     }
 
     #[test]

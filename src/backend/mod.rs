@@ -206,6 +206,21 @@ pub struct Heads {
     pub dim: usize,
 }
 
+/// One sequence's attention mass, (rows, n_groups), as `Backend::attention_cached` leaves it: on the
+/// host, or rows of a backend buffer of `stride` columns (a batched decode step's, shared by its
+/// sequences) that `Backend::read_masses` copies back later, so that the step's captured layer does
+/// not wait for the device between layers.
+pub enum Mass<B: Backend + ?Sized> {
+    Host(Vec<f32>),
+    Device {
+        buf: std::sync::Arc<B::Buf>,
+        row0: usize,
+        rows: usize,
+        stride: usize,
+        n_groups: usize,
+    },
+}
+
 /// One sequence of a packed attention call against KV caches (`Backend::attention_cached`).
 pub struct CachedSeq<'a, B: Backend + ?Sized> {
     /// this layer's keys of the sequence, (len, kv_heads·D): its new rows are appended
@@ -320,9 +335,9 @@ pub trait Backend: Send + Sync {
     /// (Σ rows, heads·D), k and v (Σ rows, kv_heads·D) hold every sequence's new rows, in order.
     /// Appends each sequence's rows of k and v to its cache, then attends its query rows (causal, at
     /// positions `len..len + rows`) to its whole cache. Returns the output (Σ rows, heads·D) and,
-    /// per sequence, its mass (rows, n_groups) as `attention` gives it when it has groups. The
-    /// default is one `attention` per sequence (`attention_cached_each`); the CUDA backend takes a
-    /// decode step's sequences in one launch.
+    /// per sequence, its mass (rows, n_groups) as `attention` gives it when it has groups (read it
+    /// with `read_masses`). The default is one `attention` per sequence (`attention_cached_each`);
+    /// the CUDA backend takes a decode step's sequences in one launch.
     fn attention_cached(
         &self,
         q: &Self::Buf,
@@ -330,8 +345,39 @@ pub trait Backend: Send + Sync {
         v: &Self::Buf,
         heads: Heads,
         seqs: &mut [CachedSeq<'_, Self>],
-    ) -> (Self::Buf, Vec<Option<Vec<f32>>>) {
+    ) -> (Self::Buf, Vec<Option<Mass<Self>>>) {
         attention_cached_each(self, q, k, v, heads, seqs)
+    }
+    /// The masses on the host, (rows, n_groups) each: every backend buffer among them copied back
+    /// once.
+    fn read_masses(&self, masses: Vec<Mass<Self>>) -> Vec<Vec<f32>> {
+        let mut read: Vec<(std::sync::Arc<Self::Buf>, Vec<f32>)> = Vec::new();
+        masses
+            .into_iter()
+            .map(|m| match m {
+                Mass::Host(v) => v,
+                Mass::Device {
+                    buf,
+                    row0,
+                    rows,
+                    stride,
+                    n_groups,
+                } => {
+                    let i = match read.iter().position(|(b, _)| std::sync::Arc::ptr_eq(b, &buf)) {
+                        Some(i) => i,
+                        None => {
+                            let host = self.download(&buf);
+                            read.push((buf, host));
+                            read.len() - 1
+                        }
+                    };
+                    let host = &read[i].1;
+                    (row0..row0 + rows)
+                        .flat_map(|r| host[r * stride..r * stride + n_groups].iter().copied())
+                        .collect()
+                }
+            })
+            .collect()
     }
     /// The rows of every part, in order (packed batches).
     fn concat_rows(&self, parts: &[Self::Buf]) -> Self::Buf;
@@ -530,7 +576,7 @@ pub fn attention_cached_each<B: Backend + ?Sized>(
     v: &B::Buf,
     h: Heads,
     seqs: &mut [CachedSeq<'_, B>],
-) -> (B::Buf, Vec<Option<Vec<f32>>>) {
+) -> (B::Buf, Vec<Option<Mass<B>>>) {
     let (qd, kvd) = (h.heads * h.dim, h.kv_heads * h.dim);
     let one = seqs.len() == 1; // a lone sequence needs no row copies
     let (mut outs, mut masses) = (Vec::with_capacity(seqs.len()), Vec::with_capacity(seqs.len()));
@@ -557,7 +603,7 @@ pub fn attention_cached_each<B: Backend + ?Sized>(
         let qs = (!one).then(|| be.slice_rows(q, qd, r0, r1));
         let (o, mass) = be.attention(qs.as_ref().unwrap_or(q), seq.k, seq.v, shape, seq.groups);
         outs.push(o);
-        masses.push(mass);
+        masses.push(mass.map(Mass::Host));
         r0 = r1;
     }
     let out = if outs.len() == 1 {
@@ -596,6 +642,39 @@ pub fn greedy(logits: &[f32]) -> (u32, f64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A batched decode step's masses, one (Σ rows, stride) buffer shared by its sequences, cut into
+    /// each sequence's (rows, n_groups) with host masses among them, and the buffer read once.
+    #[test]
+    fn masses_are_cut_per_sequence() {
+        use super::cpu::CpuBackend;
+        use std::sync::Arc;
+        let be = CpuBackend::new();
+        // three sequences: 2 rows with 2 groups, 1 row with 1 group, 3 rows with 3 groups; stride 3
+        let buf = Arc::new((0..6 * 3).map(|x| x as f32).collect::<Vec<f32>>());
+        let dev = |row0, rows, n_groups| Mass::<CpuBackend>::Device {
+            buf: Arc::clone(&buf),
+            row0,
+            rows,
+            stride: 3,
+            n_groups,
+        };
+        let got = be.read_masses(vec![
+            dev(0, 2, 2),
+            Mass::Host(vec![7.0]),
+            dev(2, 1, 1),
+            dev(3, 3, 3),
+        ]);
+        assert_eq!(
+            got,
+            [
+                vec![0.0, 1.0, 3.0, 4.0],
+                vec![7.0],
+                vec![6.0],
+                (9..18).map(|x| x as f32).collect()
+            ]
+        );
+    }
 
     #[test]
     fn key_groups_sort_by_group_and_merge_adjacent_ranges() {

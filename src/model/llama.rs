@@ -2,7 +2,7 @@
 use super::config::{Activation, TextConfig};
 use super::lora::{LoraAdapter, Proj as ProjKind};
 use super::weights::WeightStore;
-use crate::backend::{Backend, CachedSeq, Heads, KeyGroups};
+use crate::backend::{Backend, CachedSeq, Heads, KeyGroups, Mass};
 use crate::{Error, Result};
 
 /// A low-rank update `scale · B A` kept beside its base weight (never merged into it).
@@ -253,13 +253,15 @@ impl<B: Backend> Decoder<B> {
     ) -> (B::Buf, Vec<Vec<f32>>) {
         let seg = Segment { rows: t, capture };
         let (h, mut masses) = self.forward_packed(be, x, &[seg], std::slice::from_mut(cache), use_lora);
-        (h, masses.pop().unwrap_or_default())
+        (h, be.read_masses(masses.pop().unwrap_or_default()))
     }
 
     /// A packed batch: x holds the rows of several sequences back to back (segment i: `segs[i].rows`
     /// rows continuing `caches[i]`). The linear layers run once over all rows (one weight read for the
     /// batch); RoPE and attention run per sequence. Returns the final-normed hidden states of all rows
-    /// and, per segment, its captured masses (per captured layer: (rows, n_groups)).
+    /// and, per segment, its captured masses (per captured layer: (rows, n_groups)), left where the
+    /// backend put them: read them with `Backend::read_masses` after the step's last wait (on the
+    /// GPU a read in the middle of the step stalls the issue of the layers after it).
     pub fn forward_packed(
         &self,
         be: &B,
@@ -267,7 +269,7 @@ impl<B: Backend> Decoder<B> {
         segs: &[Segment],
         caches: &mut [KvCache<B>],
         use_lora: bool,
-    ) -> (B::Buf, Vec<Vec<Vec<f32>>>) {
+    ) -> (B::Buf, Vec<Vec<Mass<B>>>) {
         assert_eq!(segs.len(), caches.len(), "one cache per segment");
         let c = &self.cfg;
         let (h, hd) = (c.hidden_size, c.head_dim);
@@ -282,7 +284,7 @@ impl<B: Backend> Decoder<B> {
             .zip(caches.iter())
             .flat_map(|(s, kv)| kv.len..kv.len + s.rows)
             .collect();
-        let mut masses: Vec<Vec<(usize, Vec<f32>)>> = vec![Vec::new(); segs.len()];
+        let mut masses: Vec<Vec<(usize, Mass<B>)>> = (0..segs.len()).map(|_| Vec::new()).collect();
         // each layer's input norm is taken with the residual add that ends the layer before
         let first = self.layers.first().map_or(&self.norm, |l| &l.input_norm);
         let mut a = be.rms_norm(&x, h, first, c.rms_norm_eps);
@@ -349,15 +351,13 @@ impl<B: Backend> Decoder<B> {
         let ordered = segs
             .iter()
             .zip(masses)
-            .map(|(seg, got)| match seg.capture {
+            .map(|(seg, mut got)| match seg.capture {
                 Some(cp) => cp
                     .layers
                     .iter()
-                    .map(|want| {
-                        got.iter()
-                            .find(|(li, _)| li == want)
-                            .map(|(_, m)| m.clone())
-                            .unwrap_or_default()
+                    .map(|want| match got.iter().position(|(li, _)| li == want) {
+                        Some(i) => got.swap_remove(i).1,
+                        None => Mass::Host(Vec::new()),
                     })
                     .collect(),
                 None => Vec::new(),

@@ -8,7 +8,7 @@ use super::llama::{Decoder, KvCache, MassCapture, Segment};
 use super::lora::LoraAdapter;
 use super::weights::WeightStore;
 use super::Prefixes;
-use crate::backend::{Backend, KeyGroups, KeySpan};
+use crate::backend::{Backend, KeyGroups, KeySpan, Mass};
 use crate::text::tokenizer::PromptIds;
 use crate::text::{Template, TextTokenizer};
 use crate::vision::preprocess::{AspectMode, ClipProcessor};
@@ -388,8 +388,13 @@ impl<B: Backend> Llava<B> {
             let (hid, masses) = self.decoder.forward_packed(be, x, &segs, &mut caches, use_lora);
             let logits = self.decoder.logits(be, &hid, active.len()); // (active, vocab)
             let picks = be.greedy_rows(&logits, active.len(), vocab);
-            for ((&i, m), pick) in active.iter().zip(masses).zip(picks) {
-                if let Some(m) = m.first() {
+            // the captured rows after the picks (the step's wait), in one read
+            let firsts: Vec<Option<Mass<B>>> = masses.into_iter().map(|m| m.into_iter().next()).collect();
+            let captured: Vec<bool> = firsts.iter().map(Option::is_some).collect();
+            let mut rows = be.read_masses(firsts.into_iter().flatten().collect()).into_iter();
+            for ((&i, captured), pick) in active.iter().zip(captured).zip(picks) {
+                if captured {
+                    let m = rows.next().expect("a row per captured sequence");
                     states[i].rows.push(m.iter().map(|&v| v as f64).collect());
                 }
                 states[i].next = pick;
