@@ -1856,20 +1856,25 @@ impl Backend for CudaBackend {
         if rows == 0 {
             return Vec::new();
         }
-        // SAFETY: the kernel writes one id and one probability per row.
-        let mut ids = unsafe { self.stream.alloc::<i32>(rows) }.expect("CUDA: out of memory");
-        let mut prob = self.poisoned(rows);
+        // one buffer, one copy back (a decode step waits on it): the probabilities, then the ids'
+        // bits (i32 and f32 are both 4 bytes)
+        let mut out = self.poisoned(2 * rows);
+        let (pp, ip) = {
+            let p = out.s.device_ptr_mut(&self.stream).0; // event tracking is off (`new`)
+            (p, p + 4 * rows as u64)
+        };
         let v = vocab as i32;
         let mut b = self.stream.launch_builder(self.f("argmax_maxprob"));
-        b.arg(&logits.s).arg(&v).arg(&mut ids).arg(&mut prob.s);
-        // SAFETY: a block per row of (rows, vocab) logits; 256 threads (block reductions by warp).
+        b.arg(&logits.s).arg(&v).arg(&ip).arg(&pp);
+        // SAFETY: a block per row of (rows, vocab) logits; 256 threads (block reductions by warp);
+        // `out` holds rows probabilities then rows ids.
         unsafe { b.launch(per_row(rows, 256, 0)) }.expect("CUDA: argmax_maxprob");
-        let ids = self.stream.clone_dtoh(&ids).expect("CUDA: download");
-        let prob = self.download(&prob);
+        let host = self.download(&out);
+        let (prob, ids) = host.split_at(rows);
         // the softmax probability of the maximum as a log (the host twin's max - log-sum-exp)
         ids.iter()
             .zip(prob)
-            .map(|(&i, p)| (i as u32, (p as f64).ln()))
+            .map(|(&i, &p)| (i.to_bits() as i32 as u32, (p as f64).ln()))
             .collect()
     }
 
