@@ -139,9 +139,19 @@ impl<B: Backend> VisionTower<B> {
         let rows = n * t;
         for l in &self.layers {
             let a = be.layer_norm(&x, h, &l.ln1.0, &l.ln1.1, c.layer_norm_eps);
-            let q = be.linear(&a, rows, &l.q.0, Some(&l.q.1));
-            let k = be.linear(&a, rows, &l.k.0, Some(&l.k.1));
-            let v = be.linear(&a, rows, &l.v.0, Some(&l.v.1));
+            // q, k, v (rows, h): one input, rounded to bf16 once on the GPU
+            let [q, k, v]: [B::Buf; 3] = be
+                .linears(
+                    &a,
+                    rows,
+                    &[
+                        (&l.q.0, Some(&l.q.1)),
+                        (&l.k.0, Some(&l.k.1)),
+                        (&l.v.0, Some(&l.v.1)),
+                    ],
+                )
+                .try_into()
+                .unwrap_or_else(|_| unreachable!("three products"));
             let o = if n == 1 {
                 be.attention(&q, &k, &v, shape, None).0
             } else {
