@@ -1058,10 +1058,11 @@ extern "C" __global__ void __launch_bounds__(128) attention_decode_d128(const ac
 
 #define DEC_MAX_SEQS 32
 
+// (also kv_append_seqs' parameters: sequence s's new rows go to cache rows tk[s] - rows .. tk[s])
 struct DecodeSeqs {
-    const act* k[DEC_MAX_SEQS]; // sequence s's cache (tk[s], kv_heads * D), its new rows included
-    const act* v[DEC_MAX_SEQS];
-    int row0[DEC_MAX_SEQS + 1]; // its query rows: row0[s] .. row0[s + 1] of q (and of the partials)
+    act* k[DEC_MAX_SEQS];       // sequence s's cache (tk[s], kv_heads * D), its new rows included
+    act* v[DEC_MAX_SEQS];
+    int row0[DEC_MAX_SEQS + 1]; // its new rows: row0[s] .. row0[s + 1] of q, k, v (and of the partials)
     int tk[DEC_MAX_SEQS];       // its keys; its rows are the last, causal
     int goff[DEC_MAX_SEQS];     // its group layout (as load_groups reads it) at groups + goff[s]
     int ng[DEC_MAX_SEQS];       // its groups, 0 for none
@@ -1106,21 +1107,14 @@ extern "C" __global__ void __launch_bounds__(128) attention_decode_seqs_d128(con
     flash_decode_seqs<128>(q, part, seqs, heads, kv_heads, groups, chunk);
 }
 
-struct AppendSeqs {
-    act* k[DEC_MAX_SEQS];       // sequence s's K cache: len[s] rows of kvd, room for its new rows after them
-    act* v[DEC_MAX_SEQS];
-    int row0[DEC_MAX_SEQS + 1]; // its new rows: row0[s] .. row0[s + 1] of k_new and v_new
-    int len[DEC_MAX_SEQS];
-    int n;
-};
-
-// Appends each sequence's new rows of K and V to its caches. Grid (ceil(kvd / 256), new rows), a
-// thread per element of a row.
-extern "C" __global__ void kv_append_seqs(const act* k_new, const act* v_new, AppendSeqs b, int kvd) {
+// Appends each sequence's new rows of K and V to its caches, whose last rows they become (the
+// decode launch's parameters: cache row tk[s] - (row0[s + 1] - r) for new row r). Grid
+// (ceil(kvd / 256), new rows), a thread per element of a row.
+extern "C" __global__ void kv_append_seqs(const act* k_new, const act* v_new, DecodeSeqs b, int kvd) {
     int r = blockIdx.y, c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= kvd) return;
     int s = seq_of_row(b.row0, b.n, r);
-    long dst = (long)(b.len[s] + r - b.row0[s]) * kvd + c, src = (long)r * kvd + c;
+    long dst = (long)(b.tk[s] - b.row0[s + 1] + r) * kvd + c, src = (long)r * kvd + c;
     b.k[s][dst] = k_new[src];
     b.v[s][dst] = v_new[src];
 }

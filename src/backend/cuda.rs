@@ -188,8 +188,8 @@ const FA_MAX_RANGES: usize = 64;
 /// Sequences one batched decode launch takes (`DEC_MAX_SEQS` in kernels/attention.cu).
 const DEC_MAX_SEQS: usize = 32;
 
-/// `DecodeSeqs` of kernels/attention.cu, passed by value: every sequence's cache, rows, keys and
-/// group layout.
+/// `DecodeSeqs` of kernels/attention.cu, passed by value to the append and the decode launches:
+/// every sequence's cache, rows, keys and group layout.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct DecodeSeqs {
@@ -202,23 +202,9 @@ struct DecodeSeqs {
     n: i32,
 }
 
-/// `AppendSeqs` of kernels/attention.cu, passed by value: every sequence's caches, new rows and
-/// length.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct AppendSeqs {
-    k: [u64; DEC_MAX_SEQS],
-    v: [u64; DEC_MAX_SEQS],
-    row0: [i32; DEC_MAX_SEQS + 1],
-    len: [i32; DEC_MAX_SEQS],
-    n: i32,
-}
-
-// SAFETY: plain #[repr(C)] data of integers, laid out as the kernels' structs (pointers first, 8-byte
+// SAFETY: plain #[repr(C)] data of integers, laid out as the kernel's struct (pointers first, 8-byte
 // aligned, then 4-byte ints), which the launch copies into the kernel's parameters.
 unsafe impl DeviceRepr for DecodeSeqs {}
-// SAFETY: as DecodeSeqs.
-unsafe impl DeviceRepr for AppendSeqs {}
 
 /// Weight matrices one `gemv_bf16_m*` launch takes (`GEMV_MAX_MATS` in kernels/gemv.cu).
 const GEMV_MAX_MATS: usize = 4;
@@ -872,24 +858,16 @@ impl CudaBackend {
         assert!(seqs.len() <= DEC_MAX_SEQS);
         let (d, qd, kvd) = (h.dim, h.heads * h.dim, h.kv_heads * h.dim);
         let rows: usize = seqs.iter().map(|s| s.rows).sum();
-        let (mut ap, mut dec) = (
-            AppendSeqs {
-                k: [0; DEC_MAX_SEQS],
-                v: [0; DEC_MAX_SEQS],
-                row0: [rows as i32; DEC_MAX_SEQS + 1],
-                len: [0; DEC_MAX_SEQS],
-                n: seqs.len() as i32,
-            },
-            DecodeSeqs {
-                k: [0; DEC_MAX_SEQS],
-                v: [0; DEC_MAX_SEQS],
-                row0: [rows as i32; DEC_MAX_SEQS + 1],
-                tk: [0; DEC_MAX_SEQS],
-                goff: [0; DEC_MAX_SEQS],
-                ng: [0; DEC_MAX_SEQS],
-                n: seqs.len() as i32,
-            },
-        );
+        // the parameters of both launches (the append's lengths are tk less the new rows)
+        let mut dec = DecodeSeqs {
+            k: [0; DEC_MAX_SEQS],
+            v: [0; DEC_MAX_SEQS],
+            row0: [rows as i32; DEC_MAX_SEQS + 1],
+            tk: [0; DEC_MAX_SEQS],
+            goff: [0; DEC_MAX_SEQS],
+            ng: [0; DEC_MAX_SEQS],
+            n: seqs.len() as i32,
+        };
         // the group layouts back to back after a lone 0 (the empty layout of sequences without groups)
         let mut layouts = vec![0usize];
         let (mut at, mut max_tk, mut ng_max) = (0, 1, 0);
@@ -900,13 +878,9 @@ impl CudaBackend {
             self.reserve(seq.v, n);
             // cudarc's event tracking is off (`new`), so the raw pointers need no guard; the caches
             // outlive the launches
-            let (kp, vp) = (
-                seq.k.s.device_ptr_mut(&self.stream).0,
-                seq.v.s.device_ptr_mut(&self.stream).0,
-            );
-            (ap.k[i], ap.v[i], dec.k[i], dec.v[i]) = (kp, vp, kp, vp);
-            (ap.row0[i], dec.row0[i]) = (at as i32, at as i32);
-            ap.len[i] = seq.len as i32;
+            dec.k[i] = seq.k.s.device_ptr_mut(&self.stream).0;
+            dec.v[i] = seq.v.s.device_ptr_mut(&self.stream).0;
+            dec.row0[i] = at as i32;
             dec.tk[i] = (seq.len + seq.rows) as i32;
             if let Some(g) = seq.groups {
                 dec.goff[i] = layouts.len() as i32;
@@ -920,7 +894,7 @@ impl CudaBackend {
         let kvd_i = kvd as i32;
         let (kn, vn) = (k.s.slice(r0 * kvd..), v.s.slice(r0 * kvd..));
         let mut b = self.stream.launch_builder(self.f("kv_append_seqs"));
-        b.arg(&kn).arg(&vn).arg(&ap).arg(&kvd_i);
+        b.arg(&kn).arg(&vn).arg(&dec).arg(&kvd_i);
         let cfg = LaunchConfig {
             grid_dim: (kvd.div_ceil(256) as u32, rows as u32, 1),
             block_dim: (256, 1, 1),
@@ -2188,11 +2162,27 @@ impl OnlineLse {
 mod tests {
     use super::*;
 
-    /// The by-value launch parameters of the batched decode have the layout of their C structs in
-    /// kernels/attention.cu (x86-64 and CUDA agree: 8-byte pointers first, then 4-byte ints; the
-    /// offsets are those gcc gives the C structs).
+    /// The field declarations of `struct NAME { ... };` in kernel family `family`'s source, comments
+    /// dropped: what a by-value launch parameter's Rust twin must mirror.
+    fn c_struct_fields(family: &str, name: &str) -> Vec<String> {
+        let src = FAMILIES.iter().find(|f| f.name == family).unwrap().source;
+        let body = src.split(&format!("struct {name} {{")).nth(1).unwrap();
+        body.split("};")
+            .next()
+            .unwrap()
+            .lines()
+            .filter_map(|l| {
+                let decl = l.split("//").next().unwrap().trim();
+                decl.strip_suffix(';').map(str::to_string)
+            })
+            .collect()
+    }
+
+    /// The by-value launch parameters of the batched decode (its append and decode launches) have the
+    /// layout of the C struct in kernels/attention.cu (x86-64 and CUDA agree: 8-byte pointers first,
+    /// then 4-byte ints; the offsets are those gcc gives the C struct).
     #[test]
-    fn decode_launch_parameters_match_the_kernels_structs() {
+    fn decode_launch_parameters_match_the_kernels_struct() {
         use std::mem::{offset_of, size_of};
         assert_eq!(
             [
@@ -2206,38 +2196,14 @@ mod tests {
             ],
             [256, 512, 644, 772, 900, 1028, 1032]
         );
-        assert_eq!(
-            [
-                offset_of!(AppendSeqs, v),
-                offset_of!(AppendSeqs, row0),
-                offset_of!(AppendSeqs, len),
-                offset_of!(AppendSeqs, n),
-                size_of::<AppendSeqs>()
-            ],
-            [256, 512, 644, 772, 776]
-        );
-        // the kernels' structs must say the same: DEC_MAX_SEQS and the field order
+        // the kernels' struct must say the same: DEC_MAX_SEQS and the field order
         let src = FAMILIES.iter().find(|f| f.name == "attention").unwrap().source;
         assert!(src.contains(&format!("#define DEC_MAX_SEQS {DEC_MAX_SEQS}\n")));
-        let fields = |name: &str| {
-            let body = src.split(&format!("struct {name} {{")).nth(1).unwrap();
-            let body = body.split("};").next().unwrap();
-            body.lines()
-                .filter_map(|l| {
-                    l.split("//")
-                        .next()
-                        .unwrap()
-                        .trim()
-                        .strip_suffix(';')
-                        .map(str::to_string)
-                })
-                .collect::<Vec<_>>()
-        };
         assert_eq!(
-            fields("DecodeSeqs"),
+            c_struct_fields("attention", "DecodeSeqs"),
             [
-                "const act* k[DEC_MAX_SEQS]",
-                "const act* v[DEC_MAX_SEQS]",
+                "act* k[DEC_MAX_SEQS]",
+                "act* v[DEC_MAX_SEQS]",
                 "int row0[DEC_MAX_SEQS + 1]",
                 "int tk[DEC_MAX_SEQS]",
                 "int goff[DEC_MAX_SEQS]",
@@ -2245,19 +2211,9 @@ mod tests {
                 "int n"
             ]
         );
-        assert_eq!(
-            fields("AppendSeqs"),
-            [
-                "act* k[DEC_MAX_SEQS]",
-                "act* v[DEC_MAX_SEQS]",
-                "int row0[DEC_MAX_SEQS + 1]",
-                "int len[DEC_MAX_SEQS]",
-                "int n"
-            ]
-        );
     }
 
-    /// As `decode_launch_parameters_match_the_kernels_structs`, for kernels/gemv.cu's `GemvMats`.
+    /// As `decode_launch_parameters_match_the_kernels_struct`, for kernels/gemv.cu's `GemvMats`.
     #[test]
     fn gemv_launch_parameters_match_the_kernels_struct() {
         use std::mem::{offset_of, size_of};
@@ -2273,19 +2229,8 @@ mod tests {
         );
         let src = FAMILIES.iter().find(|f| f.name == "gemv").unwrap().source;
         assert!(src.contains(&format!("#define GEMV_MAX_MATS {GEMV_MAX_MATS}\n")));
-        let body = src
-            .split("struct GemvMats {")
-            .nth(1)
-            .unwrap()
-            .split("};")
-            .next()
-            .unwrap();
-        let fields: Vec<_> = body
-            .lines()
-            .filter_map(|l| l.split("//").next().unwrap().trim().strip_suffix(';'))
-            .collect();
         assert_eq!(
-            fields,
+            c_struct_fields("gemv", "GemvMats"),
             [
                 "const bf16* w[GEMV_MAX_MATS]",
                 "const float* bias[GEMV_MAX_MATS]",
