@@ -11,8 +11,8 @@ use std::sync::{Arc, Mutex};
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr, LaunchConfig,
-    PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, CudaViewMut, DevicePtr, DevicePtrMut, DeviceRepr,
+    LaunchConfig, PushKernelArg,
 };
 
 use super::{
@@ -770,19 +770,35 @@ impl CudaBackend {
         // SAFETY: part holds (tq, heads, splits, p) floats, every one written by its block.
         unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("CUDA: {name}: {e:?}"));
         let mut out = self.poisoned(rows * d);
-        let mut mass = (n_groups > 0).then(|| self.poisoned(rows * n_groups));
-        let (r, dd, sp) = (rows as i32, d as i32, splits as i32);
+        let mass = self.decode_merge(&part, &mut out.s.slice_mut(..), rows, d, splits, n_groups);
+        (out, mass)
+    }
+
+    /// Flash-decoding's merge of the splits: part (rows_heads, splits, 2 + d + FA_MAX_GROUPS) ->
+    /// out (rows_heads, d) and, for `n_groups` > 0, the per-head mass (rows_heads, n_groups).
+    fn decode_merge(
+        &self,
+        part: &DBuf,
+        out: &mut CudaViewMut<'_, f32>,
+        rows_heads: usize,
+        d: usize,
+        splits: usize,
+        n_groups: usize,
+    ) -> Option<DBuf> {
+        let mut mass = (n_groups > 0).then(|| self.poisoned(rows_heads * n_groups));
+        let (r, dd, sp, ng) = (rows_heads as i32, d as i32, splits as i32, n_groups as i32);
         let null: u64 = 0;
         let mut b = self.stream.launch_builder(self.f("attention_decode_combine"));
-        b.arg(&part.s).arg(&mut out.s);
+        b.arg(&part.s).arg(out);
         match mass.as_mut() {
             Some(m) => b.arg(&mut m.s),
             None => b.arg(&null),
         };
         b.arg(&r).arg(&dd).arg(&sp).arg(&ng);
-        // SAFETY: a warp per (row, head), 8 per block; out (rows, d), mass (rows, n_groups).
-        unsafe { b.launch(per_row(rows.div_ceil(8), 256, 0)) }.expect("CUDA: attention_decode_combine");
-        (out, mass)
+        // SAFETY: a warp per (row, head), 8 per block; out (rows_heads, d), mass (rows_heads,
+        // n_groups), part as above.
+        unsafe { b.launch(per_row(rows_heads.div_ceil(8), 256, 0)) }.expect("CUDA: attention_decode_combine");
+        mass
     }
 
     /// `linears` for a few rows (m <= GEMV_MAX_ROWS, k a multiple of 8): up to GEMV_MAX_MATS
@@ -929,22 +945,10 @@ impl CudaBackend {
         // SAFETY: part holds (rows, heads, splits, p) floats, every one written by its block; each
         // cache holds tk[s] rows.
         unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("CUDA: {name}: {e:?}"));
-        let mut mass = (ng_max > 0).then(|| self.poisoned(rows_heads * ng_max));
         let mut o = out.s.slice_mut(r0 * qd..(r0 + rows) * qd);
-        let (r, dd, sp, ng) = (rows_heads as i32, d as i32, splits as i32, ng_max as i32);
-        let null: u64 = 0;
-        let mut b = self.stream.launch_builder(self.f("attention_decode_combine"));
-        b.arg(&part.s).arg(&mut o);
-        match mass.as_mut() {
-            Some(m) => b.arg(&mut m.s),
-            None => b.arg(&null),
-        };
-        b.arg(&r).arg(&dd).arg(&sp).arg(&ng);
-        // SAFETY: a warp per (row, head), 8 per block; out (rows, heads·d), mass (rows, heads, ng).
-        unsafe { b.launch(per_row(rows_heads.div_ceil(8), 256, 0)) }.expect("CUDA: attention_decode_combine");
-        // (rows, heads, ng_max) averaged over the heads on the device, then each sequence's rows and
-        // groups
-        // left on the device, read after the step (`read_masses`): no wait between layers
+        let mass = self.decode_merge(&part, &mut o, rows_heads, d, splits, ng_max);
+        // (rows, heads, ng_max) averaged over the heads on the device and left there, each
+        // sequence's rows and groups read after the step (`read_masses`): no wait between layers
         let avg = mass.map(|m| Arc::new(self.mass_over_heads(&m, rows, h.heads, ng_max)));
         let mut r = 0;
         seqs.iter()
