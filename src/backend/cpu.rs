@@ -1082,7 +1082,7 @@ impl Backend for CpuBackend {
     }
 
     fn sum_squares(&self, xs: &[&Vec<f32>]) -> f64 {
-        // in order, without the default's copies: the sum `clip_grad_norm` takes
+        // in order: the sum `clip_grad_norm` takes
         xs.iter()
             .flat_map(|x| x.iter())
             .map(|&v| v as f64 * v as f64)

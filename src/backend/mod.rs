@@ -513,8 +513,8 @@ pub trait Backend: Send + Sync {
     /// same key gives the same mask (the backward reapplies it to the gradient).
     fn dropout(&self, x: &Self::Buf, p: f32, key: u64) -> Self::Buf;
 
-    // ---- the optimizer, on the backend that holds the trained tensors (LoRA training): the
-    // defaults run on the host exactly as `train::optim` does, so the CPU's training keeps its bits
+    // ---- the optimizer, on the backend that holds the trained tensors (LoRA training): the CPU's
+    // are the host update of `train::optim` (`host_update`), so its training keeps its bits
 
     /// A buffer of n zeros (a gradient accumulator).
     fn zeros(&self, n: usize) -> Self::Buf {
@@ -522,15 +522,11 @@ pub trait Backend: Send + Sync {
     }
     /// Σ x² over every element of `xs` in order, in f64: the global gradient norm's square, as
     /// `optim::clip_grad_norm` sums it.
-    fn sum_squares(&self, xs: &[&Self::Buf]) -> f64 {
-        xs.iter()
-            .flat_map(|x| self.download(x))
-            .map(|v| v as f64 * v as f64)
-            .sum()
-    }
+    fn sum_squares(&self, xs: &[&Self::Buf]) -> f64;
     /// One optimizer update of the f32 master `p` (n) from the gradient `g` (n), as
     /// `optim::update`: first g ← g · `gscale` when `gscale` < 1 (the clipping, in f64 as
-    /// `clip_grad_norm` scales), then the step with `state` (created on the first update).
+    /// `clip_grad_norm` scales; `g` may be left scaled or not), then the step with `state` (created
+    /// on the first update).
     fn optim_update(
         &self,
         cfg: &OptimConfig,
@@ -539,22 +535,7 @@ pub trait Backend: Send + Sync {
         gscale: f64,
         state: &mut BufState<Self::Buf>,
         lr: f32,
-    ) {
-        let (mut ph, mut gh) = (self.download(p), self.download(g));
-        let mut st = ParamState {
-            m: state.m.as_ref().map_or_else(Vec::new, |m| self.download(m)),
-            v: state.v.as_ref().map_or_else(Vec::new, |v| self.download(v)),
-            step: state.step,
-        };
-        host_update(cfg, &mut ph, &mut gh, gscale, &mut st, lr);
-        *p = self.upload(&ph);
-        *g = self.upload(&gh);
-        *state = BufState {
-            m: (!st.m.is_empty()).then(|| self.upload(&st.m)),
-            v: (!st.v.is_empty()).then(|| self.upload(&st.v)),
-            step: st.step,
-        };
-    }
+    );
     /// A weight matrix (rows, cols) from an f32 buffer (a trained LoRA matrix after its update): as
     /// `matrix` of the f32 tensor.
     fn to_mat(&self, x: &Self::Buf, rows: usize, cols: usize) -> Result<Self::Mat> {
@@ -567,6 +548,7 @@ pub trait Backend: Send + Sync {
         self.matrix(&t)
     }
 }
+
 /// `Backend::attention_cached` as one `attention` call per sequence: its rows of k and v appended to
 /// its cache (copied out first when there are several sequences), its rows of q attended.
 pub fn attention_cached_each<B: Backend + ?Sized>(
