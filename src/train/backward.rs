@@ -12,7 +12,7 @@ use crate::model::config::Activation;
 use crate::model::llama::Linear;
 use crate::model::llava::Llava;
 use crate::model::lora::Proj;
-use crate::Result;
+use crate::{Error, Result};
 
 /// How the policy pass runs.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -58,8 +58,31 @@ impl<B: Backend> Default for LoraGrads<B> {
 }
 
 impl<B: Backend> LoraGrads<B> {
+    fn position(&self, layer: usize, proj: Proj) -> Option<usize> {
+        self.modules
+            .iter()
+            .position(|m| (m.layer, m.proj) == (layer, proj))
+    }
+
+    /// The index of one module's gradients; an error naming it when no backward reached it.
+    fn index(&self, layer: usize, proj: Proj) -> Result<usize> {
+        self.position(layer, proj)
+            .ok_or_else(|| Error::Invalid(format!("no gradient for layer {layer} {proj:?}")))
+    }
+
+    /// The gradients of one module (an error when no backward reached it).
+    pub fn module(&self, layer: usize, proj: Proj) -> Result<&ModuleGrad<B>> {
+        Ok(&self.modules[self.index(layer, proj)?])
+    }
+
+    /// As `module`, to update them in place (the optimizer may scale them).
+    pub fn module_mut(&mut self, layer: usize, proj: Proj) -> Result<&mut ModuleGrad<B>> {
+        let i = self.index(layer, proj)?;
+        Ok(&mut self.modules[i])
+    }
+
     fn slot(&mut self, be: &B, key: (usize, Proj), a_len: usize, b_len: usize) -> &mut ModuleGrad<B> {
-        let i = match self.modules.iter().position(|m| (m.layer, m.proj) == key) {
+        let i = match self.position(key.0, key.1) {
             Some(i) => i,
             None => {
                 self.modules.push(ModuleGrad {
@@ -76,10 +99,8 @@ impl<B: Backend> LoraGrads<B> {
 
     /// (dA, dB) of one module, copied to the host.
     pub fn host(&self, be: &B, layer: usize, proj: Proj) -> Option<(Vec<f32>, Vec<f32>)> {
-        self.modules
-            .iter()
-            .find(|m| (m.layer, m.proj) == (layer, proj))
-            .map(|m| (be.download(&m.da), be.download(&m.db)))
+        let m = &self.modules[self.position(layer, proj)?];
+        Some((be.download(&m.da), be.download(&m.db)))
     }
 }
 

@@ -534,12 +534,7 @@ impl<B: Backend> Stage<B> for DpoStage<'_, B> {
     fn end_step(&mut self, m: &Llava<B>) -> Result<(f64, DpoMetrics, StepGrads)> {
         let mut grads = Vec::with_capacity(2 * self.w.modules.len());
         for mw in &self.w.modules {
-            let g = self
-                .grads
-                .modules
-                .iter()
-                .find(|g| (g.layer, g.proj) == (mw.layer, mw.proj))
-                .ok_or_else(|| Error::Invalid(format!("no gradient for layer {} {:?}", mw.layer, mw.proj)))?;
+            let g = self.grads.module(mw.layer, mw.proj)?;
             grads.push(&g.da);
             grads.push(&g.db);
         }
@@ -574,12 +569,7 @@ impl<B: Backend> Stage<B> for DpoStage<'_, B> {
         let scale = (self.w.alpha / self.w.r as f64) as f32;
         let r = self.w.r;
         for (i, mw) in self.w.modules.iter().enumerate() {
-            let g = self
-                .grads
-                .modules
-                .iter_mut()
-                .find(|g| (g.layer, g.proj) == (mw.layer, mw.proj))
-                .ok_or_else(|| Error::Invalid(format!("no gradient for layer {} {:?}", mw.layer, mw.proj)))?;
+            let g = self.grads.module_mut(mw.layer, mw.proj)?;
             let (pa, pb) = self.masters.split_at_mut(2 * i + 1);
             let (sa, sb) = self.states.split_at_mut(2 * i + 1);
             let be = &m.be;
