@@ -129,13 +129,8 @@ pub fn run<B: Backend>(
 
 /// `n` greedy decode steps from token `tok` with the KV cache, no statistics: the decode work that
 /// the benchmarks time (each step's pick waits for its forward, as in `generate`).
-pub fn greedy_steps<B: Backend>(m: &Llava<B>, cache: &mut KvCache<B>, mut tok: u32, n: usize) {
-    let be = &m.be;
-    for _ in 0..n {
-        let x = be.embed(&[tok], &m.decoder.embed);
-        let (hid, _) = m.decoder.forward(be, x, 1, cache, false, None);
-        tok = be.greedy_rows(&m.decoder.logits(be, &hid, 1), 1, m.cfg.text.vocab_size)[0].0;
-    }
+pub fn greedy_steps<B: Backend>(m: &Llava<B>, cache: &mut KvCache<B>, tok: u32, n: usize) {
+    greedy_steps_packed(m, std::slice::from_mut(cache), tok, n);
 }
 
 /// `n` packed greedy decode steps of every sequence of `caches` (one row each), all from token
