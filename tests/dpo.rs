@@ -93,24 +93,7 @@ fn prepare(m: &Llava<CpuBackend>) -> Vec<Prepared> {
         .unwrap()
         .iter()
         .map(|c| {
-            let paths: Vec<_> = c["images"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|n| dir.join("images").join(n.as_str().unwrap()))
-                .collect();
-            let prompt = m
-                .prompt(
-                    Template::VicunaV1,
-                    c["prompt"].as_str().unwrap(),
-                    paths.len(),
-                    "dpo",
-                )
-                .unwrap();
-            let px: Vec<Vec<f32>> = paths
-                .iter()
-                .map(|p| m.pixels(p, AspectMode::Pad).unwrap())
-                .collect();
+            let (prompt, px) = case_inputs(m, &dir, c, "prompt");
             let responses =
                 ["chosen", "rejected"].map(|k| m.tokenizer.response(c[k].as_str().unwrap()).unwrap());
             Prepared {

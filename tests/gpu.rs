@@ -571,24 +571,7 @@ fn dpo_training_steps_on_the_gpu() {
             .iter()
             .enumerate()
             .map(|(i, c)| {
-                let paths: Vec<_> = c["images"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|n| dir.join("images").join(n.as_str().unwrap()))
-                    .collect();
-                let prompt = m
-                    .prompt(
-                        miadpo::text::Template::VicunaV1,
-                        c["prompt"].as_str().unwrap(),
-                        paths.len(),
-                        "gpu",
-                    )
-                    .unwrap();
-                let px: Vec<Vec<f32>> = paths
-                    .iter()
-                    .map(|p| m.pixels(p, miadpo::vision::preprocess::AspectMode::Pad).unwrap())
-                    .collect();
+                let (prompt, px) = common::case_inputs(&m, &dir, c, "prompt");
                 let feats = m.image_features(&px);
                 let (chosen, rejected) = (
                     m.tokenizer.response(c["chosen"].as_str().unwrap()).unwrap(),
@@ -728,25 +711,8 @@ fn batched_generation_on_the_gpu_matches_the_cpu() {
         let dir = common::fixture_dir();
         let (mut prompts, mut feats) = (Vec::new(), Vec::new());
         for c in common::cases()["generate"].as_array().unwrap() {
-            let paths: Vec<_> = c["images"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|n| dir.join("images").join(n.as_str().unwrap()))
-                .collect();
-            prompts.push(
-                m.prompt(
-                    miadpo::text::Template::VicunaV1,
-                    c["question"].as_str().unwrap(),
-                    paths.len(),
-                    "gpu",
-                )
-                .unwrap(),
-            );
-            let px: Vec<Vec<f32>> = paths
-                .iter()
-                .map(|p| m.pixels(p, miadpo::vision::preprocess::AspectMode::Pad).unwrap())
-                .collect();
+            let (prompt, px) = common::case_inputs(m, &dir, c, "question");
+            prompts.push(prompt);
             feats.push(m.image_features(&px));
         }
         let groups: Vec<KeyGroups> = prompts
@@ -1011,24 +977,7 @@ fn fixture_pair_on_both(
     use miadpo::train::backward::{pair_backward, pair_forward, LoraGrads};
     let dir = common::fixture_dir();
     let case = &common::cases()["score"][0];
-    let images: Vec<std::path::PathBuf> = case["images"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| dir.join("images").join(n.as_str().unwrap()))
-        .collect();
-    let prompt = mc
-        .prompt(
-            miadpo::text::Template::VicunaV1,
-            case["prompt"].as_str().unwrap(),
-            images.len(),
-            "gpu",
-        )
-        .unwrap();
-    let px: Vec<Vec<f32>> = images
-        .iter()
-        .map(|p| mc.pixels(p, miadpo::vision::preprocess::AspectMode::Pad).unwrap())
-        .collect();
+    let (prompt, px) = common::case_inputs(mc, &dir, case, "prompt");
     let (chosen, rejected) = (
         mc.tokenizer.response(case["chosen"].as_str().unwrap()).unwrap(),
         mc.tokenizer.response(case["rejected"].as_str().unwrap()).unwrap(),

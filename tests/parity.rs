@@ -4,7 +4,7 @@
 //! tokens identical.
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use common::*;
 use miadpo::backend::cpu::CpuBackend;
@@ -14,14 +14,6 @@ use miadpo::vision::preprocess::AspectMode;
 
 fn model(dir: &Path) -> Llava<CpuBackend> {
     Llava::load(&dir.join("model"), CpuBackend::new()).expect("load the fixture model")
-}
-
-fn images(dir: &Path, v: &serde_json::Value) -> Vec<PathBuf> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|n| dir.join("images").join(n.as_str().unwrap()))
-        .collect()
 }
 
 #[test]
@@ -54,7 +46,7 @@ fn generate_cases(dir: &Path) {
             dir.file_name().unwrap().to_str().unwrap(),
             c["name"].as_str().unwrap()
         );
-        let paths = images(dir, &c["images"]);
+        let paths = case_images(dir, &c["images"]);
         let prompt = m
             .prompt(
                 Template::VicunaV1,
@@ -159,7 +151,7 @@ fn score_cases(dir: &Path) {
     m.load_adapter(&dir.join("adapter")).unwrap();
     for (i, c) in cases_of(dir)["score"].as_array().unwrap().iter().enumerate() {
         let i = format!("{}/{i}", dir.file_name().unwrap().to_str().unwrap());
-        let paths = images(dir, &c["images"]);
+        let paths = case_images(dir, &c["images"]);
         let prompt = m
             .prompt(
                 Template::VicunaV1,
@@ -244,7 +236,7 @@ fn f32_sharded_copy_gives_identical_results() {
     let a = Llava::load(&src, CpuBackend::new()).unwrap();
     let b = Llava::load(dst, CpuBackend::new()).unwrap();
     let c = &cases()["generate"][1];
-    let paths = images(&fixture_dir(), &c["images"]);
+    let paths = case_images(&fixture_dir(), &c["images"]);
     let q = c["question"].as_str().unwrap();
     let opts = GenerateOptions {
         max_new_tokens: 10,
@@ -283,20 +275,8 @@ fn batched_generation_equals_one_at_a_time() {
     let mut prompts = Vec::new();
     let mut feats = Vec::new();
     for c in all["generate"].as_array().unwrap() {
-        let paths = images(&dir, &c["images"]);
-        prompts.push(
-            m.prompt(
-                Template::VicunaV1,
-                c["question"].as_str().unwrap(),
-                paths.len(),
-                "b",
-            )
-            .unwrap(),
-        );
-        let px: Vec<Vec<f32>> = paths
-            .iter()
-            .map(|p| m.pixels(p, AspectMode::Pad).unwrap())
-            .collect();
+        let (prompt, px) = case_inputs(&m, &dir, c, "question");
+        prompts.push(prompt);
         feats.push(m.image_features(&px));
     }
     // two answer lengths; every sequence stays in the batch to the end (no EOS in the fixture)

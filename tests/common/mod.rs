@@ -25,6 +25,40 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// The image paths of a fixture case (`images`: its list of file names under `dir/images`).
+pub fn case_images(dir: &Path, images: &Value) -> Vec<PathBuf> {
+    images
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| dir.join("images").join(n.as_str().unwrap()))
+        .collect()
+}
+
+/// A fixture case's prompt (its text under `key`: "prompt" for score cases, "question" for generate
+/// cases; the Vicuna template) and its images' pixels (`pad` mode), as `m` prepares them.
+pub fn case_inputs<B: miadpo::backend::Backend>(
+    m: &miadpo::model::llava::Llava<B>,
+    dir: &Path,
+    case: &Value,
+    key: &str,
+) -> (miadpo::text::tokenizer::PromptIds, Vec<Vec<f32>>) {
+    let paths = case_images(dir, &case["images"]);
+    let prompt = m
+        .prompt(
+            miadpo::text::Template::VicunaV1,
+            case[key].as_str().unwrap(),
+            paths.len(),
+            "fixture",
+        )
+        .unwrap();
+    let px = paths
+        .iter()
+        .map(|p| m.pixels(p, miadpo::vision::preprocess::AspectMode::Pad).unwrap())
+        .collect();
+    (prompt, px)
+}
+
 pub fn fixture_dir() -> PathBuf {
     fixture("tiny-llava")
 }
