@@ -187,42 +187,56 @@ __device__ __forceinline__ void fa_q_fragments(const bf16* qw, unsigned (&qf)[D 
     }
 }
 
+// This thread's probabilities of the tile (sc, keys n0 .. n0 + BN) that group gi's ranges hold, per
+// row (add0, add1); rs: its row sums of the tile. Returns whether a range of the group meets the
+// tile (uniform over the block: the ranges and n0 are the block's).
+template <int BN>
+__device__ __forceinline__ bool fa_group_tile_sums(const float (&sc)[BN / 8][4], int n0, const float (&rs)[2],
+                                                   const int* sg, int ng, int gi, float& add0, float& add1) {
+    const int t = threadIdx.x & 3;
+    const int* rng = sg + ng + 1;
+    bool touched = false;
+    add0 = add1 = 0.0f;
+    for (int r = sg[gi]; r < sg[gi + 1]; r++) {
+        int a = rng[2 * r], b = rng[2 * r + 1];
+        if (a >= n0 + BN) break; // sorted by start: the rest lie past this tile
+        if (a <= n0 && n0 + BN <= b) {
+            // the tile lies inside the range (most tiles of an image): the row sums; no other range
+            // of the group meets it
+            add0 = rs[0];
+            add1 = rs[1];
+            return true;
+        }
+        if (b > n0) {
+            touched = true;
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; nt++) {
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    int j = n0 + nt * 8 + 2 * t + (e & 1);
+                    float x = (j >= a && j < b) ? sc[nt][e] : 0.0f;
+                    if (e < 2) add0 += x; else add1 += x;
+                }
+            }
+        }
+    }
+    return touched;
+}
+
 // The per-group mass of this tile, rescaled like the row sum: acc(r, gi) (this thread's part of row r's
-// mass on group gi; registers in variants 2 to 5, shared memory in variant 6) becomes
+// mass on group gi; registers in variants 2 to 4, shared memory in variant 6; variant 5 sums over
+// the quad instead, fa_mass_update_quad) becomes
 // acc * alpha[r] + this thread's probabilities sc on the group's keys (rs[r]: their sum over the
 // tile). Only the group's ranges that meet the tile add. The group index is unrolled (registers),
 // its ranges a run-time loop over shared memory.
 template <int BN, typename Acc>
 __device__ __forceinline__ void fa_mass_update(const float (&sc)[BN / 8][4], int n0, const float (&rs)[2],
                                                const float (&alpha)[2], const int* sg, int ng, Acc acc) {
-    const int t = threadIdx.x & 3;
-    const int* rng = sg + ng + 1;
 #pragma unroll
     for (int gi = 0; gi < FA_MAX_GROUPS; gi++) {
         if (gi < ng) {
-            float add0 = 0.0f, add1 = 0.0f;
-            for (int r = sg[gi]; r < sg[gi + 1]; r++) {
-                int a = rng[2 * r], b = rng[2 * r + 1];
-                if (a >= n0 + BN) break; // sorted by start: the rest lie past this tile
-                if (a <= n0 && n0 + BN <= b) {
-                    // the tile lies inside the range (most tiles of an image): the row sums; no
-                    // other range of the group meets it
-                    add0 = rs[0];
-                    add1 = rs[1];
-                    break;
-                }
-                if (b > n0) {
-#pragma unroll
-                    for (int nt = 0; nt < BN / 8; nt++) {
-#pragma unroll
-                        for (int e = 0; e < 4; e++) {
-                            int j = n0 + nt * 8 + 2 * t + (e & 1);
-                            float x = (j >= a && j < b) ? sc[nt][e] : 0.0f;
-                            if (e < 2) add0 += x; else add1 += x;
-                        }
-                    }
-                }
-            }
+            float add0, add1;
+            fa_group_tile_sums<BN>(sc, n0, rs, sg, ng, gi, add0, add1);
             float& m0 = acc(0, gi);
             m0 = m0 * alpha[0] + add0;
             float& m1 = acc(1, gi);
@@ -243,34 +257,10 @@ __device__ __forceinline__ void fa_mass_update_quad(const float (&sc)[BN / 8][4]
                                                     const float (&alpha)[2], const int* sg, int ng, float* acc0,
                                                     float* acc1) {
     const int t = threadIdx.x & 3;
-    const int* rng = sg + ng + 1;
     const bool moved0 = alpha[0] != 1.0f, moved1 = alpha[1] != 1.0f;
     for (int gi = 0; gi < ng; gi++) {
-        float add0 = 0.0f, add1 = 0.0f;
-        bool touched = false;
-        for (int r = sg[gi]; r < sg[gi + 1]; r++) {
-            int a = rng[2 * r], b = rng[2 * r + 1];
-            if (a >= n0 + BN) break; // sorted by start: the rest lie past this tile
-            if (a <= n0 && n0 + BN <= b) {
-                // the tile lies inside the range: the row sums; no other range of the group meets it
-                add0 = rs[0];
-                add1 = rs[1];
-                touched = true;
-                break;
-            }
-            if (b > n0) {
-                touched = true;
-#pragma unroll
-                for (int nt = 0; nt < BN / 8; nt++) {
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        int j = n0 + nt * 8 + 2 * t + (e & 1);
-                        float x = (j >= a && j < b) ? sc[nt][e] : 0.0f;
-                        if (e < 2) add0 += x; else add1 += x;
-                    }
-                }
-            }
-        }
+        float add0, add1;
+        bool touched = fa_group_tile_sums<BN>(sc, n0, rs, sg, ng, gi, add0, add1);
         if (touched) { // uniform: the ranges and n0 are the block's
             add0 += __shfl_xor_sync(0xffffffffu, add0, 1);
             add0 += __shfl_xor_sync(0xffffffffu, add0, 2);
