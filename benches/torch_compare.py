@@ -43,6 +43,8 @@ def main():
     gx = rand(gm, gk).to(mm_dtype) if dev.type == "cuda" else x.to(mm_dtype)
     q = rand(1, heads, t, hd).to(mm_dtype)
     kv = rand(1, heads, t, hd).to(mm_dtype)
+    # a decode step's cache: K and V apart, bf16 (as miadpo's on the GPU)
+    kc, vc = rand(1, heads, t, hd).to(mm_dtype), rand(1, heads, t, hd).to(mm_dtype)
     targets = torch.tensor([(i * 7919) % vocab for i in range(rows)], device=dev)
     pos = torch.arange(rows, device=dev, dtype=torch.float64)
     inv = 10000.0 ** (-torch.arange(0, hd, 2, device=dev, dtype=torch.float64) / hd)
@@ -89,6 +91,8 @@ def main():
         # one query row against the cache; PyTorch has no span-mass output, so this is SDPA alone
         ("attention/decode_mass", "memory", 2 * 2 * t * heads * hd,
          lambda: F.scaled_dot_product_attention(q[:, :, -1:], kv, kv)),
+        ("attention/decode_cached", "memory", 2 * 2 * t * heads * hd,
+         lambda: F.scaled_dot_product_attention(q[:, :, -1:], kc, vc)),
         ("logprob/fused", "compute", 2.0 * rows * vocab * h, lambda: logprob(hid)),
     ]
     res = {}

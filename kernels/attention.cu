@@ -847,10 +847,36 @@ extern "C" __global__ void __launch_bounds__(128) attention_bwd3_d128(const act*
 #define DEC_WARPS 4
 #define DEC_KEYS 4 // keys per warp and step
 
+// A lane's E consecutive elements of a K or V row as floats: f32 rows element by element; bf16 rows
+// (the KV cache of a decode step) in one 2-, 4- or 8-byte load (the row offsets are multiples of E).
+template <int E>
+__device__ __forceinline__ void load_row(const float* p, float* x) {
+#pragma unroll
+    for (int e = 0; e < E; e++) x[e] = p[e];
+}
+
+template <int E>
+__device__ __forceinline__ void load_row(const bf16* p, float* x) {
+    if constexpr (E == 4) {
+        uint2 u = *reinterpret_cast<const uint2*>(p);
+        x[0] = __uint_as_float(u.x << 16);
+        x[1] = __uint_as_float(u.x & 0xffff0000u);
+        x[2] = __uint_as_float(u.y << 16);
+        x[3] = __uint_as_float(u.y & 0xffff0000u);
+    } else if constexpr (E == 2) {
+        unsigned int u = *reinterpret_cast<const unsigned int*>(p);
+        x[0] = __uint_as_float(u << 16);
+        x[1] = __uint_as_float(u & 0xffff0000u);
+    } else {
+#pragma unroll
+        for (int e = 0; e < E; e++) x[e] = bf2f(p[e]);
+    }
+}
+
 // One block's share: query row i (of q and of the partials) at position qpos, head blockIdx.y, the
-// keys of split blockIdx.x.
-template <int D>
-__device__ __forceinline__ void flash_decode(const act* q, const act* k, const act* v, float* part, int i, int qpos,
+// keys of split blockIdx.x. K and V are f32 rows (`attention`) or the bf16 cache (KV = bf16).
+template <int D, typename KV>
+__device__ __forceinline__ void flash_decode(const act* q, const KV* k, const KV* v, float* part, int i, int qpos,
                                              int tk, int heads, int kv_heads, int causal, int hole_first,
                                              int hole_a, int hole_b, const int* groups, int n_groups, int chunk) {
     constexpr int E = D >= 32 ? D / 32 : 1;   // dims per lane
@@ -886,13 +912,12 @@ __device__ __forceinline__ void flash_decode(const act* q, const act* k, const a
             bool ok = jj < j1 && !(hole_first >= 0 && qpos >= hole_first && jj >= hole_a && jj < hole_b);
             s[u] = 0.0f;
             if (ok && lane < LANES) {
-                const act* kr = k + ((long)jj * kv_heads + kvh) * D + lane * E;
-                const act* vr = v + ((long)jj * kv_heads + kvh) * D + lane * E;
+                long at = ((long)jj * kv_heads + kvh) * D + lane * E;
+                float kx[E];
+                load_row<E>(k + at, kx);
+                load_row<E>(v + at, vv[u]);
 #pragma unroll
-                for (int e = 0; e < E; e++) {
-                    s[u] += qv[e] * ld(kr[e]);
-                    vv[u][e] = ld(vr[e]);
-                }
+                for (int e = 0; e < E; e++) s[u] += qv[e] * kx[e];
             } else {
 #pragma unroll
                 for (int e = 0; e < E; e++) vv[u][e] = 0.0f;
@@ -1013,28 +1038,28 @@ extern "C" __global__ void attention_mass_heads(const float* per_head, float* ma
 extern "C" __global__ void __launch_bounds__(128) attention_decode_d16(const act* q, const act* k, const act* v,
         float* part, int tq, int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first, int hole_a,
         int hole_b, const int* groups, int n_groups, int chunk) {
-    flash_decode<16>(q, k, v, part, blockIdx.z, q_pos0 + blockIdx.z, tk, heads, kv_heads, causal, hole_first, hole_a,
+    flash_decode<16, act>(q, k, v, part, blockIdx.z, q_pos0 + blockIdx.z, tk, heads, kv_heads, causal, hole_first, hole_a,
                      hole_b, groups, n_groups, chunk);
 }
 
 extern "C" __global__ void __launch_bounds__(128) attention_decode_d32(const act* q, const act* k, const act* v,
         float* part, int tq, int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first, int hole_a,
         int hole_b, const int* groups, int n_groups, int chunk) {
-    flash_decode<32>(q, k, v, part, blockIdx.z, q_pos0 + blockIdx.z, tk, heads, kv_heads, causal, hole_first, hole_a,
+    flash_decode<32, act>(q, k, v, part, blockIdx.z, q_pos0 + blockIdx.z, tk, heads, kv_heads, causal, hole_first, hole_a,
                      hole_b, groups, n_groups, chunk);
 }
 
 extern "C" __global__ void __launch_bounds__(128) attention_decode_d64(const act* q, const act* k, const act* v,
         float* part, int tq, int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first, int hole_a,
         int hole_b, const int* groups, int n_groups, int chunk) {
-    flash_decode<64>(q, k, v, part, blockIdx.z, q_pos0 + blockIdx.z, tk, heads, kv_heads, causal, hole_first, hole_a,
+    flash_decode<64, act>(q, k, v, part, blockIdx.z, q_pos0 + blockIdx.z, tk, heads, kv_heads, causal, hole_first, hole_a,
                      hole_b, groups, n_groups, chunk);
 }
 
 extern "C" __global__ void __launch_bounds__(128) attention_decode_d128(const act* q, const act* k, const act* v,
         float* part, int tq, int tk, int heads, int kv_heads, int causal, int q_pos0, int hole_first, int hole_a,
         int hole_b, const int* groups, int n_groups, int chunk) {
-    flash_decode<128>(q, k, v, part, blockIdx.z, q_pos0 + blockIdx.z, tk, heads, kv_heads, causal, hole_first, hole_a,
+    flash_decode<128, act>(q, k, v, part, blockIdx.z, q_pos0 + blockIdx.z, tk, heads, kv_heads, causal, hole_first, hole_a,
                      hole_b, groups, n_groups, chunk);
 }
 
@@ -1050,8 +1075,8 @@ extern "C" __global__ void __launch_bounds__(128) attention_decode_d128(const ac
 
 // (also kv_append_seqs' parameters: sequence s's new rows go to cache rows tk[s] - rows .. tk[s])
 struct DecodeSeqs {
-    act* k[DEC_MAX_SEQS];       // sequence s's cache (tk[s], kv_heads * D), its new rows included
-    act* v[DEC_MAX_SEQS];
+    bf16* k[DEC_MAX_SEQS];      // sequence s's cache (tk[s], kv_heads * D) in bf16, its new rows included
+    bf16* v[DEC_MAX_SEQS];
     int row0[DEC_MAX_SEQS + 1]; // its new rows: row0[s] .. row0[s + 1] of q, k, v (and of the partials)
     int tk[DEC_MAX_SEQS];       // its keys; its rows are the last, causal
     int goff[DEC_MAX_SEQS];     // its group layout (as load_groups reads it) at groups + goff[s]
@@ -1073,7 +1098,7 @@ __device__ __forceinline__ void flash_decode_seqs(const act* q, float* part, con
                                                   int kv_heads, const int* groups, int chunk) {
     int i = blockIdx.z, s = seq_of_row(b.row0, b.n, i);
     int qpos = b.tk[s] - (b.row0[s + 1] - b.row0[s]) + (i - b.row0[s]);
-    flash_decode<D>(q, b.k[s], b.v[s], part, i, qpos, b.tk[s], heads, kv_heads, 1, -1, 0, 0, groups + b.goff[s],
+    flash_decode<D, bf16>(q, b.k[s], b.v[s], part, i, qpos, b.tk[s], heads, kv_heads, 1, -1, 0, 0, groups + b.goff[s],
                     b.ng[s], chunk);
 }
 
@@ -1098,15 +1123,15 @@ extern "C" __global__ void __launch_bounds__(128) attention_decode_seqs_d128(con
 }
 
 // Appends each sequence's new rows of K and V to its caches, whose last rows they become (the
-// decode launch's parameters: cache row tk[s] - (row0[s + 1] - r) for new row r). Grid
-// (ceil(kvd / 256), new rows), a thread per element of a row.
+// decode launch's parameters: cache row tk[s] - (row0[s + 1] - r) for new row r), rounded to bf16
+// as `cast_f32_bf16` does. Grid (ceil(kvd / 256), new rows), a thread per element of a row.
 extern "C" __global__ void kv_append_seqs(const act* k_new, const act* v_new, DecodeSeqs b, int kvd) {
     int r = blockIdx.y, c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= kvd) return;
     int s = seq_of_row(b.row0, b.n, r);
     long dst = (long)(b.tk[s] - b.row0[s + 1] + r) * kvd + c, src = (long)r * kvd + c;
-    b.k[s][dst] = k_new[src];
-    b.v[s][dst] = v_new[src];
+    b.k[s][dst] = f2bf(ld(k_new[src]));
+    b.v[s][dst] = f2bf(ld(v_new[src]));
 }
 
 // ---- variant 3: variant 2's forward with bf16 K/V packed once and the tiles pipelined ----

@@ -51,7 +51,7 @@ def main():
     md = open(os.path.join(d, "device-check.md")).read() if os.path.exists(os.path.join(d, "device-check.md")) else ""
     default, torch = load(d, "attn-miadpo-4096.jsonl"), load(d, "attn-torch-4096.jsonl")
     v5, v6 = load(d, "attn-wgmma-bulk-4096.jsonl"), load(d, "attn-wgmma-overlap-4096.jsonl")
-    big = load(d, "attn-miadpo-16384.jsonl")
+    big, tbig = load(d, "attn-miadpo-16384.jsonl"), load(d, "attn-torch-16384.jsonl")
     ops, tops = load(d, "ops-miadpo.jsonl"), load(d, "ops-torch.jsonl")
     rows = []
 
@@ -83,6 +83,11 @@ def main():
             None if not (c and sdpa) else sdpa / c, "×", "{:.2f}")
     row("backward (default: variant 3's), T = 4096", 5.0, 7.0, ms(default.get("attention/causal_backward")), "ms")
     row("decode + mass, T = 16384", 0.25, 0.35, ms(big.get("attention/decode_mass")), "ms")
+    # session 7: the decode step's cache in bf16 (append, flash-decoding, merge, head average)
+    dc, tdc = ms(big.get("attention/decode_cached")), ms(tbig.get("attention/decode_cached"))
+    row("decode step on the bf16 cache, T = 16384", 0.12, 0.25, dc, "ms")
+    row("decode step on the bf16 cache / SDPA speed, T = 16384", 0.55, 1.1,
+        None if not (dc and tdc) else tdc / dc, "×", "{:.2f}")
     dec1 = after(md, "bench --task generate --device cuda:", r"decode\s+([0-9.]+) tok/s")
     dec8 = after(md, "bench --task generate --device cuda --batch 8:", r"decode\s+([0-9.]+) tok/s")
     row("generate: decode, batch 1", 750, 1200, dec1, "tok/s", "{:.0f}")

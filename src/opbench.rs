@@ -5,7 +5,7 @@
 //! a large copy (GB/s) and a large matrix product (TFLOP/s).
 use std::time::Instant;
 
-use crate::backend::{AttnShape, Backend, KeyGroups};
+use crate::backend::{AttnShape, Backend, CachedSeq, Heads, KeyGroups};
 use crate::bench::Stats;
 use crate::model::config::Activation;
 use crate::model::random::Rng;
@@ -50,7 +50,7 @@ struct Case<'a> {
 }
 
 /// The op names, in order (`--list`).
-pub const OPS: [&str; 21] = [
+pub const OPS: [&str; 22] = [
     "ceiling/copy",
     "ceiling/gemm",
     "linear/forward",
@@ -70,6 +70,7 @@ pub const OPS: [&str; 21] = [
     "attention/bidirectional",
     "attention/decode_mass",
     "attention/decode_mass_pip",
+    "attention/decode_cached",
     "logprob/fused",
     "logprob/fused_backward",
 ];
@@ -149,6 +150,17 @@ pub fn run<B: Backend>(
     let positions: Vec<usize> = (0..rows).collect();
     let mass_spans: Vec<(usize, usize)> = (0..5).map(|i| (1 + i * t / 6, (i + 1) * t / 6)).collect();
     let mass_spans = KeyGroups::per_span(&mass_spans)?;
+    // decode_cached: a cache of t - 1 keys (K and V alike) and the new row's K and V
+    let mut kc = be.kv_new();
+    be.kv_append(&mut kc, &be.slice_rows(&kv, heads * hd, 0, t - 1));
+    let mut vc = kc.clone();
+    let kv1 = be.upload(&rand(heads * hd, 1.0));
+    let cache_heads = Heads {
+        heads,
+        kv_heads: heads,
+        dim: hd,
+    };
+    let (spans, q1r) = (&mass_spans, &q1);
     // select's pic-in-pic groups: an image of 24×24 patches at keys 1..577 (group 0) and its centre,
     // 16 patch rows of 16 (group 1); ranges past T count nothing
     let pip = RatioSpec::pip((1, 577), 24)?.groups;
@@ -360,6 +372,28 @@ pub fn run<B: Backend>(
                     ..shape(true)
                 };
                 std::hint::black_box(be.attention(&q1, &kv, &kv, s, Some(&pip)));
+            }),
+        },
+        Case {
+            // select's step at the captured layer: one new row appended to a KV cache of t - 1 keys
+            // (bf16 on the GPU) and attended with the mass of five images, left on the device as
+            // `select` leaves it until the step's end (the batched append, flash-decoding, the merge
+            // and the head average); the cache is cut back to t - 1 keys after each call
+            name: "attention/decode_cached",
+            shape: format!("1 x T={t} H={heads} D={hd} cached"),
+            bound: Bound::Memory,
+            work: (2 * B::KV_BYTES * t * heads * hd) as f64, // K and V read once
+            run: Box::new(move || {
+                let mut seq = [CachedSeq {
+                    k: &mut kc,
+                    v: &mut vc,
+                    len: t - 1,
+                    rows: 1,
+                    groups: Some(spans),
+                }];
+                std::hint::black_box(be.attention_cached(q1r, &kv1, &kv1, cache_heads, &mut seq));
+                be.kv_truncate(&mut kc, (t - 1) * heads * hd);
+                be.kv_truncate(&mut vc, (t - 1) * heads * hd);
             }),
         },
     ];

@@ -58,6 +58,11 @@ const GEMM_TOL: f64 = 2e-2;
 /// f32 on both sides, other summation order and exp
 const F32_TOL: f64 = 1e-4;
 
+/// x rounded to bf16 and back (round to nearest even): what the GPU's KV cache stores.
+fn bf16_round(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| half::bf16::from_f32(v).to_f32()).collect()
+}
+
 /// Whether to test variants 4 to 6 (wgmma): on sm_90a, unless MIADPO_TEST_NO_WGMMA is set (to run
 /// the other tests alone when one of these is suspect: a sticky CUDA error poisons the process's
 /// context, so a fault there would take every later test with it).
@@ -1047,6 +1052,8 @@ fn fixture_pair_on_both(
 /// CPU's one `attention` per sequence. Caches of different lengths (one empty, one past a 4096-key
 /// split boundary), 1 to 3 new rows, key groups on some sequences only, GQA 1 and 4, two steps (the
 /// second appends into caches grown by the first), and 35 sequences (two launches of at most 32).
+/// The GPU's caches are bf16: the CPU is given the same K and V rounded to bf16 on the host, so the
+/// two differ by f32 arithmetic only, and the GPU's caches must hold exactly the rounded rows.
 #[test]
 fn attention_cached_decode_batch_matches_the_cpu() {
     use miadpo::backend::{attention_cached_each, CachedSeq, Heads};
@@ -1067,10 +1074,17 @@ fn attention_cached_decode_batch_matches_the_cpu() {
             dim: h.2,
         };
         let (qd, kvd) = (h.heads * h.dim, h.kv_heads * h.dim);
-        let mut kc: Vec<Vec<f32>> = lens.iter().map(|&(len, _)| rng.vec(len * kvd, 1.0)).collect();
-        let mut vc: Vec<Vec<f32>> = lens.iter().map(|&(len, _)| rng.vec(len * kvd, 1.0)).collect();
-        let mut kg: Vec<_> = kc.iter().map(|x| g.upload(x)).collect();
-        let mut vg: Vec<_> = vc.iter().map(|x| g.upload(x)).collect();
+        let kf: Vec<Vec<f32>> = lens.iter().map(|&(len, _)| rng.vec(len * kvd, 1.0)).collect();
+        let vf: Vec<Vec<f32>> = lens.iter().map(|&(len, _)| rng.vec(len * kvd, 1.0)).collect();
+        let mut kc: Vec<Vec<f32>> = kf.iter().map(|x| bf16_round(x)).collect();
+        let mut vc: Vec<Vec<f32>> = vf.iter().map(|x| bf16_round(x)).collect();
+        let cache = |x: &Vec<f32>| {
+            let mut kv = g.kv_new();
+            g.kv_append(&mut kv, &g.upload(x));
+            kv
+        };
+        let mut kg: Vec<_> = kf.iter().map(cache).collect();
+        let mut vg: Vec<_> = vf.iter().map(cache).collect();
         let mut len: Vec<usize> = lens.iter().map(|l| l.0).collect();
         for step in 0..2 {
             let rows: Vec<usize> = lens.iter().map(|l| l.1).collect();
@@ -1101,7 +1115,7 @@ fn attention_cached_decode_batch_matches_the_cpu() {
                     groups: groups[i].as_ref(),
                 })
                 .collect();
-            let (oc, mc) = attention_cached_each(&c, &q, &k, &v, h, &mut cs);
+            let (oc, mc) = attention_cached_each(&c, &q, &bf16_round(&k), &bf16_round(&v), h, &mut cs);
             let mut gs: Vec<CachedSeq<CudaBackend>> = kg
                 .iter_mut()
                 .zip(vg.iter_mut())
@@ -1139,10 +1153,18 @@ fn attention_cached_decode_batch_matches_the_cpu() {
             for (i, (a, b)) in rg.iter().zip(&rc).enumerate() {
                 check(&format!("{name} mass {i}"), a, b, F32_TOL);
             }
-            // the appended caches: copies, so exactly equal
+            // the appended caches: the rows rounded as the host rounds them, so exactly equal
             for i in 0..lens.len() {
-                assert_eq!(g.download(&kg[i]), kc[i], "{name}: K cache of sequence {i}");
-                assert_eq!(g.download(&vg[i]), vc[i], "{name}: V cache of sequence {i}");
+                assert_eq!(
+                    g.download(&g.kv_read(&kg[i])),
+                    kc[i],
+                    "{name}: K cache of sequence {i}"
+                );
+                assert_eq!(
+                    g.download(&g.kv_read(&vg[i])),
+                    vc[i],
+                    "{name}: V cache of sequence {i}"
+                );
             }
             for (n, r) in len.iter_mut().zip(&rows) {
                 *n += r;
@@ -1152,31 +1174,44 @@ fn attention_cached_decode_batch_matches_the_cpu() {
 }
 
 /// The KV cache's growth: rows appended one block at a time (the allocation grows geometrically, the
-/// buffer's length must not) equal the concatenation, and the buffer still works as an op input.
+/// cache's length must not) hold the concatenation rounded to bf16 (round to nearest even, as the
+/// host's `half` rounds), read back as an f32 buffer that still works as an op input; truncation
+/// keeps the first rows and appending after it overwrites the rest.
 #[test]
-fn append_rows_grows_the_cache_in_place() {
+fn kv_append_grows_the_bf16_cache_in_place() {
     let Some(g) = gpu() else { return };
     let c = CpuBackend::new();
     let mut rng = TestRng(9);
     let d = 96;
-    let (mut gc, mut cc) = (g.upload(&[]), Vec::<f32>::new());
+    let (mut gc, mut cc) = (g.kv_new(), c.kv_new());
     for rows in [5, 1, 1, 17, 1, 64, 1] {
         let block = rng.vec(rows * d, 1.0);
-        g.append_rows(&mut gc, &g.upload(&block));
-        c.append_rows(&mut cc, &block);
-        assert_eq!(g.len(&gc), cc.len());
+        g.kv_append(&mut gc, &g.upload(&block));
+        c.kv_append(&mut cc, &block);
+        assert_eq!(gc.len(), cc.len());
         check(
-            &format!("append_rows to {} rows", cc.len() / d),
-            &g.download(&gc),
-            &cc,
+            &format!("kv_append to {} rows", cc.len() / d),
+            &g.download(&g.kv_read(&gc)),
+            &bf16_round(&cc),
             0.0,
         );
     }
     let w = rng.vec(cc.len(), 1.0);
-    let (mut a, mut b) = (gc.clone(), cc.clone());
+    let (mut a, mut b) = (g.kv_read(&gc).into_owned(), bf16_round(&cc));
     g.add(&mut a, &g.upload(&w));
     c.add(&mut b, &w);
-    check("add on an appended buffer", &g.download(&a), &b, F32_TOL);
+    check("add on a cache read back", &g.download(&a), &b, F32_TOL);
+    let (keep, block) = (7 * d, rng.vec(3 * d, 1.0));
+    g.kv_truncate(&mut gc, keep);
+    c.kv_truncate(&mut cc, keep);
+    g.kv_append(&mut gc, &g.upload(&block));
+    c.kv_append(&mut cc, &block);
+    check(
+        "kv_append after kv_truncate",
+        &g.download(&g.kv_read(&gc)),
+        &bf16_round(&cc),
+        0.0,
+    );
 }
 
 /// More groups than the fused kernels hold in registers (16: a sequence prompt of 20 images), and

@@ -1,5 +1,7 @@
 //! The CPU reference backend: f32 compute, weights read in their stored dtype, rayon over output
 //! tiles, matrix products by `matrixmultiply`'s sgemm (runtime-detected AVX/FMA kernels).
+use std::borrow::Cow;
+
 use rayon::prelude::*;
 
 use super::{AttnShape, Backend, KeyGroups};
@@ -338,6 +340,8 @@ impl CpuBackend {
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type Mat = CpuMat;
+    type Kv = Vec<f32>;
+    const KV_BYTES: usize = 4;
 
     fn name(&self) -> &'static str {
         "cpu"
@@ -623,8 +627,20 @@ impl Backend for CpuBackend {
         parts.concat()
     }
 
-    fn append_rows(&self, dst: &mut Vec<f32>, src: &Vec<f32>) {
-        dst.extend_from_slice(src);
+    fn kv_new(&self) -> Vec<f32> {
+        Vec::new()
+    }
+
+    fn kv_append(&self, kv: &mut Vec<f32>, src: &Vec<f32>) {
+        kv.extend_from_slice(src);
+    }
+
+    fn kv_read<'a>(&self, kv: &'a Vec<f32>) -> Cow<'a, Vec<f32>> {
+        Cow::Borrowed(kv)
+    }
+
+    fn kv_truncate(&self, kv: &mut Vec<f32>, n: usize) {
+        kv.truncate(n);
     }
 
     fn slice_rows(&self, x: &Vec<f32>, d: usize, r0: usize, r1: usize) -> Vec<f32> {

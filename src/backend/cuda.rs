@@ -5,6 +5,7 @@
 //!
 //! Device errors inside an op (out of memory, a failed launch) panic with the op's name: the trait's
 //! ops return values, as the CPU's do; creating the backend returns every error of the setup.
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -33,6 +34,23 @@ pub struct DBuf {
 }
 
 impl DBuf {
+    pub fn len(&self) -> usize {
+        self.n
+    }
+    pub fn is_empty(&self) -> bool {
+        self.n == 0
+    }
+}
+
+/// One layer's keys or values of a sequence's KV cache in bf16: (n / (kv_heads·D), kv_heads·D). The
+/// allocation grows geometrically (`reserve`); `n` is the cache's length in elements.
+#[derive(Clone)]
+pub struct DKv {
+    s: CudaSlice<u16>,
+    n: usize,
+}
+
+impl DKv {
     pub fn len(&self) -> usize {
         self.n
     }
@@ -189,7 +207,7 @@ const FA_MAX_RANGES: usize = 64;
 const DEC_MAX_SEQS: usize = 32;
 
 /// `DecodeSeqs` of kernels/attention.cu, passed by value to the append and the decode launches:
-/// every sequence's cache, rows, keys and group layout.
+/// every sequence's bf16 caches (`DKv`), rows, keys and group layout.
 #[repr(C)]
 #[derive(Clone, Copy)]
 struct DecodeSeqs {
@@ -841,22 +859,22 @@ impl CudaBackend {
         ys
     }
 
-    /// Makes room in `dst` for `n` elements, keeping its first `dst.n`: the allocation grows
+    /// Makes room in `dst` for `n` elements, keeping its first `len`: the allocation grows
     /// geometrically (a KV cache grows by a row per decode step; its length is `n`, its capacity the
     /// allocation's), so growing costs O(rows) copied in all instead of the whole cache per step.
-    fn reserve(&self, dst: &mut DBuf, n: usize) {
-        if dst.s.len() >= n {
+    fn reserve<T: DeviceRepr>(&self, dst: &mut CudaSlice<T>, len: usize, n: usize) {
+        if dst.len() >= n {
             return;
         }
-        // SAFETY: the first dst.n elements are copied in below, the rest lie past the length.
-        let mut grown = unsafe { self.stream.alloc::<f32>((2 * n).max(1)) }.expect("CUDA: out of memory");
-        if dst.n > 0 {
-            let mut head = grown.slice_mut(..dst.n);
+        // SAFETY: the first `len` elements are copied in below, the rest lie past the length.
+        let mut grown = unsafe { self.stream.alloc::<T>((2 * n).max(1)) }.expect("CUDA: out of memory");
+        if len > 0 {
+            let mut head = grown.slice_mut(..len);
             self.stream
-                .memcpy_dtod(&dst.s.slice(..dst.n), &mut head)
+                .memcpy_dtod(&dst.slice(..len), &mut head)
                 .expect("CUDA: copy");
         }
-        dst.s = grown;
+        *dst = grown;
     }
 
     /// `attention_cached` for up to DEC_MAX_SEQS decode sequences whose rows start at row `r0` of
@@ -890,8 +908,8 @@ impl CudaBackend {
         for (i, seq) in seqs.iter_mut().enumerate() {
             let n = (seq.len + seq.rows) * kvd;
             assert_eq!(seq.k.n, seq.len * kvd, "cache {i}: its length is not `len` rows");
-            self.reserve(seq.k, n);
-            self.reserve(seq.v, n);
+            self.reserve(&mut seq.k.s, seq.k.n, n);
+            self.reserve(&mut seq.v.s, seq.v.n, n);
             // cudarc's event tracking is off (`new`), so the raw pointers need no guard; the caches
             // outlive the launches
             dec.k[i] = seq.k.s.device_ptr_mut(&self.stream).0;
@@ -1301,6 +1319,8 @@ impl CudaBackend {
 impl Backend for CudaBackend {
     type Buf = DBuf;
     type Mat = CudaMat;
+    type Kv = DKv;
+    const KV_BYTES: usize = 2;
 
     fn name(&self) -> &'static str {
         "cuda"
@@ -1673,16 +1693,41 @@ impl Backend for CudaBackend {
         out
     }
 
-    fn append_rows(&self, dst: &mut DBuf, src: &DBuf) {
-        let n = dst.n + src.n;
-        self.reserve(dst, n);
+    fn kv_new(&self) -> DKv {
+        // SAFETY: an empty cache; its one element lies past the length
+        let s = unsafe { self.stream.alloc::<u16>(1) }.expect("CUDA: out of memory");
+        DKv { s, n: 0 }
+    }
+
+    fn kv_append(&self, kv: &mut DKv, src: &DBuf) {
+        let n = kv.n + src.n;
+        self.reserve(&mut kv.s, kv.n, n);
         if src.n > 0 {
-            let mut tail = dst.s.slice_mut(dst.n..n);
-            self.stream
-                .memcpy_dtod(&src.s.slice(..src.n), &mut tail)
-                .expect("CUDA: copy");
+            let mut tail = kv.s.slice_mut(kv.n..n);
+            let nn = src.n as i64;
+            let mut b = self.stream.launch_builder(self.f("cast_f32_bf16"));
+            b.arg(&src.s).arg(&mut tail).arg(&nn);
+            // SAFETY: src holds src.n elements, the tail as many after `reserve`.
+            unsafe { b.launch(grid1d(src.n)) }.expect("CUDA: cast_f32_bf16");
         }
-        dst.n = n;
+        kv.n = n;
+    }
+
+    fn kv_read<'a>(&self, kv: &'a DKv) -> Cow<'a, DBuf> {
+        // SAFETY: the cast below writes all n elements before any read.
+        let mut s = unsafe { self.stream.alloc::<f32>(kv.n.max(1)) }.expect("CUDA: out of memory");
+        if kv.n > 0 {
+            let nn = kv.n as i64;
+            let mut b = self.stream.launch_builder(self.f("cast_bf16_f32"));
+            b.arg(&kv.s).arg(&mut s).arg(&nn);
+            // SAFETY: both hold kv.n elements.
+            unsafe { b.launch(grid1d(kv.n)) }.expect("CUDA: cast_bf16_f32");
+        }
+        Cow::Owned(DBuf { s, n: kv.n })
+    }
+
+    fn kv_truncate(&self, kv: &mut DKv, n: usize) {
+        kv.n = kv.n.min(n);
     }
 
     fn slice_rows(&self, x: &DBuf, d: usize, r0: usize, r1: usize) -> DBuf {
@@ -2206,8 +2251,8 @@ mod tests {
         assert_eq!(
             c_struct_fields("attention", "DecodeSeqs"),
             [
-                "act* k[DEC_MAX_SEQS]",
-                "act* v[DEC_MAX_SEQS]",
+                "bf16* k[DEC_MAX_SEQS]",
+                "bf16* v[DEC_MAX_SEQS]",
                 "int row0[DEC_MAX_SEQS + 1]",
                 "int tk[DEC_MAX_SEQS]",
                 "int goff[DEC_MAX_SEQS]",

@@ -7,6 +7,7 @@
 pub mod cpu;
 pub mod cuda;
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
@@ -224,9 +225,9 @@ pub enum Mass<B: Backend + ?Sized> {
 /// One sequence of a packed attention call against KV caches (`Backend::attention_cached`).
 pub struct CachedSeq<'a, B: Backend + ?Sized> {
     /// this layer's keys of the sequence, (len, kv_heads·D): its new rows are appended
-    pub k: &'a mut B::Buf,
+    pub k: &'a mut B::Kv,
     /// this layer's values, as `k`
-    pub v: &'a mut B::Buf,
+    pub v: &'a mut B::Kv,
     /// rows in the cache before the call: the new rows are at positions `len..len + rows`
     pub len: usize,
     /// new rows
@@ -240,6 +241,12 @@ pub trait Backend: Send + Sync {
     type Buf: Send + Sync + Clone;
     /// A weight matrix resident for this backend, rows = output features.
     type Mat: Send + Sync;
+    /// One layer's keys (or values) of one sequence's KV cache, (len, kv_heads·D), grown by
+    /// `kv_append`: f32 on the CPU; bf16 on CUDA, which halves the bytes a decode step reads (the
+    /// prefill's attention kernels round K and V to bf16 for the tensor cores anyway).
+    type Kv: Send + Sync + Clone;
+    /// Bytes per element of `Kv` (what a decode step reads per cached key element).
+    const KV_BYTES: usize;
 
     fn name(&self) -> &'static str;
     /// The hardware, for labelling numbers: the CPU model, or the GPU and its arch.
@@ -381,8 +388,14 @@ pub trait Backend: Send + Sync {
     }
     /// The rows of every part, in order (packed batches).
     fn concat_rows(&self, parts: &[Self::Buf]) -> Self::Buf;
-    /// Rows of `src` (rows, d) appended to `dst` (KV cache growth).
-    fn append_rows(&self, dst: &mut Self::Buf, src: &Self::Buf);
+    /// An empty KV cache buffer.
+    fn kv_new(&self) -> Self::Kv;
+    /// Rows of `src` (rows, kv_heads·D) appended to the cache `kv` (in its storage type).
+    fn kv_append(&self, kv: &mut Self::Kv, src: &Self::Buf);
+    /// The cache as an f32 buffer (len, kv_heads·D): itself where it is one, else a converted copy.
+    fn kv_read<'a>(&self, kv: &'a Self::Kv) -> Cow<'a, Self::Buf>;
+    /// Keeps the cache's first `n` elements (a benchmark that decodes against a fixed length).
+    fn kv_truncate(&self, kv: &mut Self::Kv, n: usize);
     /// Rows `[r0, r1)` of x (rows, d).
     fn slice_rows(&self, x: &Self::Buf, d: usize, r0: usize, r1: usize) -> Self::Buf;
     /// Overwrites the rows of `x` (rows, d) listed in `rows` with the rows of `src` (rows.len(), d).
@@ -550,7 +563,9 @@ pub trait Backend: Send + Sync {
 }
 
 /// `Backend::attention_cached` as one `attention` call per sequence: its rows of k and v appended to
-/// its cache (copied out first when there are several sequences), its rows of q attended.
+/// its cache (copied out first when there are several sequences), its rows of q attended. A
+/// sequence without earlier rows attends its new k and v rows as they are (the cache then holds
+/// just those, in its storage type); one with earlier rows attends `kv_read` of its cache.
 pub fn attention_cached_each<B: Backend + ?Sized>(
     be: &B,
     q: &B::Buf,
@@ -565,13 +580,17 @@ pub fn attention_cached_each<B: Backend + ?Sized>(
     let mut r0 = 0;
     for seq in seqs.iter_mut() {
         let r1 = r0 + seq.rows;
-        if one {
-            be.append_rows(seq.k, k);
-            be.append_rows(seq.v, v);
+        // this sequence's new rows (t, kv_heads·D)
+        let (kn, vn) = if one {
+            (Cow::Borrowed(k), Cow::Borrowed(v))
         } else {
-            be.append_rows(seq.k, &be.slice_rows(k, kvd, r0, r1));
-            be.append_rows(seq.v, &be.slice_rows(v, kvd, r0, r1));
-        }
+            (
+                Cow::Owned(be.slice_rows(k, kvd, r0, r1)),
+                Cow::Owned(be.slice_rows(v, kvd, r0, r1)),
+            )
+        };
+        be.kv_append(seq.k, &kn);
+        be.kv_append(seq.v, &vn);
         let shape = AttnShape {
             tq: seq.rows,
             tk: seq.len + seq.rows,
@@ -582,8 +601,13 @@ pub fn attention_cached_each<B: Backend + ?Sized>(
             q_pos0: seq.len,
             hole: None,
         };
+        let (kc, vc) = if seq.len == 0 {
+            (kn, vn)
+        } else {
+            (be.kv_read(seq.k), be.kv_read(seq.v))
+        };
         let qs = (!one).then(|| be.slice_rows(q, qd, r0, r1));
-        let (o, mass) = be.attention(qs.as_ref().unwrap_or(q), seq.k, seq.v, shape, seq.groups);
+        let (o, mass) = be.attention(qs.as_ref().unwrap_or(q), &kc, &vc, shape, seq.groups);
         outs.push(o);
         masses.push(mass.map(Mass::Host));
         r0 = r1;

@@ -96,10 +96,11 @@ pub struct Decoder<B: Backend> {
     pub lm_head: B::Mat, // (vocab, hidden)
 }
 
-/// Keys and values of every layer for the positions seen so far: per layer (len, kv_heads·head_dim).
+/// Keys and values of every layer for the positions seen so far: per layer (len, kv_heads·head_dim),
+/// in the backend's cache storage (`Backend::Kv`: bf16 on CUDA).
 pub struct KvCache<B: Backend> {
-    pub k: Vec<B::Buf>,
-    pub v: Vec<B::Buf>,
+    pub k: Vec<B::Kv>,
+    pub v: Vec<B::Kv>,
     pub len: usize,
 }
 
@@ -233,8 +234,8 @@ impl<B: Backend> Decoder<B> {
 
     pub fn new_cache(&self, be: &B) -> KvCache<B> {
         KvCache {
-            k: (0..self.cfg.num_layers).map(|_| be.upload(&[])).collect(),
-            v: (0..self.cfg.num_layers).map(|_| be.upload(&[])).collect(),
+            k: (0..self.cfg.num_layers).map(|_| be.kv_new()).collect(),
+            v: (0..self.cfg.num_layers).map(|_| be.kv_new()).collect(),
             len: 0,
         }
     }
