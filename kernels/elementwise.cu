@@ -57,6 +57,17 @@ extern "C" __global__ void cast_bf16_f32(const bf16* x, float* y, long n) {
         y[i] = bf2f(x[i]);
 }
 
+// x (a, b, d) -> y (b, a, d): row j·a + i of y is row i·b + j of x (the vision tower's images
+// interleaved per position, so that one attention call takes every image's heads). Grid-stride over
+// y, d contiguous on both sides.
+extern "C" __global__ void transpose_rows(const act* x, act* y, int a, int b, int d) {
+    long n = (long)a * b * d;
+    for (long e = blockIdx.x * (long)blockDim.x + threadIdx.x; e < n; e += (long)gridDim.x * blockDim.x) {
+        long r = e / d, i = r % a, j = r / a;
+        y[e] = x[(i * b + j) * d + e % d];
+    }
+}
+
 // x (rows, cols) += b (cols)
 extern "C" __global__ void bias_add(act* x, const act* b, long rows, int cols) {
     long n = rows * cols;

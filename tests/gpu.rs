@@ -11,7 +11,7 @@ mod common;
 
 use common::TestRng;
 use miadpo::backend::cpu::CpuBackend;
-use miadpo::backend::cuda::{AttnKernel, CudaBackend};
+use miadpo::backend::cuda::{AttnKernel, CudaBackend, DBuf};
 use miadpo::backend::{AttnShape, Backend, KeyGroups};
 use miadpo::model::config::Activation;
 use miadpo::model::weights::Tensor;
@@ -297,6 +297,23 @@ fn elementwise_norm_rope_and_dropout() {
     g.scatter_add_rows(&mut ga, d, &idx, &xg);
     c.scatter_add_rows(&mut ca, d, &idx, &x);
     check("scatter_add_rows", &g.download(&ga), &ca, F32_TOL);
+    // the vision tower's images side by side and back: copies, so exact (odd sizes, not of a block)
+    for (a, b, dd) in [(3, 50, 96), (5, 577, 64), (1, 7, 33)] {
+        let xv = rng.vec(a * b * dd, 1.0);
+        let tg = g.transpose_rows(&g.upload(&xv), a, b, dd);
+        check(
+            &format!("transpose_rows {a}x{b}x{dd}"),
+            &g.download(&tg),
+            &c.transpose_rows(&xv, a, b, dd),
+            0.0,
+        );
+        check(
+            &format!("transpose_rows {a}x{b}x{dd} and back"),
+            &g.download(&g.transpose_rows(&tg, b, a, dd)),
+            &xv,
+            0.0,
+        );
+    }
     // the mask is a function of (key, index): bit-identical on both sides
     assert_eq!(
         g.download(&g.dropout(&xg, 0.1, 7)),
@@ -1441,5 +1458,56 @@ fn attention_wgmma_variant_4() {
                 check(&format!("{what} dv"), &g.download(&dv), cv, GEMM_TOL);
             }
         }
+    }
+}
+
+/// The vision tower's attention over several images in one call (`transpose_rows` side by side,
+/// each image's heads as heads of their own, and back) against one call per image, on the GPU, for
+/// every tensor-core variant and the plain kernel: bit for bit, as each head's rows are computed
+/// alone either way (CLIP-B/14 at 224 px: 257 rows, 12 heads of 64; five images).
+#[test]
+fn attention_of_images_side_by_side_equals_one_call_per_image() {
+    let Some(mut g) = gpu() else { return };
+    let mut rng = TestRng(21);
+    let (n, t, heads, d) = (5, 257, 12, 64);
+    let h = heads * d;
+    let (q, k, v) = (
+        g.upload(&rng.vec(n * t * h, 1.0)),
+        g.upload(&rng.vec(n * t * h, 1.0)),
+        g.upload(&rng.vec(n * t * h, 1.0)),
+    );
+    let shape = AttnShape {
+        tq: t,
+        tk: t,
+        heads,
+        kv_heads: heads,
+        head_dim: d,
+        causal: false,
+        q_pos0: 0,
+        hole: None,
+    };
+    let wide = AttnShape {
+        heads: n * heads,
+        kv_heads: n * heads,
+        ..shape
+    };
+    let mut variants = vec![AttnKernel::Plain];
+    variants.extend(tensor_core_variants(&g).into_iter().map(|(k, _)| k));
+    for variant in variants {
+        g.set_attention(variant);
+        let per: Vec<f32> = (0..n)
+            .flat_map(|i| {
+                let rows = |m: &DBuf| g.slice_rows(m, h, i * t, (i + 1) * t);
+                g.download(&g.attention(&rows(&q), &rows(&k), &rows(&v), shape, None).0)
+            })
+            .collect();
+        let side = |m: &DBuf| g.transpose_rows(m, n, t, h);
+        let o = g.attention(&side(&q), &side(&k), &side(&v), wide, None).0;
+        check(
+            &format!("{variant:?}: {n} images side by side"),
+            &g.download(&g.transpose_rows(&o, t, n, h)),
+            &per,
+            0.0,
+        );
     }
 }

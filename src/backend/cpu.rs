@@ -643,6 +643,16 @@ impl Backend for CpuBackend {
         kv.truncate(n);
     }
 
+    fn transpose_rows(&self, x: &Vec<f32>, a: usize, b: usize, d: usize) -> Vec<f32> {
+        assert_eq!(x.len(), a * b * d, "transpose_rows: shape");
+        let mut y = vec![0f32; x.len()]; // (b, a, d)
+        for (r, row) in y.chunks_exact_mut(d.max(1)).enumerate() {
+            let (j, i) = (r / a, r % a);
+            row.copy_from_slice(&x[(i * b + j) * d..][..d]);
+        }
+        y
+    }
+
     fn slice_rows(&self, x: &Vec<f32>, d: usize, r0: usize, r1: usize) -> Vec<f32> {
         x[r0 * d..r1 * d].to_vec()
     }

@@ -1730,6 +1730,18 @@ impl Backend for CudaBackend {
         kv.n = kv.n.min(n);
     }
 
+    fn transpose_rows(&self, x: &DBuf, a: usize, b: usize, d: usize) -> DBuf {
+        let n = a * b * d;
+        assert_eq!(x.n, n, "transpose_rows: shape");
+        let mut y = self.poisoned(n); // every element written below
+        let (aa, bb, dd) = (a as i32, b as i32, d as i32);
+        let mut l = self.stream.launch_builder(self.f("transpose_rows"));
+        l.arg(&x.s).arg(&mut y.s).arg(&aa).arg(&bb).arg(&dd);
+        // SAFETY: x and y hold a·b·d elements.
+        unsafe { l.launch(grid1d(n)) }.expect("CUDA: transpose_rows");
+        y
+    }
+
     fn slice_rows(&self, x: &DBuf, d: usize, r0: usize, r1: usize) -> DBuf {
         let mut out = self.poisoned((r1 - r0) * d); // every element copied in below
         if r1 > r0 {

@@ -396,6 +396,9 @@ pub trait Backend: Send + Sync {
     fn kv_read<'a>(&self, kv: &'a Self::Kv) -> Cow<'a, Self::Buf>;
     /// Keeps the cache's first `n` elements (a benchmark that decodes against a fixed length).
     fn kv_truncate(&self, kv: &mut Self::Kv, n: usize);
+    /// x (a, b, d) -> (b, a, d): row j·a + i of the result is row i·b + j of x. The vision tower's
+    /// images (n, T, heads·D) become (T, n·heads·D), one attention over n·heads heads.
+    fn transpose_rows(&self, x: &Self::Buf, a: usize, b: usize, d: usize) -> Self::Buf;
     /// Rows `[r0, r1)` of x (rows, d).
     fn slice_rows(&self, x: &Self::Buf, d: usize, r0: usize, r1: usize) -> Self::Buf;
     /// Overwrites the rows of `x` (rows, d) listed in `rows` with the rows of `src` (rows.len(), d).

@@ -88,7 +88,8 @@ impl<B: Backend> VisionTower<B> {
     }
 
     /// n images, each pixels (C, S, S) -> features (n·tokens_per_image, hidden). The linear layers run
-    /// over the rows of all images at once (bigger, more efficient products); attention per image.
+    /// over the rows of all images at once (bigger, more efficient products), and so does the
+    /// attention, with each image's heads as heads of their own.
     pub fn forward(&self, be: &B, images: &[&[f32]]) -> B::Buf {
         let c = &self.cfg;
         let (h, g, ps) = (c.hidden_size, c.grid(), c.patch_size);
@@ -155,14 +156,17 @@ impl<B: Backend> VisionTower<B> {
             let o = if n == 1 {
                 be.attention(&q, &k, &v, shape, None).0
             } else {
-                let per: Vec<B::Buf> = (0..n)
-                    .map(|i| {
-                        let rows_of = |m: &B::Buf| be.slice_rows(m, h, i * t, (i + 1) * t);
-                        be.attention(&rows_of(&q), &rows_of(&k), &rows_of(&v), shape, None)
-                            .0
-                    })
-                    .collect();
-                be.concat_rows(&per)
+                // the images side by side, (n, t, h) -> (t, n·h): image i's heads are heads
+                // i·heads.. of one call, which attend within their own image (a launch for all
+                // the images, and n times the blocks of one image's 577 rows to fill the GPU)
+                let side = |m: &B::Buf| be.transpose_rows(m, n, t, h);
+                let wide = AttnShape {
+                    heads: n * c.num_heads,
+                    kv_heads: n * c.num_heads,
+                    ..shape
+                };
+                let o = be.attention(&side(&q), &side(&k), &side(&v), wide, None).0; // (t, n·h)
+                be.transpose_rows(&o, t, n, h)
             };
             be.add(&mut x, &be.linear(&o, rows, &l.out.0, Some(&l.out.1)));
             let a = be.layer_norm(&x, h, &l.ln2.0, &l.ln2.1, c.layer_norm_eps);
