@@ -301,7 +301,7 @@ fi
 echo >> "$md"
 echo "## Predictions (docs/attention-notes.md, written before the run) against this run" >> "$md"
 echo >> "$md"
-python3 scripts/device_predictions.py "$W" >> "$md" 2>> "$W/commands.log"
+python3 scripts/device_predictions.py "$W" --targets >> "$md" 2>> "$W/commands.log"
 cat "$md"
 echo "- script time: $((SECONDS - t0)) s of a $BUDGET s budget; sections:$laps" >> "$md"
 pack

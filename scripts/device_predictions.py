@@ -4,7 +4,10 @@ measured: one markdown table, a row per prediction (predicted range, measured va
 Reads the scratch folder of scripts/device-check.sh (its jsonl files and device-check.md); a figure
 the run did not reach reads "not measured".
 
-    python3 scripts/device_predictions.py DIR
+    python3 scripts/device_predictions.py DIR [--targets]
+
+--targets adds issue 7's benchmark targets (speed against SDPA and HF eager, mass cost, prefix
+sharing) as a second table, each figure "met" or "missed".
 """
 import json
 import os
@@ -103,6 +106,54 @@ def main():
     ld = ops.get("linear/decode")
     row("linear/decode (1 × 4096 · 4096 × 4096 bf16)", 2000, 3350, ld.get("achieved") if ld else None, "GB/s", "{:.0f}")
     print("| prediction | predicted | measured | |")
+    print("|---|---:|---:|---|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+    if "--targets" in sys.argv:
+        print()
+        targets(d, md, default, torch, shared, separate)
+
+
+def targets(d, md, default, torch, shared, separate):
+    """issue 7's benchmark targets against this run: one row per figure, 'met' or 'missed'."""
+    rows = []
+
+    def row(what, target, value, ok, fmt="{:.2f}×"):
+        if value is None:
+            rows.append((what, target, "not measured", ""))
+        else:
+            verdict = "" if ok is None else ("met" if ok(value) else "missed")
+            rows.append((what, target, fmt.format(value), verdict))
+
+    by_t = {4096: (default, torch)}
+    for t in (1024, 16384):
+        by_t[t] = (load(d, f"attn-miadpo-{t}.jsonl"), load(d, f"attn-torch-{t}.jsonl"))
+    for op, what in (("causal", "forward, causal"), ("bidirectional", "forward, not causal"),
+                     ("causal_backward", "backward, causal")):
+        for t in (1024, 4096, 16384):
+            ours, theirs = by_t[t]
+            a, b = ms(ours.get(f"attention/{op}")), ms(theirs.get(f"attention/{op}"))
+            forward = "forward" in what  # the issue sets no target for the backward
+            row(f"{what}, d128, T = {t}: speed / SDPA", "≥ 1.0×" if forward else "-",
+                None if not (a and b) else b / a, (lambda v: v >= 1.0) if forward else None)
+    c, cm = ms(default.get("attention/causal")), ms(default.get("attention/causal_mass"))
+    row("group mass cost, T = 4096 (causal_mass / causal − 1)", "≤ 5%",
+        None if not (c and cm) else 100.0 * (cm / c - 1.0), lambda v: v <= 5.0, "{:.1f}%")
+    # the selection table of scripts/side_by_side_select.py: | images | batch | HF a/s | ours a/s | × | ...
+    for line in md.splitlines():
+        cells = [x.strip() for x in line.strip().strip("|").split("|")]
+        if len(cells) >= 5 and cells[0].isdigit() and cells[1].isdigit():
+            try:
+                x = float(cells[4])
+            except ValueError:
+                continue
+            row(f"selection, {cells[0]} images, batch {cells[1]}: answers/s / HF eager", "≥ 20×", x,
+                lambda v: v >= 20.0)
+    row("prefix-shared DPO step / two-sequence step (speed)", "≥ 1.3×",
+        None if not (shared and separate) else separate / shared, lambda v: v >= 1.3)
+    print("## Issue 7's benchmark targets against this run")
+    print()
+    print("| issue 7 target | target | measured | |")
     print("|---|---:|---:|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
