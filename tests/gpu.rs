@@ -11,7 +11,7 @@ mod common;
 
 use common::TestRng;
 use miadpo::backend::cpu::CpuBackend;
-use miadpo::backend::cuda::{AttnKernel, CudaBackend, DBuf};
+use miadpo::backend::cuda::{AttnKernel, CudaBackend};
 use miadpo::backend::{AttnShape, Backend, KeyGroups};
 use miadpo::model::config::Activation;
 use miadpo::model::weights::Tensor;
@@ -1469,44 +1469,22 @@ fn attention_wgmma_variant_4() {
 fn attention_of_images_side_by_side_equals_one_call_per_image() {
     let Some(mut g) = gpu() else { return };
     let mut rng = TestRng(21);
-    let (n, t, heads, d) = (5, 257, 12, 64);
-    let h = heads * d;
+    let dims = (5, 257, 12, 64); // images, rows, heads, head dim
+    let len = dims.0 * dims.1 * dims.2 * dims.3;
     let (q, k, v) = (
-        g.upload(&rng.vec(n * t * h, 1.0)),
-        g.upload(&rng.vec(n * t * h, 1.0)),
-        g.upload(&rng.vec(n * t * h, 1.0)),
+        g.upload(&rng.vec(len, 1.0)),
+        g.upload(&rng.vec(len, 1.0)),
+        g.upload(&rng.vec(len, 1.0)),
     );
-    let shape = AttnShape {
-        tq: t,
-        tk: t,
-        heads,
-        kv_heads: heads,
-        head_dim: d,
-        causal: false,
-        q_pos0: 0,
-        hole: None,
-    };
-    let wide = AttnShape {
-        heads: n * heads,
-        kv_heads: n * heads,
-        ..shape
-    };
     let mut variants = vec![AttnKernel::Plain];
     variants.extend(tensor_core_variants(&g).into_iter().map(|(k, _)| k));
     for variant in variants {
         g.set_attention(variant);
-        let per: Vec<f32> = (0..n)
-            .flat_map(|i| {
-                let rows = |m: &DBuf| g.slice_rows(m, h, i * t, (i + 1) * t);
-                g.download(&g.attention(&rows(&q), &rows(&k), &rows(&v), shape, None).0)
-            })
-            .collect();
-        let side = |m: &DBuf| g.transpose_rows(m, n, t, h);
-        let o = g.attention(&side(&q), &side(&k), &side(&v), wide, None).0;
+        let (together, apart) = common::images_attention_two_ways(&g, (&q, &k, &v), dims);
         check(
-            &format!("{variant:?}: {n} images side by side"),
-            &g.download(&g.transpose_rows(&o, t, n, h)),
-            &per,
+            &format!("{variant:?}: {} images side by side", dims.0),
+            &together,
+            &apart,
             0.0,
         );
     }

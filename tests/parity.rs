@@ -318,36 +318,12 @@ fn batched_generation_equals_one_at_a_time() {
 /// on the fixture's two- and three-image prompts is `generate_cases_match_hf`.
 #[test]
 fn images_side_by_side_in_one_attention_equal_one_call_per_image() {
-    use miadpo::backend::{AttnShape, Backend};
     use miadpo::model::random::Rng;
     let be = CpuBackend::new();
     let mut rng = Rng::new(5);
     let (n, t, heads, d) = (3, 50, 4, 16);
-    let h = heads * d;
-    let mut rand = |len: usize| -> Vec<f32> { (0..len).map(|_| rng.normal() as f32).collect() };
-    let (q, k, v) = (rand(n * t * h), rand(n * t * h), rand(n * t * h)); // (n·t, h) each
-    let shape = AttnShape {
-        tq: t,
-        tk: t,
-        heads,
-        kv_heads: heads,
-        head_dim: d,
-        causal: false,
-        q_pos0: 0,
-        hole: None,
-    };
-    let per: Vec<Vec<f32>> = (0..n)
-        .map(|i| {
-            let rows = |m: &Vec<f32>| be.slice_rows(m, h, i * t, (i + 1) * t);
-            be.attention(&rows(&q), &rows(&k), &rows(&v), shape, None).0
-        })
-        .collect();
-    let side = |m: &Vec<f32>| be.transpose_rows(m, n, t, h);
-    let wide = AttnShape {
-        heads: n * heads,
-        kv_heads: n * heads,
-        ..shape
-    };
-    let o = be.attention(&side(&q), &side(&k), &side(&v), wide, None).0;
-    assert_eq!(be.transpose_rows(&o, t, n, h), per.concat());
+    let mut rand = || -> Vec<f32> { (0..n * t * heads * d).map(|_| rng.normal() as f32).collect() };
+    let (q, k, v) = (rand(), rand(), rand());
+    let (together, apart) = images_attention_two_ways(&be, (&q, &k, &v), (n, t, heads, d));
+    assert_eq!(together, apart);
 }

@@ -59,6 +59,41 @@ pub fn case_inputs<B: miadpo::backend::Backend>(
     (prompt, px)
 }
 
+/// The vision tower's attention over n images of t rows (q, k, v: (n·t, heads·d) each, not causal)
+/// two ways: the images side by side in one call (`transpose_rows`, image i's heads as heads
+/// i·heads.. of their own) and back, and one `attention` per image. Returns both, (n·t, heads·d).
+pub fn images_attention_two_ways<B: miadpo::backend::Backend>(
+    be: &B,
+    (q, k, v): (&B::Buf, &B::Buf, &B::Buf),
+    (n, t, heads, d): (usize, usize, usize, usize),
+) -> (Vec<f32>, Vec<f32>) {
+    let h = heads * d;
+    let shape = miadpo::backend::AttnShape {
+        tq: t,
+        tk: t,
+        heads,
+        kv_heads: heads,
+        head_dim: d,
+        causal: false,
+        q_pos0: 0,
+        hole: None,
+    };
+    let per: Vec<f32> = (0..n)
+        .flat_map(|i| {
+            let rows = |m: &B::Buf| be.slice_rows(m, h, i * t, (i + 1) * t);
+            be.download(&be.attention(&rows(q), &rows(k), &rows(v), shape, None).0)
+        })
+        .collect();
+    let side = |m: &B::Buf| be.transpose_rows(m, n, t, h);
+    let wide = miadpo::backend::AttnShape {
+        heads: n * heads,
+        kv_heads: n * heads,
+        ..shape
+    };
+    let o = be.attention(&side(q), &side(k), &side(v), wide, None).0; // (t, n·h)
+    (be.download(&be.transpose_rows(&o, t, n, h)), per)
+}
+
 pub fn fixture_dir() -> PathBuf {
     fixture("tiny-llava")
 }
