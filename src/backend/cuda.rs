@@ -111,12 +111,13 @@ pub enum AttnKernel {
     Plain,
     /// variant 2: tensor-core flash attention (and flash-decoding, and the backward)
     Fused,
-    /// variant 3: variant 2's forward with K/V packed to bf16 once and the tiles pipelined by cp.async
-    /// (decode and backward as variant 2)
+    /// variant 3: variant 2's forward with K/V packed to bf16 once and the tiles pipelined by cp.async;
+    /// decode as variant 2; its backward (`attention_bwd3_d*`, also with variants 4 to 6) packs Q and
+    /// dO to bf16 and double-buffers their tiles (variant 2's where that does not fit shared memory)
     Pipelined,
     /// variant 4: the forward on Hopper's `wgmma` (sm_90a only), K/V packed as for variant 3, 64-key
-    /// tiles; head dims 64 and 128 (others as variant 3), decode and backward as variant 2. It also
-    /// serves `attention_train` (with the log-sum-exp for the backward).
+    /// tiles; head dims 64 and 128 (others as variant 3), decode as variant 2, backward as variant 3.
+    /// It also serves `attention_train` (with the log-sum-exp for the backward).
     Wgmma,
     /// variant 4 with 128-key tiles (`attention_fwd4w_d*`); mass requests take the 64-key kernels
     WgmmaWide,
@@ -1019,9 +1020,15 @@ impl CudaBackend {
         unsafe { b.launch(per_row(rows.div_ceil(8), 256, 0)) }.expect("CUDA: attention_bwd_delta");
         let mut dq = self.zeros(q.len()); // accumulated by atomics
         let (mut dk, mut dv) = (self.poisoned(k.len()), self.poisoned(v.len()));
+        // K, Kᵀ, V, then Q, Qᵀ, dO, dOᵀ (nb of each: two when packed), dS tiles in bf16, then lse
+        // and Δ for 64 rows
+        let smem_of =
+            |nb: usize| ((2 + 2 * nb) * 64 * (d + 8) + (1 + 2 * nb) * d * 72 + 64 * 72) * 2 + 2 * 64 * 4;
         // variant 3's backward (with variants 3 to 6): Q and dO packed to bf16 once, row-major and
-        // transposed, by the K/V pack (Q as both "K" and "V", its heads as the kv heads)
-        let packed = self.attn != AttnKernel::Fused;
+        // transposed, by the K/V pack (Q as both "K" and "V", its heads as the kv heads), their tiles
+        // double-buffered; where that does not fit the block's shared memory (d128 needs 201 KiB, an
+        // A100 gives 163 KiB), variant 2's (132 KiB at d128)
+        let packed = self.attn != AttnKernel::Fused && smem_of(2) + 1024 <= self.smem_optin;
         let tqpad = s.tq.div_ceil(64).max(1) * 64;
         let qs = AttnShape {
             tk: s.tq,
@@ -1058,10 +1065,7 @@ impl CudaBackend {
         if let (Some((qb, qbt)), Some((dob, dobt))) = (&qp, &dop) {
             b.arg(qb).arg(qbt).arg(dob).arg(dobt).arg(&tqp);
         }
-        // K, Kᵀ, V, then Q, Qᵀ, dO, dOᵀ (two of each when packed), dS tiles in bf16, then lse and Δ
-        // for 64 rows
-        let nb = if packed { 2 } else { 1 };
-        let smem = ((2 + 2 * nb) * 64 * (d + 8) + (1 + 2 * nb) * d * 72 + 64 * 72) * 2 + 2 * 64 * 4;
+        let smem = smem_of(if packed { 2 } else { 1 });
         let cfg = LaunchConfig {
             grid_dim: (s.tk.div_ceil(64) as u32, s.kv_heads as u32, 1),
             block_dim: (128, 1, 1),
