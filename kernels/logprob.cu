@@ -67,6 +67,9 @@ extern "C" __global__ void argmax_maxprob(const float* logits, int vocab, int* o
     __syncthreads();
     cand = lane < warps ? best_idx[lane] : 0x7fffffff;
     for (int o = 16; o > 0; o >>= 1) cand = min(cand, __shfl_xor_sync(0xffffffffu, cand, o));
+    // a row with no maximum (all -inf or NaN) picks token 0, as the CPU's `greedy` does, not an id
+    // past the vocabulary
+    if (cand == 0x7fffffff) cand = 0;
     float s = 0.0f;
     for (int j = threadIdx.x; j < vocab; j += blockDim.x) s += expf(l[j] - m);
     s = block_sum(s, scratch);

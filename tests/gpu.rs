@@ -297,6 +297,13 @@ fn elementwise_norm_rope_and_dropout() {
     g.scatter_add_rows(&mut ga, d, &idx, &xg);
     c.scatter_add_rows(&mut ca, d, &idx, &x);
     check("scatter_add_rows", &g.download(&ga), &ca, F32_TOL);
+    // no rows at all (a prompt without images: its image features scatter nowhere; an empty index
+    // array is still an allocation of one element)
+    let before = g.download(&ga);
+    g.scatter_rows(&mut ga, d, &[], &g.upload(&[]));
+    check("scatter_rows of no rows", &g.download(&ga), &before, 0.0);
+    let table = g.matrix(&tensor("table", 50, d, &ca)).unwrap();
+    assert_eq!(g.len(&g.embed(&[], &table)), 0, "embed of no ids");
     // the vision tower's images side by side and back: copies, so exact (odd sizes, not of a block)
     for (a, b, dd) in [(3, 50, 96), (5, 577, 64), (1, 7, 33)] {
         let xv = rng.vec(a * b * dd, 1.0);
@@ -883,6 +890,18 @@ fn greedy_rows_at_vocab_32000() {
         .map(|(a, b)| (a.1 as f32, b.1 as f32))
         .unzip();
     check("greedy_rows log-prob", &gl, &wl, 1e-5);
+    // a row without a maximum (every logit -inf) picks token 0 on both, not an id past the vocabulary
+    let dead = vec![f32::NEG_INFINITY; 2 * vocab];
+    assert_eq!(
+        g.greedy_rows(&g.upload(&dead), 2, vocab)[1].0,
+        0,
+        "device, a row of -inf"
+    );
+    assert_eq!(
+        c.greedy_rows(&c.upload(&dead), 2, vocab)[1].0,
+        0,
+        "host, a row of -inf"
+    );
 }
 
 #[test]

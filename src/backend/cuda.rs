@@ -303,6 +303,14 @@ fn hole_args(s: AttnShape) -> (i32, i32, i32) {
 }
 
 /// f32 -> bf16 bits, round to nearest even (the kernels' `f2bf`).
+/// Dynamic shared memory of the attention backward at head dim d (`attention_bwd_d*`, or the packed
+/// `attention_bwd3_d*`): K, Kᵀ, V, then Q, Qᵀ, dO, dOᵀ tiles (two of each, double-buffered, when
+/// packed), the dS tile in bf16, then the log-sum-exp and Δ of 64 rows.
+fn bwd_smem(d: usize, packed: bool) -> usize {
+    let nb = if packed { 2 } else { 1 };
+    ((2 + 2 * nb) * 64 * (d + 8) + (1 + 2 * nb) * d * 72 + 64 * 72) * 2 + 2 * 64 * 4
+}
+
 fn f32_to_bf16(x: f32) -> u16 {
     half::bf16::from_f32(x).to_bits()
 }
@@ -860,15 +868,19 @@ impl CudaBackend {
         ys
     }
 
-    /// Makes room in `dst` for `n` elements, keeping its first `len`: the allocation grows
-    /// geometrically (a KV cache grows by a row per decode step; its length is `n`, its capacity the
-    /// allocation's), so growing costs O(rows) copied in all instead of the whole cache per step.
+    /// Makes room in `dst` for `n` elements, keeping its first `len`: a KV cache's length is `n`, its
+    /// capacity the allocation's, which grows geometrically as the cache grows by a row per decode
+    /// step, so growing costs O(rows) copied in all instead of the whole cache per step.
     fn reserve<T: DeviceRepr>(&self, dst: &mut CudaSlice<T>, len: usize, n: usize) {
         if dst.len() >= n {
             return;
         }
+        // an empty cache takes exactly its first rows (a prompt's prefill); a growing one a quarter
+        // more than it needs (a cache is most of a decode step's memory: doubling it would hold
+        // twice the prompt), still O(rows) copied in all
+        let cap = if len == 0 { n } else { n + n / 4 };
         // SAFETY: the first `len` elements are copied in below, the rest lie past the length.
-        let mut grown = unsafe { self.stream.alloc::<T>((2 * n).max(1)) }.expect("CUDA: out of memory");
+        let mut grown = unsafe { self.stream.alloc::<T>(cap.max(1)) }.expect("CUDA: out of memory");
         if len > 0 {
             let mut head = grown.slice_mut(..len);
             self.stream
@@ -1020,15 +1032,10 @@ impl CudaBackend {
         unsafe { b.launch(per_row(rows.div_ceil(8), 256, 0)) }.expect("CUDA: attention_bwd_delta");
         let mut dq = self.zeros(q.len()); // accumulated by atomics
         let (mut dk, mut dv) = (self.poisoned(k.len()), self.poisoned(v.len()));
-        // K, Kᵀ, V, then Q, Qᵀ, dO, dOᵀ (nb of each: two when packed), dS tiles in bf16, then lse
-        // and Δ for 64 rows
-        let smem_of =
-            |nb: usize| ((2 + 2 * nb) * 64 * (d + 8) + (1 + 2 * nb) * d * 72 + 64 * 72) * 2 + 2 * 64 * 4;
         // variant 3's backward (with variants 3 to 6): Q and dO packed to bf16 once, row-major and
         // transposed, by the K/V pack (Q as both "K" and "V", its heads as the kv heads), their tiles
-        // double-buffered; where that does not fit the block's shared memory (d128 needs 201 KiB, an
-        // A100 gives 163 KiB), variant 2's (132 KiB at d128)
-        let packed = self.attn != AttnKernel::Fused && smem_of(2) + 1024 <= self.smem_optin;
+        // double-buffered; where that does not fit the block's shared memory, variant 2's
+        let packed = self.attn != AttnKernel::Fused && bwd_smem(d, true) + 1024 <= self.smem_optin;
         let tqpad = s.tq.div_ceil(64).max(1) * 64;
         let qs = AttnShape {
             tk: s.tq,
@@ -1065,7 +1072,7 @@ impl CudaBackend {
         if let (Some((qb, qbt)), Some((dob, dobt))) = (&qp, &dop) {
             b.arg(qb).arg(qbt).arg(dob).arg(dobt).arg(&tqp);
         }
-        let smem = smem_of(if packed { 2 } else { 1 });
+        let smem = bwd_smem(d, packed);
         let cfg = LaunchConfig {
             grid_dim: (s.tk.div_ceil(64) as u32, s.kv_heads as u32, 1),
             block_dim: (128, 1, 1),
@@ -1137,7 +1144,13 @@ impl CudaBackend {
             cache.push(hit);
             return dev;
         }
-        let dev = Arc::new(self.stream.clone_htod(&v).expect("CUDA: upload"));
+        // CUDA allocations cannot be empty: an empty array (no rows, a prompt without images) is
+        // one unused element
+        let dev = Arc::new(
+            self.stream
+                .clone_htod(if v.is_empty() { &[0][..] } else { &v[..] })
+                .expect("CUDA: upload"),
+        );
         if cache.len() == INTS_CACHE {
             cache.remove(0);
         }
@@ -2304,6 +2317,18 @@ mod tests {
                 "int count"
             ]
         );
+    }
+
+    /// The packed backward's double buffers fit an H100's blocks (227 KiB opt-in) but not an A100's
+    /// (163 KiB) at d128, where the backend takes variant 2's; both fit at d64 (the vision tower).
+    #[test]
+    fn backward_shared_memory_by_gpu() {
+        let (h100, a100) = (232_448, 166_912); // cudaDevAttrMaxSharedMemoryPerBlockOptin
+        let fits = |d, packed, optin| bwd_smem(d, packed) + 1024 <= optin;
+        assert_eq!(bwd_smem(128, true), 206_336);
+        assert_eq!(bwd_smem(128, false), 134_656);
+        assert!(fits(128, true, h100) && !fits(128, true, a100) && fits(128, false, a100));
+        assert!(fits(64, true, a100));
     }
 
     #[test]

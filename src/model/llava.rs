@@ -308,8 +308,10 @@ impl<B: Backend> Llava<B> {
 
     /// Greedy decoding of several prompts at once: each prompt is prefilled on its own (memory stays
     /// that of one prompt), then the decode steps of all unfinished sequences run as one packed batch
-    /// (one weight read per step for the whole batch). Results are bit-identical to one prompt at a
-    /// time for batches of up to `DOT_ROWS` sequences. `on_step(k)`: k more tokens were generated.
+    /// (one weight read per step for the whole batch). On the CPU, results are bit-identical to one
+    /// prompt at a time for batches of up to `DOT_ROWS` sequences (on the GPU the flash-decoding
+    /// splits and the products' kernels depend on the batch: equal to rounding). `on_step(k)`: k
+    /// more tokens were generated.
     pub fn generate_batch(
         &self,
         items: &[GenerateItem<B>],
