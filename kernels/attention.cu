@@ -1502,13 +1502,20 @@ __device__ __forceinline__ void mbar_expect_tx(u64* bar, unsigned bytes) {
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(bytes)
                  : "memory");
 }
-// A wait that has not ended after ~2^31 clocks (about a second) is a deadlock of the kernel's
-// barrier logic: trap, so that the launch fails with an error instead of hanging the process.
+// nanoseconds of the GPU's global timer (the same on every SM, unlike clock64, which a block
+// preempted and resumed on another SM would see jump)
+__device__ __forceinline__ unsigned long long global_ns() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+// A wait that has not ended after two seconds is a deadlock of the kernel's barrier logic: trap,
+// so that the launch fails with an error instead of hanging the process.
 __device__ __forceinline__ void mbar_wait(u64* bar, unsigned parity) {
     unsigned done = 0;
-    long long t0 = clock64();
+    unsigned long long t0 = global_ns();
     while (!done) {
-        if (clock64() - t0 > (1ll << 31)) __trap();
+        if (global_ns() - t0 > 2000000000ull) __trap();
         asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
                      : "=r"(done)
                      : "r"(smem_addr(bar)), "r"(parity)

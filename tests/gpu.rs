@@ -74,7 +74,7 @@ fn test_variant_4(g: &CudaBackend) -> bool {
 /// (MIADPO_TEST_NEW=5 or 6: that one only). Variants 5 and 6 have not run on a GPU yet:
 /// scripts/device-check.sh runs every test without them first, then the attention tests with each
 /// in a process of its own, so that a fault there (a sticky error, or a barrier deadlock, which their
-/// kernels turn into a trap after about a second) cannot take the other tests, or the other
+/// kernels turn into a trap after two seconds) cannot take the other tests, or the other
 /// variant, with it.
 fn wgmma_variants(g: &CudaBackend) -> Vec<AttnKernel> {
     let mut v = Vec::new();
