@@ -1685,7 +1685,7 @@ __device__ __forceinline__ void fa4_step(bool wg_live, int wg_first, int wg_last
 #endif
 
 // q (tq, H*D) f32; out, lse, groups, mass as variant 2. Grid (ceil(tq / 128), H), 256 threads,
-// dynamic shared memory (128 + 4 * BN) * D * 2 bytes (+ 16 for BULK's barriers).
+// dynamic shared memory (128 + 4 * BN) * D * 2 bytes (+ 32 for BULK's barriers).
 // Variant 4 (BULK false): kb (KV, tpad, D) and vt (KV, D, tpad) bf16 from attention_pack_kv, tpad a
 // multiple of BN; every thread copies 16-byte pieces of the next tile by cp.async, and two block
 // barriers per tile keep the warpgroups in step.
@@ -1708,16 +1708,18 @@ __device__ __forceinline__ void flash_fwd_wgmma(const act* q, const bf16* kb, co
     bf16* sq = (bf16*)fa_smem;     // (128, D): the two warpgroups' (64, D) query tiles
     bf16* sk0 = sq + FA4_BM * D;   // 2 x (BN, D) key tiles
     bf16* sv0 = sk0 + 2 * BN * D;  // 2 x (D, BN) Vᵀ tiles
-    // BULK: a stage's "tile landed" barrier, and how many warpgroups are done with it
+    // BULK: "landed" barriers, and how many warpgroups are done with what is behind each: variant 5
+    // one per stage (its K and Vᵀ tiles), variant 6 one per stage's K (full[b]) and one per stage's
+    // Vᵀ (full[2 + b]), as it reads a tile's Vᵀ a step after its K
     u64* full = (u64*)(sv0 + 2 * D * BN);
     // OVERLAP with MASS: each thread's group masses (2 rows x FA_MAX_GROUPS) in shared memory, not
     // registers (the kernel holds 228 of them without), at [group][row][thread]
-    float* smass = (float*)(full + 2);
+    float* smass = (float*)(full + 4);
     // variant 5 with MASS: one accumulator per (row of the block, group), rows FA4_QM_STRIDE floats
     // apart (17: the 8 quads of a warp hit 8 banks), written by each quad's first lane
     constexpr bool QUAD = MASS && MODE == 1;
     auto mass_acc = [&](int r, int gi) -> float& { return smass[(gi * 2 + r) * 256 + threadIdx.x]; }; // 256 threads
-    __shared__ int done_with[2];
+    __shared__ int done_with[4];
     __shared__ int sg[MASS ? FA_MAX_GROUPS + 1 + 2 * FA_MAX_RANGES : 1];
     // heaviest (latest, under the causal mask) query blocks first
     int m0 = (gridDim.x - 1 - blockIdx.x) * FA4_BM, h = blockIdx.y, kvh = h / (heads / kv_heads);
@@ -1736,13 +1738,20 @@ __device__ __forceinline__ void flash_fwd_wgmma(const act* q, const bf16* kb, co
     int n_first = next_tile(-BN);
     const bf16* kh = kb + (long)kvh * tpad * D; // variant 4's tiles of this kv head
     const bf16* vh = vt + (long)kvh * D * tpad;
+    // BULK, one thread: the K image (what & 1) and/or the Vᵀ image (what & 2) of the tile at n0 into
+    // stage buf, completing on barrier bar
+    auto load_bulk = [&](int n0, int buf, int what, u64* bar) {
+        long tile = (long)kvh * (tpad / BN) + n0 / BN;
+        mbar_expect_tx(bar, ((what & 1) + (what >> 1)) * BN * D * 2);
+        if (what & 1) bulk_g2s(sk0 + buf * BN * D, kb + tile * BN * D, BN * D * 2, bar);
+        if (what & 2) bulk_g2s(sv0 + buf * D * BN, vt + tile * D * BN, D * BN * 2, bar);
+    };
     auto load_tile = [&](int n0, int buf) {
-        if constexpr (BULK) {
-            // one thread: both tiles' images, completing on the stage's barrier
-            long tile = (long)kvh * (tpad / BN) + n0 / BN;
-            mbar_expect_tx(&full[buf], 2 * BN * D * 2);
-            bulk_g2s(sk0 + buf * BN * D, kb + tile * BN * D, BN * D * 2, &full[buf]);
-            bulk_g2s(sv0 + buf * D * BN, vt + tile * D * BN, D * BN * 2, &full[buf]);
+        if constexpr (OVERLAP) {
+            load_bulk(n0, buf, 1, &full[buf]);
+            load_bulk(n0, buf, 2, &full[2 + buf]);
+        } else if constexpr (BULK) {
+            load_bulk(n0, buf, 3, &full[buf]);
         } else {
             fa4_load_tile<BN, D>(sk0 + buf * BN * D, kh + (long)n0 * D, D);
             fa4_load_tile<D, BN>(sv0 + buf * D * BN, vh + n0, tpad);
@@ -1751,9 +1760,10 @@ __device__ __forceinline__ void flash_fwd_wgmma(const act* q, const bf16* kb, co
     };
     if constexpr (BULK) {
         if (threadIdx.x == 0) {
-            mbar_init(&full[0], 1);
-            mbar_init(&full[1], 1);
-            done_with[0] = done_with[1] = 0;
+            for (int b = 0; b < (OVERLAP ? 4 : 2); b++) {
+                mbar_init(&full[b], 1);
+                done_with[b] = 0;
+            }
             fence_mbar_init();
         }
         __syncthreads(); // the barriers exist before anyone copies to or waits on them
@@ -1795,17 +1805,18 @@ __device__ __forceinline__ void flash_fwd_wgmma(const act* q, const bf16* kb, co
         if ((threadIdx.x & 3) == 0)
             for (int gi = 0; gi < ng; gi++) qm0[gi] = qm1[gi] = 0.0f; // the quad's first lane's own
     int buf = 0;
-    unsigned phase = 0; // BULK: the parity of the stages' barriers in this round (both stages share it)
-    // BULK: this warpgroup is done with stage `sb`, which holds the tile at n_done (every wgmma reading
-    // it has completed); the second warpgroup to say so refills it with the tile two ahead
-    auto release = [&](int sb, int n_done) {
+    int it = 0; // BULK: tiles done; tile `it` is in stage it & 1, behind its barriers' phase it >> 1
+    // BULK: this warpgroup is done with what stands behind barrier `slot` (`what`, as load_bulk) of
+    // stage sb, which holds the tile at n_done (every wgmma reading it has completed); the second
+    // warpgroup to say so refills it with the tile two ahead
+    auto release = [&](int slot, int sb, int n_done, int what) {
         wg_bar_sync(1 + wg);
-        if ((threadIdx.x & 127) == 0 && atomicAdd(&done_with[sb], 1) == 1) {
-            atomicExch(&done_with[sb], 0);
+        if ((threadIdx.x & 127) == 0 && atomicAdd(&done_with[slot], 1) == 1) {
+            atomicExch(&done_with[slot], 0);
             int n1 = next_tile(n_done), n2 = n1 < kend ? next_tile(n1) : kend;
             if (n2 < kend) {
                 fence_proxy_async(); // the generic side's reads of the stage before the async writes
-                load_tile(n2, sb);
+                load_bulk(n2, sb, what, &full[slot]);
             }
         }
     };
@@ -1817,7 +1828,7 @@ __device__ __forceinline__ void flash_fwd_wgmma(const act* q, const bf16* kb, co
     for (int n0 = n_first; n0 < kend;) {
         int next = next_tile(n0);
         if constexpr (BULK) {
-            mbar_wait(&full[buf], phase); // this tile's bytes are in shared memory
+            mbar_wait(&full[buf], (it >> 1) & 1); // this tile's bytes (variant 6: its K) have landed
         } else {
             if (next < kend) {
                 load_tile(next, buf ^ 1); // the other buffer: its readers finished before the last barrier
@@ -1834,8 +1845,15 @@ __device__ __forceinline__ void flash_fwd_wgmma(const act* q, const bf16* kb, co
             // still in flight, and O is rescaled once it has landed. Every tile is computed, also
             // those none of the warpgroup's rows sees (the causal tail, the DPO hole): their scores
             // are all masked, so P is zero and alpha one, and wgmma stays out of divergent branches
-            // (ptxas serializes it there). Before the first tile the P V is of a zero P.
-            const u64 dv_prev = fa4_desc(sv0 + (prev_buf < 0 ? buf : prev_buf) * D * BN, 16 * BN);
+            // (ptxas serializes it there). Before the first tile the P V is of a zero P, against the
+            // query tile (finite values, as many as a Vᵀ tile holds; a stage not landed may hold NaNs).
+            static_assert(!OVERLAP || BN == FA4_BM, "the query tile stands in for a Vᵀ tile");
+            const bf16* v_prev = sq;
+            if (prev_buf >= 0) {
+                mbar_wait(&full[2 + prev_buf], ((it - 1) >> 1) & 1); // the previous tile's Vᵀ landed
+                v_prev = sv0 + prev_buf * D * BN;
+            }
+            const u64 dv_prev = fa4_desc(v_prev, 16 * BN);
             fa4_pin(sc);
             fa4_pin(o);
             fa4_pin(pa);
@@ -1846,6 +1864,7 @@ __device__ __forceinline__ void flash_fwd_wgmma(const act* q, const bf16* kb, co
             wg_commit();
             wg_wait<1>(); // S landed; P V may still run
             fa4_pin(sc);
+            release(buf, buf, n0, 1); // this tile's K: its stage may take the K two tiles ahead
             bool full_tile = n0 + BN <= tk && (!causal || n0 + BN - 1 <= w_first) &&
                              !(hole_first >= 0 && w_last >= hole_first && n0 < hole_b && n0 + BN > hole_a);
             float alpha[2], no_mass[2][1];
@@ -1860,37 +1879,40 @@ __device__ __forceinline__ void flash_fwd_wgmma(const act* q, const bf16* kb, co
                 }
                 fa_mass_update<BN>(sc, n0, rs, alpha, sg, ng, mass_acc);
             }
-            wg_wait<0>(); // the previous P V landed: O may be rescaled, pa rewritten, its stage refilled
+            wg_wait<0>(); // the previous P V landed: O may be rescaled, pa rewritten, its Vᵀ refilled
             fa4_pin(o);
             fa4_pin(pa);
-            if (prev_buf >= 0) release(prev_buf, prev_n0);
+            if (prev_buf >= 0) release(2 + prev_buf, prev_buf, prev_n0, 2);
             fa4_rescale<D>(o, alpha);
             fa4_pack_p<BN>(sc, pa);
             prev_buf = buf;
             prev_n0 = n0;
-            phase ^= buf;
         } else {
             fa4_step<D, BN, MASS, QUAD>(wg_live, wg_first, wg_last, w_first, w_last, qpos, dq, sk0 + buf * BN * D,
                                         sv0 + buf * D * BN, n0, tk, causal, hole_first, hole_a, hole_b, sg, ng, o, sc,
                                         mrow, lrow, macc, qm0, qm1);
             if constexpr (BULK) {
-                release(buf, n0);
-                phase ^= buf; // a round is both stages
+                release(buf, buf, n0, 3);
             } else {
                 __syncthreads(); // both warpgroups' products on this buffer are done before it is refilled
             }
         }
         buf ^= 1;
+        it++;
         n0 = next;
     }
     if constexpr (OVERLAP) {
-        // the last tile's P V (when the block had no tile, a zero P against the query tile: 128 x D
-        // finite values, as many as a Vᵀ tile of 128 keys holds; a stage never filled may hold NaNs)
-        static_assert(!OVERLAP || BN == FA4_BM, "the query tile stands in for a Vᵀ tile");
+        // the last tile's P V, once its Vᵀ has landed (when the block had no tile, a zero P against
+        // the query tile, as before the first)
+        const bf16* v_last = sq;
+        if (prev_buf >= 0) {
+            mbar_wait(&full[2 + prev_buf], ((it - 1) >> 1) & 1);
+            v_last = sv0 + prev_buf * D * BN;
+        }
         fa4_pin(o);
         fa4_pin(pa);
         wg_fence();
-        fa4_pv<D, BN>(o, pa, fa4_desc(prev_buf < 0 ? sq : sv0 + prev_buf * D * BN, 16 * BN));
+        fa4_pv<D, BN>(o, pa, fa4_desc(v_last, 16 * BN));
         wg_commit();
         wg_wait<0>();
         fa4_pin(o);
@@ -1995,8 +2017,11 @@ extern "C" __global__ void __launch_bounds__(256, 2) attention_fwd5_mass_d128(co
 // Variant 6: variant 5 with 128-key tiles, one block per SM (up to 255 registers a thread), and
 // FlashAttention-3's intra-warpgroup pipelining: a tile's Q Kᵀ and the previous tile's P V are in
 // flight together, and the softmax runs under the P V (same arguments; kb and vt from
-// attention_pack_kv_tiles128). The mass kernels keep the group accumulators in shared memory (32 KB
-// more; in registers they would spill at 255).
+// attention_pack_kv_tiles128). As a tile's Vᵀ is read a step after its K, each stage's K and Vᵀ
+// have a barrier of their own: K is refilled once Q Kᵀ has landed, Vᵀ once P V has, so each copy
+// has about a step to land (one barrier for both made every step wait for a copy issued at the end
+// of the step before). The mass kernels keep the group accumulators in shared memory (32 KB more;
+// in registers they would spill at 255).
 
 extern "C" __global__ void __launch_bounds__(256, 1) attention_fwd6_d64(const act* q, const bf16* kb, const bf16* vt, act* out,
         float* lse, int tq, int tk, int tpad, int heads, int kv_heads, int causal, int q_pos0, int hole_first,

@@ -734,11 +734,11 @@ impl CudaBackend {
         };
         let name = attention_kernel(base, mass, d);
         // the two warpgroups' Q tiles (128 rows), two K tiles (bn rows) and two Vᵀ tiles (d rows of
-        // bn keys), bf16; variants 5 and 6 add their two stages' mbarriers; their mass kernels the
-        // group masses: variant 5 one per (row, group), rows of FA4_QM_STRIDE floats; variant 6 each
-        // thread's own (2 rows x FA_MAX_GROUPS)
+        // bn keys), bf16; variants 5 and 6 add room for four mbarriers (6 has one per stage's K and
+        // one per stage's Vᵀ); their mass kernels the group masses: variant 5 one per (row, group),
+        // rows of FA4_QM_STRIDE floats; variant 6 each thread's own (2 rows x FA_MAX_GROUPS)
         let smem = (128 + 4 * bn) * d * 2
-            + if tiles { 16 } else { 0 }
+            + if tiles { 32 } else { 0 }
             + match self.attn {
                 AttnKernel::WgmmaOverlap if mass => 256 * 2 * FA_MAX_GROUPS * 4,
                 AttnKernel::WgmmaBulk if mass => 128 * FA4_QM_STRIDE * 4,
