@@ -113,6 +113,11 @@ echo '|---|---:|---:|---:|' >> "$md"
 grep -E '^test |panicked|skipped' "$W/gpu-tests.log" | sed 's/^/    /' >> "$md"
 for n in 5 6; do grep -E '^test |panicked|skipped|error' "$W/gpu-tests-v$n.log" | sed "s/^/    variant $n: /" >> "$md"; done
 echo >> "$md"
+# blocks per SM of every attention kernel the tests launched (the driver's occupancy calculator)
+echo '```' >> "$md"
+cat "$W/gpu-tests.log" "$W/gpu-tests-v5.log" "$W/gpu-tests-v6.log" 2>/dev/null | grep -E '^occupancy ' | sort -u >> "$md"
+echo '```' >> "$md"
+echo >> "$md"
 # variant 4's tensor-core instructions in the compiled attention family (HGMMA: wgmma; HMMA: mma.sync)
 if [ "$arch" = "sm_90a" ] && command -v cuobjdump > /dev/null; then
     echo "## SASS of the attention kernels (per kernel: HGMMA, HMMA)" >> "$md"

@@ -485,6 +485,14 @@ fn attention_variants_forward_mass_and_backward() {
             }
         }
     }
+    // what each kernel's speed rests on: blocks per SM (registers, shared memory, barriers)
+    for o in g.occupancy() {
+        eprintln!(
+            "occupancy {}: {} threads, {} B shared: {} blocks per SM",
+            o.kernel, o.threads, o.smem, o.blocks_per_sm
+        );
+        assert!(o.blocks_per_sm >= 1, "{} cannot be resident on an SM", o.kernel);
+    }
 }
 
 /// The optimizer on the backend (LoRA training's update): the global gradient norm's Σ g², AdamW

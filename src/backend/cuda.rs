@@ -95,6 +95,20 @@ pub struct CudaBackend {
     /// attention call, every one a copy from pageable memory, which the driver may make wait for the
     /// stream; now one upload serves them all. Kernels only read these buffers.
     ints_cache: Mutex<Vec<CachedInts>>,
+    /// the attention forward and backward kernels launched so far, each (kernel, threads, shared
+    /// memory) once
+    occupancy: Mutex<Vec<Occupancy>>,
+}
+
+/// A kernel's launch shape and how many of its blocks an SM holds at once, by the driver's occupancy
+/// calculator (registers, shared memory, barriers): what the attention benchmarks' figures rest on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Occupancy {
+    pub kernel: String,
+    pub threads: u32,
+    /// dynamic shared memory, bytes
+    pub smem: u32,
+    pub blocks_per_sm: u32,
 }
 
 /// An index array's content and its device copy.
@@ -420,6 +434,7 @@ impl CudaBackend {
             poison: std::env::var("MIADPO_POISON").is_ok_and(|v| v == "1"),
             pool,
             ints_cache: Mutex::new(Vec::new()),
+            occupancy: Mutex::new(Vec::new()),
             attn: match std::env::var("MIADPO_ATTENTION").as_deref() {
                 Ok("plain") => AttnKernel::Plain,
                 // the fastest that has passed the GPU tests on a device (docs/attention-notes.md):
@@ -560,6 +575,7 @@ impl CudaBackend {
             Some(m) => b.arg(&mut m.s),
             None => b.arg(&null),
         };
+        self.note_occupancy(&name, &cfg);
         // SAFETY: shapes asserted by the callers (AttnShape); the kernels' argument lists are the ones
         // pushed above (kernels/attention.cu), smem sized for the chosen kernel.
         unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("CUDA: {name}: {e:?}"));
@@ -640,6 +656,7 @@ impl CudaBackend {
             Some(m) => b.arg(&mut m.s),
             None => b.arg(&null),
         };
+        self.note_occupancy(name, &cfg);
         // SAFETY: shapes of AttnShape; the argument list of attention_fwd3_* and attention_fwd4*
         // (kernels/attention.cu); smem and grid sized by the caller for its kernel.
         unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("CUDA: {name}: {e:?}"));
@@ -1078,6 +1095,7 @@ impl CudaBackend {
             block_dim: (128, 1, 1),
             shared_mem_bytes: smem as u32,
         };
+        self.note_occupancy(&name, &cfg);
         // SAFETY: shapes of AttnShape; dq zeroed for the atomics, dk and dv written for every key.
         unsafe { b.launch(cfg) }.unwrap_or_else(|e| panic!("CUDA: {name}: {e:?}"));
         (dq, dk, dv)
@@ -1097,6 +1115,36 @@ impl CudaBackend {
     /// "NVIDIA H100 80GB HBM3 (sm_90a)"
     pub fn device(&self) -> String {
         format!("{} ({})", self.device, self.arch)
+    }
+
+    /// Records `name`'s launch shape and occupancy the first time it is launched so (`occupancy`).
+    fn note_occupancy(&self, name: &str, cfg: &LaunchConfig) {
+        let mut seen = self.occupancy.lock().expect("occupancy lock");
+        let (threads, smem) = (
+            cfg.block_dim.0 * cfg.block_dim.1 * cfg.block_dim.2,
+            cfg.shared_mem_bytes,
+        );
+        if seen
+            .iter()
+            .any(|o| o.kernel == name && o.threads == threads && o.smem == smem)
+        {
+            return;
+        }
+        let blocks_per_sm = self
+            .f(name)
+            .occupancy_max_active_blocks_per_multiprocessor(threads, smem as usize, None)
+            .unwrap_or(0);
+        seen.push(Occupancy {
+            kernel: name.to_string(),
+            threads,
+            smem,
+            blocks_per_sm,
+        });
+    }
+
+    /// The attention kernels launched so far with their occupancy (blocks per SM), in launch order.
+    pub fn occupancy(&self) -> Vec<Occupancy> {
+        self.occupancy.lock().expect("occupancy lock").clone()
     }
 
     fn f(&self, name: &str) -> &CudaFunction {
