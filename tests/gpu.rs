@@ -149,10 +149,11 @@ fn linear_and_its_backward_at_llama_shapes() {
             check(&format!("linears m={m} product {i}"), &g.download(a), b, GEMM_TOL);
         }
     }
-    // more matrices than one gemv launch takes (4), of several widths; an input width that is not a
-    // multiple of 8 (cuBLAS even for one row)
-    for (m, k) in [(2, 1024), (1, 100)] {
-        let shapes = [96, 1024, 40, 8, 512, 200];
+    // more matrices than one gemv launch takes (4), of several widths, none a multiple of the 2 or 4
+    // features a warp takes at 3 to 8 rows but one; an input width that is not a multiple of 8
+    // (cuBLAS even for one row)
+    for (m, k) in [(2, 1024), (7, 1024), (3, 512), (1, 100)] {
+        let shapes = [97, 1023, 41, 8, 510, 201];
         let ws: Vec<Tensor> = shapes
             .iter()
             .map(|&n| tensor("w", n, k, &rng.vec(n * k, 0.05)))
@@ -161,10 +162,10 @@ fn linear_and_its_backward_at_llama_shapes() {
             .iter()
             .map(|t| (c.matrix(t).unwrap(), g.matrix(t).unwrap()))
             .unzip();
-        let bias = rng.vec(40, 1.0);
+        let bias = rng.vec(41, 1.0);
         let bg = g.upload(&bias);
         let x = rng.vec(m * k, 1.0);
-        let pick = |i: usize| i == 2; // the 40-wide one has a bias
+        let pick = |i: usize| i == 2; // the 41-wide one has a bias
         let got = g.linears(
             &g.upload(&x),
             m,

@@ -259,6 +259,16 @@ struct GemvMats {
 // SAFETY: as DecodeSeqs.
 unsafe impl DeviceRepr for GemvMats {}
 
+/// Output features one warp of `gemv_bf16_m{rows}` computes (`gemv_rows<rows, F>` in
+/// kernels/gemv.cu): more rows of x re-read from L1 for every weight, so more features share them.
+fn gemv_features_per_warp(rows: usize) -> usize {
+    match rows {
+        1 | 2 => 1,
+        4 => 2,
+        _ => 4,
+    }
+}
+
 /// The keys of a decode step split over blocks: (splits, keys per split) for `rows_heads` (query
 /// row, head) pairs against `tk` keys. ~8 blocks (32 warps) per SM of an H100 (132), at least 64
 /// keys per block: the loop is latency-bound, so the more rows in flight the better (2 blocks per SM
@@ -852,7 +862,7 @@ impl CudaBackend {
         assert_eq!(x.n, m * k, "linears: x is not ({m}, {k})");
         let mut ys: Vec<DBuf> = ws.iter().map(|(w, _)| self.poisoned(m * w.rows)).collect();
         let rows = [1, 2, 4, 8].into_iter().find(|&r| r >= m).expect("m <= 8");
-        let name = format!("gemv_bf16_m{rows}");
+        let (name, per_warp) = (format!("gemv_bf16_m{rows}"), gemv_features_per_warp(rows));
         for (wc, yc) in ws.chunks(GEMV_MAX_MATS).zip(ys.chunks_mut(GEMV_MAX_MATS)) {
             let mut mats = GemvMats {
                 w: [0; GEMV_MAX_MATS],
@@ -861,7 +871,7 @@ impl CudaBackend {
                 n0: [0; GEMV_MAX_MATS + 1],
                 count: wc.len() as i32,
             };
-            let mut n = 0;
+            let (mut n, mut warps) = (0, 0);
             for (i, ((w, bias), y)) in wc.iter().zip(yc.iter_mut()).enumerate() {
                 if let Some(b) = bias {
                     assert_eq!(b.n, w.rows, "linears: bias of {} features", w.rows);
@@ -872,14 +882,15 @@ impl CudaBackend {
                 mats.y[i] = y.s.device_ptr_mut(&self.stream).0;
                 mats.n0[i] = n as i32;
                 n += w.rows;
+                warps += w.rows.div_ceil(per_warp);
             }
             mats.n0[wc.len()..].fill(n as i32);
             let (mm, kk) = (m as i32, k as i32);
             let mut b = self.stream.launch_builder(self.f(&name));
             b.arg(&x.s).arg(&mats).arg(&mm).arg(&kk);
             // SAFETY: x (m, k), each W (n_i, k) with k a multiple of 8 (16-byte rows), each y
-            // (m, n_i); a warp per feature of every matrix, 8 per block.
-            unsafe { b.launch(per_row(n.div_ceil(8), 256, 0)) }
+            // (m, n_i); a warp per `per_warp` features of a matrix, 8 warps per block.
+            unsafe { b.launch(per_row(warps.div_ceil(8), 256, 0)) }
                 .unwrap_or_else(|e| panic!("CUDA: {name}: {e:?}"));
         }
         ys
@@ -2365,6 +2376,14 @@ mod tests {
                 "int count"
             ]
         );
+        // the features per warp the host sizes the grid by are the kernels'
+        for rows in [1, 2, 4, 8] {
+            let entry = format!(
+                "gemv_rows<{rows}, {}>(x, mats, m, k)",
+                gemv_features_per_warp(rows)
+            );
+            assert!(src.contains(&entry), "kernels/gemv.cu: {entry}");
+        }
     }
 
     /// The packed backward's double buffers fit an H100's blocks (227 KiB opt-in) but not an A100's
