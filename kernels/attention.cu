@@ -1713,7 +1713,7 @@ __device__ __forceinline__ void flash_fwd_wgmma(const act* q, const bf16* kb, co
     // Vᵀ (full[2 + b]), as it reads a tile's Vᵀ a step after its K
     u64* full = (u64*)(sv0 + 2 * D * BN);
     // OVERLAP with MASS: each thread's group masses (2 rows x FA_MAX_GROUPS) in shared memory, not
-    // registers (the kernel holds 228 of them without), at [group][row][thread]
+    // registers (the kernel holds 224 of them without), at [group][row][thread]
     float* smass = (float*)(full + 4);
     // variant 5 with MASS: one accumulator per (row of the block, group), rows FA4_QM_STRIDE floats
     // apart (17: the 8 quads of a warp hit 8 banks), written by each quad's first lane
@@ -1848,18 +1848,19 @@ __device__ __forceinline__ void flash_fwd_wgmma(const act* q, const bf16* kb, co
             // (ptxas serializes it there). Before the first tile the P V is of a zero P, against the
             // query tile (finite values, as many as a Vᵀ tile holds; a stage not landed may hold NaNs).
             static_assert(!OVERLAP || BN == FA4_BM, "the query tile stands in for a Vᵀ tile");
-            const bf16* v_prev = sq;
-            if (prev_buf >= 0) {
-                mbar_wait(&full[2 + prev_buf], ((it - 1) >> 1) & 1); // the previous tile's Vᵀ landed
-                v_prev = sv0 + prev_buf * D * BN;
-            }
-            const u64 dv_prev = fa4_desc(v_prev, 16 * BN);
+            const u64 dv_prev = fa4_desc(prev_buf < 0 ? sq : sv0 + prev_buf * D * BN, 16 * BN);
             fa4_pin(sc);
             fa4_pin(o);
             fa4_pin(pa);
             wg_fence();
             fa4_qk<D, BN>(sc, dq, fa4_desc(sk0 + buf * BN * D, 16 * D));
             wg_commit();
+            // the previous tile's Vᵀ, waited for once Q Kᵀ is on its way (the wait's loop between the
+            // two products needs a fence of its own before the second)
+            if (prev_buf >= 0) mbar_wait(&full[2 + prev_buf], ((it - 1) >> 1) & 1);
+            fa4_pin(o);
+            fa4_pin(pa);
+            wg_fence();
             fa4_pv<D, BN>(o, pa, dv_prev);
             wg_commit();
             wg_wait<1>(); // S landed; P V may still run

@@ -48,14 +48,15 @@ def run(n_tiles, rng):
     # each warpgroup: the next tile i
     wgs = [{"i": 0} for _ in range(2)]
     while True:
+        if all(st["i"] == n_tiles for st in wgs):
+            assert not in_flight, f"copies left in flight at exit: {in_flight}"
+            return
         moves = [("land", k) for k in range(len(in_flight))]
         for w, st in enumerate(wgs):
             i = st["i"]
             if i < n_tiles and phases[i % 2] % 2 != (i // 2) % 2:   # try_wait.parity succeeds
                 moves.append(("step", w))
-        if not moves:
-            assert all(st["i"] == n_tiles for st in wgs), f"deadlock: {wgs}"
-            return
+        assert moves, f"deadlock: {wgs}"
         kind, x = rng.choice(moves)
         if kind == "land":
             stage, tile = in_flight.pop(x)
@@ -106,6 +107,9 @@ def run_split(n_tiles, rng):
     # release it
     wgs = [{"i": 0, "step": 0} for _ in range(2)]
     while True:
+        if all(st["i"] == n_tiles and (n_tiles == 0 or st["step"] == 2) for st in wgs):
+            assert not in_flight, f"copies left in flight at exit: {in_flight}"
+            return
         moves = [("land", k) for k in range(len(in_flight))]
         for w, st in enumerate(wgs):
             i, step = st["i"], st["step"]
@@ -121,11 +125,7 @@ def run_split(n_tiles, rng):
                     moves.append(("v_last", w))
                 elif step == 1:
                     moves.append(("rel_last", w))
-        if not moves:
-            done = all(st["i"] == n_tiles and (n_tiles == 0 or st["step"] == 2) for st in wgs)
-            assert done, f"deadlock: {wgs}, phases {phases}, in flight {in_flight}"
-            assert not in_flight, "copies left in flight"
-            return
+        assert moves, f"deadlock: {wgs}, phases {phases}, in flight {in_flight}"
         kind, x = rng.choice(moves)
         if kind == "land":
             slot, tile = in_flight.pop(x)
