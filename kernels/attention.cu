@@ -1811,7 +1811,10 @@ __device__ __forceinline__ void flash_fwd_wgmma(const act* q, const bf16* kb, co
     // warpgroup to say so refills it with the tile two ahead
     auto release = [&](int slot, int sb, int n_done, int what) {
         wg_bar_sync(1 + wg);
-        if ((threadIdx.x & 127) == 0 && atomicAdd(&done_with[slot], 1) == 1) {
+        // the fences order the warpgroups' finished reads before the count and the count before the
+        // refill (release and acquire; a relaxed atomic alone does not promise it)
+        if ((threadIdx.x & 127) == 0 && (__threadfence_block(), atomicAdd(&done_with[slot], 1)) == 1) {
+            __threadfence_block();
             atomicExch(&done_with[slot], 0);
             int n1 = next_tile(n_done), n2 = n1 < kend ? next_tile(n1) : kend;
             if (n2 < kend) {
