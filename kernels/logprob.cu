@@ -49,7 +49,8 @@ extern "C" __global__ void lse_chunk_bwd(const float* logits, int chunk, int chu
 }
 
 // Greedy decoding: per row of logits (rows, vocab), the first index of the maximum and its softmax
-// probability (for max_softmax_ppl). One block per row. CPU twin: greedy in src/model/llava.rs.
+// probability (for max_softmax_ppl). One block per row. CPU twin: greedy in src/backend/mod.rs
+// (NaNs skipped on both).
 extern "C" __global__ void argmax_maxprob(const float* logits, int vocab, int* out_id, float* out_prob) {
     __shared__ float scratch[32];
     __shared__ int best_idx[32];

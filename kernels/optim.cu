@@ -24,24 +24,34 @@ extern "C" __global__ void sgd_step(float* p, const float* g, long n, float lr, 
         p[i] -= lr * (g[i] * gs + wd * p[i]);
 }
 
+// Sums of squares in f64, as the host's: an f32 sum overflows to inf past 3.4e38 (a gradient element
+// above ~1.8e19), where the host clips and steps, and is ~1e-6 of the host's norm apart.
+__device__ __forceinline__ double block_sum_f64(double v, double* scratch) {
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if (lane == 0) scratch[warp] = v;
+    __syncthreads();
+    v = lane < warps ? scratch[lane] : 0.0;
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
 // partial[blockIdx.x] = sum of g[i]^2 over this block's grid-stride share
-extern "C" __global__ void sumsq_partial(const float* g, long n, float* partial) {
-    __shared__ float scratch[32];
-    float s = 0.0f;
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) s += g[i] * g[i];
-    s = block_sum(s, scratch);
+extern "C" __global__ void sumsq_partial(const float* g, long n, double* partial) {
+    __shared__ double scratch[32];
+    double s = 0.0;
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x)
+        s += (double)g[i] * (double)g[i];
+    s = block_sum_f64(s, scratch);
     if (threadIdx.x == 0) partial[blockIdx.x] = s;
 }
 
 // out[0] = sum of partial[0..n) (one block)
-extern "C" __global__ void sum_final(const float* partial, int n, float* out) {
-    __shared__ float scratch[32];
-    float s = 0.0f;
+extern "C" __global__ void sum_final(const double* partial, int n, double* out) {
+    __shared__ double scratch[32];
+    double s = 0.0;
     for (int i = threadIdx.x; i < n; i += blockDim.x) s += partial[i];
-    s = block_sum(s, scratch);
+    s = block_sum_f64(s, scratch);
     if (threadIdx.x == 0) out[0] = s;
-}
-
-extern "C" __global__ void scale_f32(float* x, long n, float a) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) x[i] *= a;
 }

@@ -305,6 +305,19 @@ fn elementwise_norm_rope_and_dropout() {
     check("scatter_rows of no rows", &g.download(&ga), &before, 0.0);
     let table = g.matrix(&tensor("table", 50, d, &ca)).unwrap();
     assert_eq!(g.len(&g.embed(&[], &table)), 0, "embed of no ids");
+    // norms of no rows launch nothing (a block for none would write past the one-element buffers)
+    let (mut none, empty) = (g.upload(&[]), g.upload(&[]));
+    assert_eq!(g.len(&g.rms_norm(&none, d, &wg, 1e-5)), 0, "rms_norm of no rows");
+    assert_eq!(
+        g.len(&g.add_rms_norm(&mut none, &empty, d, &wg, 1e-5)),
+        0,
+        "add_rms_norm of no rows"
+    );
+    assert_eq!(
+        g.len(&g.layer_norm(&none, d, &wg, &wg, 1e-5)),
+        0,
+        "layer_norm of no rows"
+    );
     // the vision tower's images side by side and back: copies, so exact (odd sizes, not of a block)
     for (a, b, dd) in [(3, 50, 96), (5, 577, 64), (1, 7, 33)] {
         let xv = rng.vec(a * b * dd, 1.0);

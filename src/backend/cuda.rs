@@ -196,9 +196,12 @@ fn grid1d(n: usize) -> LaunchConfig {
     }
 }
 
+/// A block per row. There must be rows: a block launched for none would read and write a row past
+/// buffers of one unused element (ops on no rows return before their launch).
 fn per_row(rows: usize, threads: u32, smem: u32) -> LaunchConfig {
+    assert!(rows > 0, "a launch of a block per row for no rows");
     LaunchConfig {
-        grid_dim: (rows.max(1) as u32, 1, 1),
+        grid_dim: (rows as u32, 1, 1),
         block_dim: (threads, 1, 1),
         shared_mem_bytes: smem,
     }
@@ -1528,6 +1531,9 @@ impl Backend for CudaBackend {
     fn layer_norm(&self, x: &DBuf, d: usize, w: &DBuf, bias: &DBuf, eps: f32) -> DBuf {
         let rows = x.len() / d;
         let mut y = self.poisoned(x.len());
+        if rows == 0 {
+            return y;
+        }
         let dd = d as i32;
         let mut b = self.stream.launch_builder(self.f("layer_norm_fwd"));
         b.arg(&x.s)
@@ -1544,6 +1550,9 @@ impl Backend for CudaBackend {
     fn rms_norm(&self, x: &DBuf, d: usize, w: &DBuf, eps: f32) -> DBuf {
         let rows = x.len() / d;
         let mut y = self.poisoned(x.len());
+        if rows == 0 {
+            return y;
+        }
         let dd = d as i32;
         let mut b = self.stream.launch_builder(self.f("rms_norm_fwd"));
         b.arg(&x.s).arg(&w.s).arg(&mut y.s).arg(&dd).arg(&eps);
@@ -1565,6 +1574,9 @@ impl Backend for CudaBackend {
         assert_eq!(x.n, y.n, "add_rms_norm: shapes");
         let rows = x.n / d;
         let mut out = self.poisoned(x.n);
+        if rows == 0 {
+            return out;
+        }
         let dd = d as i32;
         let mut b = self.stream.launch_builder(self.f("add_rms_norm_fwd"));
         b.arg(&mut x.s)
@@ -1871,6 +1883,9 @@ impl Backend for CudaBackend {
     fn rms_norm_backward(&self, x: &DBuf, d: usize, w: &DBuf, dy: &DBuf, eps: f32) -> DBuf {
         let rows = x.len() / d;
         let mut dx = self.poisoned(x.len());
+        if rows == 0 {
+            return dx;
+        }
         let dd = d as i32;
         let mut b = self.stream.launch_builder(self.f("rms_norm_bwd"));
         b.arg(&x.s).arg(&w.s).arg(&dy.s).arg(&mut dx.s).arg(&dd).arg(&eps);
@@ -2027,6 +2042,9 @@ impl Backend for CudaBackend {
 
     fn rms_norm_weight_grad(&self, x: &DBuf, d: usize, dy: &DBuf, eps: f32) -> DBuf {
         let rows = x.n / d;
+        if rows == 0 {
+            return self.zeros(d);
+        }
         let mut inv = self.poisoned(rows);
         let dd = d as i32;
         let mut b = self.stream.launch_builder(self.f("rms_inv"));
@@ -2115,7 +2133,7 @@ impl Backend for CudaBackend {
 
     fn sum_squares(&self, xs: &[&DBuf]) -> f64 {
         // per tensor, up to 256 blocks' partial sums into one buffer, then one block sums them all:
-        // one number comes back (f32 sums; the CPU's are f64, ~1e-6 relative apart)
+        // one number comes back (f64 sums, as the CPU's, in another order)
         let blocks: Vec<usize> = xs
             .iter()
             .map(|x| x.n.div_ceil(BLOCK as usize).clamp(1, 256))
@@ -2124,24 +2142,26 @@ impl Backend for CudaBackend {
         if total == 0 {
             return 0.0;
         }
-        let mut partial = self.poisoned(total);
+        // SAFETY: every partial is written by its block below, before the final sum reads it.
+        let mut partial = unsafe { self.stream.alloc::<f64>(total) }.expect("CUDA: out of memory");
         let mut at = 0;
         for (x, &nb) in xs.iter().zip(&blocks) {
             let n = x.n as i64;
-            let mut part = partial.s.slice_mut(at..at + nb);
+            let mut part = partial.slice_mut(at..at + nb);
             let mut b = self.stream.launch_builder(self.f("sumsq_partial"));
             b.arg(&x.s).arg(&n).arg(&mut part);
-            // SAFETY: x holds n elements; part nb floats, one per block.
+            // SAFETY: x holds n elements; part nb doubles, one per block.
             unsafe { b.launch(per_row(nb, BLOCK, 0)) }.expect("CUDA: sumsq_partial");
             at += nb;
         }
-        let mut out = self.poisoned(1);
+        // SAFETY: written by the one block below.
+        let mut out = unsafe { self.stream.alloc::<f64>(1) }.expect("CUDA: out of memory");
         let t = total as i32;
         let mut b = self.stream.launch_builder(self.f("sum_final"));
-        b.arg(&partial.s).arg(&t).arg(&mut out.s);
-        // SAFETY: partial holds total floats; one block.
+        b.arg(&partial).arg(&t).arg(&mut out);
+        // SAFETY: partial holds total doubles; one block.
         unsafe { b.launch(per_row(1, 1024, 0)) }.expect("CUDA: sum_final");
-        self.download(&out)[0] as f64
+        self.stream.clone_dtoh(&out).expect("CUDA: download")[0]
     }
 
     fn optim_update(
@@ -2168,8 +2188,13 @@ impl Backend for CudaBackend {
                 unsafe { b.launch(grid1d(p.n)) }.expect("CUDA: sgd_step");
             }
             OptimizerKind::AdamW => {
-                let mut m = state.m.take().unwrap_or_else(|| CudaBackend::zeros(self, p.n));
-                let mut v = state.v.take().unwrap_or_else(|| CudaBackend::zeros(self, p.n));
+                // moments of another size (a checkpoint that does not match its adapter) start
+                // over, as on the host
+                let fresh = |s: Option<DBuf>| {
+                    s.filter(|x| x.n == p.n)
+                        .unwrap_or_else(|| CudaBackend::zeros(self, p.n))
+                };
+                let (mut m, mut v) = (fresh(state.m.take()), fresh(state.v.take()));
                 state.step += 1;
                 // the bias corrections as the host computes them (f32 powers)
                 let bc1 = 1.0 - cfg.beta1.powi(state.step as i32);

@@ -638,9 +638,10 @@ pub fn dropout_keep(key: u64, index: u64, p: f32) -> bool {
 
 /// The first index of the maximum of one row of logits and its log-softmax value.
 pub fn greedy(logits: &[f32]) -> (u32, f64) {
+    // the first maximum, NaNs skipped (as the GPU's argmax does); 0 when there is none
     let mut best = 0;
     for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
+        if !v.is_nan() && (logits[best].is_nan() || v > logits[best]) {
             best = i;
         }
     }
@@ -654,6 +655,18 @@ mod tests {
 
     /// A batched decode step's masses, one (Σ rows, stride) buffer shared by its sequences, cut into
     /// each sequence's (rows, n_groups) with host masses among them, and the buffer read once.
+    /// The first maximum wins ties; NaNs are skipped wherever they stand (the GPU's argmax does the
+    /// same); a row with no maximum picks 0.
+    #[test]
+    fn greedy_picks_the_first_maximum_and_skips_nans() {
+        assert_eq!(greedy(&[1.0, 3.0, 3.0, 2.0]).0, 1);
+        assert_eq!(greedy(&[f32::NAN, 0.0, 2.0, f32::NAN]).0, 2);
+        assert_eq!(greedy(&[f32::NAN, f32::NAN]).0, 0);
+        assert_eq!(greedy(&[f32::NEG_INFINITY; 3]).0, 0);
+        let (_, lp) = greedy(&[0.0, 0.0]);
+        assert!((lp - (0.5f64).ln()).abs() < 1e-6);
+    }
+
     #[test]
     fn masses_are_cut_per_sequence() {
         use super::cpu::CpuBackend;

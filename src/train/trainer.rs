@@ -346,6 +346,8 @@ pub fn run_steps<B: Backend, S: Stage<B>>(
         if skipped {
             state.bad_steps += 1;
             if state.bad_steps >= MAX_BAD_STEPS {
+                // the host copies hold the last good update, as they would after a stop
+                stage.sync_host(m, &mut state.optim)?;
                 return Err(Error::Invalid(format!(
                     "step {}: loss or gradient not finite for {MAX_BAD_STEPS} steps in a row (loss {loss}, gradient norm {grad_norm}); stopping",
                     step + 1
