@@ -1450,7 +1450,7 @@ impl Backend for CudaBackend {
         if x.n == 0 {
             return Vec::new();
         }
-        // only the first n elements: a buffer's allocation may be larger (append_rows)
+        // only the first n elements (an allocation may hold more than the buffer's length)
         self.stream.clone_dtoh(&x.s.slice(..x.n)).expect("CUDA: download")
     }
 
