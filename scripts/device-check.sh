@@ -145,8 +145,8 @@ T="python3 benches/torch_compare.py --device cuda"
 if want attention; then
 tm 60 $B --filter attention --seq-len 4096 --repeats 7 > "$W/attn-miadpo-4096.jsonl" 2>> "$W/commands.log" || status=1
 tm 60 $T --filter attention --seq-len 4096 --repeats 7 > "$W/attn-torch-4096.jsonl" 2>> "$W/commands.log" || status=1
-# variants 5 and 6 (bulk copies on mbarriers; 6 with Q Kᵀ over the previous P V), sm_90a: the
-# candidates to replace the default
+# variants 5 and 6 (bulk copies on mbarriers; 6 with Q Kᵀ over the previous P V), sm_90a: variant
+# 5 is the default there since the H200 run of 2026-11-27, 6 the candidate to replace it
 for n in $new_ok; do
     w=$([ "$n" = 5 ] && echo wgmma-bulk || echo wgmma-overlap)
     MIADPO_ATTENTION=$w tm 60 $B --filter attention --seq-len 4096 --repeats 7 \
@@ -223,7 +223,7 @@ for t in 1024 16384; do
     tm 60 $T --filter attention --seq-len $t --repeats 3 > "$W/attn-torch-$t.jsonl" 2>> "$W/commands.log" || status=1
 done
 variants="fused pipelined"
-[ "$arch" = "sm_90a" ] && variants="$variants wgmma128"
+[ "$arch" = "sm_90a" ] && variants="$variants wgmma wgmma128" # variant 4, the default before variant 5
 want plain && variants="plain $variants"
 for w in $variants; do
     MIADPO_ATTENTION=$w tm 60 $B --filter attention --seq-len 4096 --repeats 5 > "$W/attn-$w-4096.jsonl" 2>> "$W/commands.log" || status=1
@@ -293,7 +293,8 @@ table(load("ops-miadpo.jsonl"), load("ops-torch.jsonl"), "")
 table(load("attn-miadpo-4096.jsonl"), load("attn-torch-4096.jsonl"), " (default variant)")
 for t in (1024, 16384):
     table(load(f"attn-miadpo-{t}.jsonl"), load(f"attn-torch-{t}.jsonl"), f" T={t}")
-for w, label in (("plain", "1 (plain)"), ("fused", "2 (fused)"), ("pipelined", "3 (pipelined)"), ("wgmma128", "4 (wgmma128)"),
+for w, label in (("plain", "1 (plain)"), ("fused", "2 (fused)"), ("pipelined", "3 (pipelined)"), ("wgmma", "4 (wgmma)"),
+                 ("wgmma128", "4 (wgmma128)"),
                  ("wgmma-bulk", "5 (wgmma-bulk)"), ("wgmma-overlap", "6 (wgmma-overlap)")):
     table(load(f"attn-{w}-4096.jsonl"), load("attn-torch-4096.jsonl"), f" variant {label}")
 PY

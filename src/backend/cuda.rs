@@ -83,10 +83,12 @@ pub struct CudaBackend {
     /// (`with_poison`) or with `MIADPO_POISON=1`; off otherwise, as it costs a write pass per output.
     poison: bool,
     /// The attention kernel family (`AttnKernel`, `MIADPO_ATTENTION=plain|fused|pipelined|wgmma|
-    /// wgmma128`): by default variant 4 (`Wgmma`) on sm_90a and variant 3 (`Pipelined`) elsewhere,
-    /// the fastest forwards measured on an H100 that passed the GPU tests; each falls back to variant
-    /// 2 for decode steps and the backward, and variant 4 to 3 for head dims 16 and 32. `Plain`, the
-    /// first, unfused version, is kept as variant 1 for the benchmarks and as a second opinion.
+    /// wgmma128|wgmma-bulk|wgmma-overlap`): by default variant 5 (`WgmmaBulk`) on sm_90a and variant
+    /// 3 (`Pipelined`) elsewhere, the fastest forwards measured on a device that passed the GPU
+    /// tests; decode steps take variant 2's flash-decoding, the backward variant 3's (variant 2's
+    /// where its shared memory does not fit), and variants 4 to 6 take variant 3's forward for head
+    /// dims 16 and 32. `Plain`, the first, unfused version, is kept as variant 1 for the benchmarks
+    /// and as a second opinion.
     attn: AttnKernel,
     /// the device's default memory pool, where every buffer lives (None: no stream-ordered allocator)
     pool: Option<cudarc::driver::sys::CUmemoryPool>,
@@ -451,8 +453,8 @@ impl CudaBackend {
             attn: match std::env::var("MIADPO_ATTENTION").as_deref() {
                 Ok("plain") => AttnKernel::Plain,
                 // the fastest that has passed the GPU tests on a device (docs/attention-notes.md):
-                // variant 4 on Hopper, variant 3 elsewhere
-                Err(_) if arch == "sm_90a" => AttnKernel::Wgmma,
+                // variant 5 on Hopper (H200, 2026-11-27), variant 3 elsewhere
+                Err(_) if arch == "sm_90a" => AttnKernel::WgmmaBulk,
                 Err(_) => AttnKernel::Pipelined,
                 Ok("fused") => AttnKernel::Fused,
                 Ok("pipelined") => AttnKernel::Pipelined,
