@@ -803,7 +803,7 @@ extern "C" __global__ void __launch_bounds__(128) attention_bwd_d128(const act* 
 
 // Variant 3's backward: variant 2's with Q and dO packed to bf16 once (attention_pack_kv on Q and
 // on dO: row-major and transposed, tqpad rows) and their tiles double-buffered by cp.async. Dynamic
-// shared memory (6 * 64 * (D + 8) + 5 * D * 72 + 64 * 72) * 2 + 2 * 64 * 4 bytes: 201 KiB at D = 128,
+// shared memory (6 * 64 * (D + 8) + 5 * D * 72 + 64 * 72) * 2 + 2 * 64 * 4 bytes: 201.5 KiB at D = 128,
 // more than an A100 block may have (the host takes variant 2's there).
 
 extern "C" __global__ void __launch_bounds__(128) attention_bwd3_d16(const act* q, const act* k, const act* v,

@@ -70,7 +70,7 @@ echo "## GPU tests (CUDA backend vs CPU twin)" >> "$md"
 echo >> "$md"
 # Three processes: every test without attention variants 5 and 6 (never run on a GPU yet), then the
 # attention tests with variant 5, then with variant 6, so that a fault of one (a sticky CUDA error
-# poisons the process; a barrier deadlock traps after ~1 s) cannot take the other tests, or the other
+# poisons the process; a barrier deadlock traps after two seconds) cannot take the other tests, or the other
 # variant, with it; each one's benchmarks below run only if its tests passed.
 # MIADPO_TEST_NO_WGMMA=1 would leave variant 4 out too.
 if MIADPO_TEST_NO_NEW=1 tm 240 target/device/gpu-tests --nocapture --test-threads 1 > "$W/gpu-tests.log" 2>&1; then

@@ -331,7 +331,6 @@ fn hole_args(s: AttnShape) -> (i32, i32, i32) {
         .map_or((-1, 0, 0), |(f, a, b)| (f as i32, a as i32, b as i32))
 }
 
-/// f32 -> bf16 bits, round to nearest even (the kernels' `f2bf`).
 /// Dynamic shared memory of the attention backward at head dim d (`attention_bwd_d*`, or the packed
 /// `attention_bwd3_d*`): K, Kᵀ, V, then Q, Qᵀ, dO, dOᵀ tiles (two of each, double-buffered, when
 /// packed), the dS tile in bf16, then the log-sum-exp and Δ of 64 rows.
@@ -340,6 +339,7 @@ fn bwd_smem(d: usize, packed: bool) -> usize {
     ((2 + 2 * nb) * 64 * (d + 8) + (1 + 2 * nb) * d * 72 + 64 * 72) * 2 + 2 * 64 * 4
 }
 
+/// f32 -> bf16 bits, round to nearest even (the kernels' `f2bf`).
 fn f32_to_bf16(x: f32) -> u16 {
     half::bf16::from_f32(x).to_bits()
 }
@@ -1852,6 +1852,9 @@ impl Backend for CudaBackend {
     }
 
     fn token_logprobs(&self, logits: &DBuf, vocab: usize, targets: &[u32]) -> Vec<f32> {
+        if targets.is_empty() {
+            return Vec::new(); // no rows: nothing to launch
+        }
         let mut lse = OnlineLse::new(self, targets);
         lse.fold(self, logits, 0, vocab);
         lse.finish(self).0
@@ -2013,6 +2016,9 @@ impl Backend for CudaBackend {
         w: &CudaMat,
         targets: &[u32],
     ) -> (Vec<f32>, Vec<f32>) {
+        if rows == 0 {
+            return (Vec::new(), Vec::new()); // no rows: nothing to launch
+        }
         let hb = self.to_bf16(hidden, rows * w.cols);
         let mut lse = OnlineLse::new(self, targets);
         for c0 in (0..w.rows).step_by(VOCAB_CHUNK) {
@@ -2035,6 +2041,9 @@ impl Backend for CudaBackend {
         dlogp: &[f32],
     ) -> DBuf {
         let mut dh = self.zeros(rows * w.cols);
+        if rows == 0 {
+            return dh;
+        }
         self.dlogits_chunks(hidden, rows, w, targets, lse, dlogp, &mut |c0, n, _, dl| {
             // dh (rows, h) (+)= dl (rows, n) · W[c0..c0+n]
             self.dyw(dl, rows, w, c0, n, &mut dh, if c0 == 0 { 0.0 } else { 1.0 });
@@ -2108,6 +2117,9 @@ impl Backend for CudaBackend {
         dlogp: &[f32],
         g: &mut DBuf,
     ) {
+        if rows == 0 {
+            return; // nothing to add
+        }
         let h = w.cols;
         self.dlogits_chunks(hidden, rows, w, targets, lse, dlogp, &mut |c0, n, hb, dl| {
             // g rows c0..c0+n (n, h) += dlᵀ (n, rows) · hidden (rows, h); column-major: the (h, n)
@@ -2192,11 +2204,10 @@ impl Backend for CudaBackend {
             OptimizerKind::AdamW => {
                 // moments of another size (a checkpoint that does not match its adapter) start
                 // over, as on the host
-                let fresh = |s: Option<DBuf>| {
-                    s.filter(|x| x.n == p.n)
-                        .unwrap_or_else(|| CudaBackend::zeros(self, p.n))
+                let (mut m, mut v) = match (state.m.take(), state.v.take()) {
+                    (Some(m), Some(v)) if m.n == p.n && v.n == p.n => (m, v),
+                    _ => (CudaBackend::zeros(self, p.n), CudaBackend::zeros(self, p.n)),
                 };
-                let (mut m, mut v) = (fresh(state.m.take()), fresh(state.v.take()));
                 state.step += 1;
                 // the bias corrections as the host computes them (f32 powers)
                 let bc1 = 1.0 - cfg.beta1.powi(state.step as i32);

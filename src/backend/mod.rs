@@ -566,9 +566,9 @@ pub trait Backend: Send + Sync {
 }
 
 /// `Backend::attention_cached` as one `attention` call per sequence: its rows of k and v appended to
-/// its cache (copied out first when there are several sequences), its rows of q attended. A
-/// sequence without earlier rows attends its new k and v rows as they are (the cache then holds
-/// just those, in its storage type); one with earlier rows attends `kv_read` of its cache.
+/// its cache (copied out first when there are several sequences), its rows of q attended to the
+/// whole cache as `kv_read` gives it (the cache itself on the CPU; on CUDA an f32 copy of the bf16
+/// cache, so that every path attends the same rounded keys).
 pub fn attention_cached_each<B: Backend + ?Sized>(
     be: &B,
     q: &B::Buf,
@@ -604,11 +604,7 @@ pub fn attention_cached_each<B: Backend + ?Sized>(
             q_pos0: seq.len,
             hole: None,
         };
-        let (kc, vc) = if seq.len == 0 {
-            (kn, vn)
-        } else {
-            (be.kv_read(seq.k), be.kv_read(seq.v))
-        };
+        let (kc, vc) = (be.kv_read(seq.k), be.kv_read(seq.v));
         let qs = (!one).then(|| be.slice_rows(q, qd, r0, r1));
         let (o, mass) = be.attention(qs.as_ref().unwrap_or(q), &kc, &vc, shape, seq.groups);
         outs.push(o);
@@ -638,11 +634,11 @@ pub fn dropout_keep(key: u64, index: u64, p: f32) -> bool {
 
 /// The first index of the maximum of one row of logits and its log-softmax value.
 pub fn greedy(logits: &[f32]) -> (u32, f64) {
-    // the first maximum, NaNs skipped (as the GPU's argmax does); 0 when there is none
-    let mut best = 0;
+    // the first maximum above -inf, NaNs skipped (as the GPU's argmax does); 0 when there is none
+    let (mut best, mut top) = (0, f32::NEG_INFINITY);
     for (i, &v) in logits.iter().enumerate() {
-        if !v.is_nan() && (logits[best].is_nan() || v > logits[best]) {
-            best = i;
+        if v > top {
+            (best, top) = (i, v);
         }
     }
     let lse = cpu::log_sum_exp(logits) as f64;
@@ -653,8 +649,6 @@ pub fn greedy(logits: &[f32]) -> (u32, f64) {
 mod tests {
     use super::*;
 
-    /// A batched decode step's masses, one (Σ rows, stride) buffer shared by its sequences, cut into
-    /// each sequence's (rows, n_groups) with host masses among them, and the buffer read once.
     /// The first maximum wins ties; NaNs are skipped wherever they stand (the GPU's argmax does the
     /// same); a row with no maximum picks 0.
     #[test]
@@ -663,10 +657,13 @@ mod tests {
         assert_eq!(greedy(&[f32::NAN, 0.0, 2.0, f32::NAN]).0, 2);
         assert_eq!(greedy(&[f32::NAN, f32::NAN]).0, 0);
         assert_eq!(greedy(&[f32::NEG_INFINITY; 3]).0, 0);
+        assert_eq!(greedy(&[f32::NAN, f32::NEG_INFINITY, f32::NEG_INFINITY]).0, 0);
         let (_, lp) = greedy(&[0.0, 0.0]);
         assert!((lp - (0.5f64).ln()).abs() < 1e-6);
     }
 
+    /// A batched decode step's masses, one (Σ rows, stride) buffer shared by its sequences, cut into
+    /// each sequence's (rows, n_groups) with host masses among them, and the buffer read once.
     #[test]
     fn masses_are_cut_per_sequence() {
         use super::cpu::CpuBackend;

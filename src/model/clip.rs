@@ -153,21 +153,7 @@ impl<B: Backend> VisionTower<B> {
                 )
                 .try_into()
                 .unwrap_or_else(|_| unreachable!("three products"));
-            let o = if n == 1 {
-                be.attention(&q, &k, &v, shape, None).0
-            } else {
-                // the images side by side, (n, t, h) -> (t, n·h): image i's heads are heads
-                // i·heads.. of one call, which attend within their own image (a launch for all
-                // the images, and n times the blocks of one image's 577 rows to fill the GPU)
-                let side = |m: &B::Buf| be.transpose_rows(m, n, t, h);
-                let wide = AttnShape {
-                    heads: n * c.num_heads,
-                    kv_heads: n * c.num_heads,
-                    ..shape
-                };
-                let o = be.attention(&side(&q), &side(&k), &side(&v), wide, None).0; // (t, n·h)
-                be.transpose_rows(&o, t, n, h)
-            };
+            let o = images_attention(be, (&q, &k, &v), n, shape); // (rows, h)
             be.add(&mut x, &be.linear(&o, rows, &l.out.0, Some(&l.out.1)));
             let a = be.layer_norm(&x, h, &l.ln2.0, &l.ln2.1, c.layer_norm_eps);
             let mut m = be.linear(&a, rows, &l.fc1.0, Some(&l.fc1.1));
@@ -184,4 +170,29 @@ impl<B: Backend> VisionTower<B> {
             FeatureSelect::Full => x,
         }
     }
+}
+
+/// The vision tower's attention over n images of `shape.tq` rows each (q, k, v: (n·t, heads·D), not
+/// causal) in one call: the images side by side, (n, t, heads·D) -> (t, n·heads·D), so that image
+/// i's heads are heads i·heads.. of one call, which attend within their own image (a launch for all
+/// the images, and n times the blocks of one image's rows to fill a GPU), then back. Each head's rows
+/// are computed alone, so this equals one `attention` per image bit for bit (tests/parity.rs).
+pub fn images_attention<B: Backend>(
+    be: &B,
+    (q, k, v): (&B::Buf, &B::Buf, &B::Buf),
+    n: usize,
+    shape: AttnShape,
+) -> B::Buf {
+    if n == 1 {
+        return be.attention(q, k, v, shape, None).0;
+    }
+    let (t, h) = (shape.tq, shape.heads * shape.head_dim);
+    let side = |m: &B::Buf| be.transpose_rows(m, n, t, h);
+    let wide = AttnShape {
+        heads: n * shape.heads,
+        kv_heads: n * shape.kv_heads,
+        ..shape
+    };
+    let o = be.attention(&side(q), &side(k), &side(v), wide, None).0; // (t, n·h)
+    be.transpose_rows(&o, t, n, h)
 }

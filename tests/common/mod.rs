@@ -60,8 +60,8 @@ pub fn case_inputs<B: miadpo::backend::Backend>(
 }
 
 /// The vision tower's attention over n images of t rows (q, k, v: (n·t, heads·d) each, not causal)
-/// two ways: the images side by side in one call (`transpose_rows`, image i's heads as heads
-/// i·heads.. of their own) and back, and one `attention` per image. Returns both, (n·t, heads·d).
+/// two ways: `clip::images_attention` (the images side by side in one call, what the tower runs),
+/// and one `attention` per image. Returns both, (n·t, heads·d).
 pub fn images_attention_two_ways<B: miadpo::backend::Backend>(
     be: &B,
     (q, k, v): (&B::Buf, &B::Buf, &B::Buf),
@@ -84,14 +84,8 @@ pub fn images_attention_two_ways<B: miadpo::backend::Backend>(
             be.download(&be.attention(&rows(q), &rows(k), &rows(v), shape, None).0)
         })
         .collect();
-    let side = |m: &B::Buf| be.transpose_rows(m, n, t, h);
-    let wide = miadpo::backend::AttnShape {
-        heads: n * heads,
-        kv_heads: n * heads,
-        ..shape
-    };
-    let o = be.attention(&side(q), &side(k), &side(v), wide, None).0; // (t, n·h)
-    (be.download(&be.transpose_rows(&o, t, n, h)), per)
+    let together = miadpo::model::clip::images_attention(be, (q, k, v), n, shape);
+    (be.download(&together), per)
 }
 
 pub fn fixture_dir() -> PathBuf {
