@@ -22,6 +22,21 @@ the protocol, not the PTX (the GPU tests do that).
 import random
 
 
+def choose(rng, moves, in_flight, content, phases, wgs):
+    """a random move of `moves` (none left: a deadlock); a copy landing is played here (its slot then
+    holds its tile, and the slot's barrier completes a phase) and gives None, a warpgroup's move is
+    returned"""
+    assert moves, f"deadlock: {wgs}, phases {phases}, in flight {in_flight}"
+    kind, x = rng.choice(moves)
+    if kind != "land":
+        return kind, x
+    slot, tile = in_flight.pop(x)
+    content[slot] = tile
+    phases[slot] += 1
+    assert phases[slot] == tile // 2 + 1, "a slot's phases count its tiles"
+    return None
+
+
 def run(n_tiles, rng):
     """variant 5: stage b (K and Vᵀ) behind barrier full[b]."""
     phases = [0, 0]            # completed phases per stage (mbarrier)
@@ -56,14 +71,10 @@ def run(n_tiles, rng):
             i = st["i"]
             if i < n_tiles and phases[i % 2] % 2 != (i // 2) % 2:   # try_wait.parity succeeds
                 moves.append(("step", w))
-        assert moves, f"deadlock: {wgs}"
-        kind, x = rng.choice(moves)
-        if kind == "land":
-            stage, tile = in_flight.pop(x)
-            content[stage] = tile
-            phases[stage] += 1
-            assert phases[stage] == tile // 2 + 1, "a stage's phases count its tiles"
+        move = choose(rng, moves, in_flight, content, phases, wgs)
+        if move is None:
             continue
+        kind, x = move
         st = wgs[x]
         i, stage = st["i"], st["i"] % 2
         assert content[stage] == i and all(s != stage for s, _ in in_flight), f"tile {i} not landed"
@@ -125,14 +136,10 @@ def run_split(n_tiles, rng):
                     moves.append(("v_last", w))
                 elif step == 1:
                     moves.append(("rel_last", w))
-        assert moves, f"deadlock: {wgs}, phases {phases}, in flight {in_flight}"
-        kind, x = rng.choice(moves)
-        if kind == "land":
-            slot, tile = in_flight.pop(x)
-            content[slot] = tile
-            phases[slot] += 1
-            assert phases[slot] == tile // 2 + 1, "a slot's phases count its tiles"
+        move = choose(rng, moves, in_flight, content, phases, wgs)
+        if move is None:
             continue
+        kind, x = move
         st = wgs[x]
         i = st["i"]
         if kind == "k":
