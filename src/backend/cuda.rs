@@ -901,26 +901,26 @@ impl CudaBackend {
         ys
     }
 
-    /// Makes room in `dst` for `n` elements, keeping its first `len`: a KV cache's length is `n`, its
+    /// Makes room in the cache `kv` for `n` elements, keeping its `kv.n`: its length is `kv.n`, its
     /// capacity the allocation's, which grows geometrically as the cache grows by a row per decode
     /// step, so growing costs O(rows) copied in all instead of the whole cache per step.
-    fn reserve<T: DeviceRepr>(&self, dst: &mut CudaSlice<T>, len: usize, n: usize) {
-        if dst.len() >= n {
+    fn reserve(&self, kv: &mut DKv, n: usize) {
+        if kv.s.len() >= n {
             return;
         }
         // an empty cache takes exactly its first rows (a prompt's prefill); a growing one a quarter
         // more than it needs (a cache is most of a decode step's memory: doubling it would hold
         // twice the prompt), still O(rows) copied in all
-        let cap = if len == 0 { n } else { n + n / 4 };
-        // SAFETY: the first `len` elements are copied in below, the rest lie past the length.
-        let mut grown = unsafe { self.stream.alloc::<T>(cap.max(1)) }.expect("CUDA: out of memory");
-        if len > 0 {
-            let mut head = grown.slice_mut(..len);
+        let cap = if kv.n == 0 { n } else { n + n / 4 };
+        // SAFETY: the first kv.n elements are copied in below, the rest lie past the length.
+        let mut grown = unsafe { self.stream.alloc::<u16>(cap.max(1)) }.expect("CUDA: out of memory");
+        if kv.n > 0 {
+            let mut head = grown.slice_mut(..kv.n);
             self.stream
-                .memcpy_dtod(&dst.slice(..len), &mut head)
+                .memcpy_dtod(&kv.s.slice(..kv.n), &mut head)
                 .expect("CUDA: copy");
         }
-        *dst = grown;
+        kv.s = grown;
     }
 
     /// `attention_cached` for up to DEC_MAX_SEQS decode sequences whose rows start at row `r0` of
@@ -954,8 +954,8 @@ impl CudaBackend {
         for (i, seq) in seqs.iter_mut().enumerate() {
             let n = (seq.len + seq.rows) * kvd;
             assert_eq!(seq.k.n, seq.len * kvd, "cache {i}: its length is not `len` rows");
-            self.reserve(&mut seq.k.s, seq.k.n, n);
-            self.reserve(&mut seq.v.s, seq.v.n, n);
+            self.reserve(seq.k, n);
+            self.reserve(seq.v, n);
             // cudarc's event tracking is off (`new`), so the raw pointers need no guard; the caches
             // outlive the launches
             dec.k[i] = seq.k.s.device_ptr_mut(&self.stream).0;
@@ -1791,7 +1791,7 @@ impl Backend for CudaBackend {
 
     fn kv_append(&self, kv: &mut DKv, src: &DBuf) {
         let n = kv.n + src.n;
-        self.reserve(&mut kv.s, kv.n, n);
+        self.reserve(kv, n);
         if src.n > 0 {
             let mut tail = kv.s.slice_mut(kv.n..n);
             let nn = src.n as i64;
