@@ -756,7 +756,7 @@ fn dpo_training_steps_on_the_gpu() {
 #[test]
 fn batched_generation_on_the_gpu_matches_the_cpu() {
     use miadpo::model::llama::{MassCapture, Segment};
-    use miadpo::model::llava::{GenerateItem, GenerateOptions, Generation, Llava};
+    use miadpo::model::llava::{GenerateOptions, Generation, Llava};
     let Some(g) = gpu() else { return };
     const LAYER: usize = 1;
     struct Steps {
@@ -766,27 +766,8 @@ fn batched_generation_on_the_gpu_matches_the_cpu() {
     }
     // `generate_batch` of the fixture's prompts, then (with `tokens`) the teacher-forced steps
     fn run<B: Backend>(m: &Llava<B>, tokens: Option<&[Vec<u32>]>) -> (Vec<Generation>, Option<Steps>) {
-        let dir = common::fixture_dir();
-        let (mut prompts, mut feats) = (Vec::new(), Vec::new());
-        for c in common::cases()["generate"].as_array().unwrap() {
-            let (prompt, px) = common::case_inputs(m, &dir, c, "question");
-            prompts.push(prompt);
-            feats.push(m.image_features(&px));
-        }
-        let groups: Vec<KeyGroups> = prompts
-            .iter()
-            .map(|p| KeyGroups::per_span(&p.image_spans).unwrap())
-            .collect();
-        let items: Vec<GenerateItem<B>> = prompts
-            .iter()
-            .zip(&feats)
-            .zip(&groups)
-            .map(|((p, f), g)| GenerateItem {
-                prompt: p,
-                features: f,
-                groups: Some(g),
-            })
-            .collect();
+        let inputs = common::GenerateInputs::load(m, &common::fixture_dir());
+        let items = inputs.items();
         let opts = GenerateOptions {
             max_new_tokens: 8,
             attn_layer: Some(LAYER),
@@ -795,12 +776,14 @@ fn batched_generation_on_the_gpu_matches_the_cpu() {
         let gens = m.generate_batch(&items, &opts, &mut |_| {}).unwrap();
         let steps = tokens.map(|tokens| {
             let be = &m.be;
-            let mut caches: Vec<_> = prompts
+            let mut caches: Vec<_> = inputs
+                .prompts
                 .iter()
-                .zip(&feats)
+                .zip(&inputs.feats)
                 .map(|(p, f)| m.prefill(&p.ids, f, false).unwrap().0)
                 .collect();
-            let captures: Vec<MassCapture> = groups
+            let captures: Vec<MassCapture> = inputs
+                .groups
                 .iter()
                 .map(|g| MassCapture {
                     groups: g,
@@ -1122,6 +1105,26 @@ fn fixture_pair_on_both(
 #[test]
 fn attention_cached_decode_batch_matches_the_cpu() {
     use miadpo::backend::{attention_cached_each, CachedSeq, Heads};
+    // sequence i of a step: its caches, earlier rows, new rows and groups
+    fn seqs<'a, B: Backend>(
+        k: &'a mut [B::Kv],
+        v: &'a mut [B::Kv],
+        len: &[usize],
+        rows: &[usize],
+        groups: &'a [Option<KeyGroups>],
+    ) -> Vec<CachedSeq<'a, B>> {
+        k.iter_mut()
+            .zip(v.iter_mut())
+            .enumerate()
+            .map(|(i, (k, v))| CachedSeq {
+                k,
+                v,
+                len: len[i],
+                rows: rows[i],
+                groups: groups[i].as_ref(),
+            })
+            .collect()
+    }
     let Some(g) = gpu() else { return };
     let c = CpuBackend::new();
     let mut rng = TestRng(11);
@@ -1168,31 +1171,9 @@ fn attention_cached_decode_batch_matches_the_cpu() {
                 rng.vec(total * kvd, 1.0),
                 rng.vec(total * kvd, 1.0),
             );
-            let mut cs: Vec<CachedSeq<CpuBackend>> = kc
-                .iter_mut()
-                .zip(vc.iter_mut())
-                .enumerate()
-                .map(|(i, (k, v))| CachedSeq {
-                    k,
-                    v,
-                    len: len[i],
-                    rows: rows[i],
-                    groups: groups[i].as_ref(),
-                })
-                .collect();
+            let mut cs = seqs::<CpuBackend>(&mut kc, &mut vc, &len, &rows, &groups);
             let (oc, mc) = attention_cached_each(&c, &q, &bf16_round(&k), &bf16_round(&v), h, &mut cs);
-            let mut gs: Vec<CachedSeq<CudaBackend>> = kg
-                .iter_mut()
-                .zip(vg.iter_mut())
-                .enumerate()
-                .map(|(i, (k, v))| CachedSeq {
-                    k,
-                    v,
-                    len: len[i],
-                    rows: rows[i],
-                    groups: groups[i].as_ref(),
-                })
-                .collect();
+            let mut gs = seqs::<CudaBackend>(&mut kg, &mut vg, &len, &rows, &groups);
             let (og, mg) = g.attention_cached(&g.upload(&q), &g.upload(&k), &g.upload(&v), h, &mut gs);
             let name = format!(
                 "attention_cached {} seqs h={}/{} d={} step {step}",

@@ -267,18 +267,10 @@ fn f32_sharded_copy_gives_identical_results() {
 /// a time, bit for bit (decode products of up to 16 rows use the same per-row dot product).
 #[test]
 fn batched_generation_equals_one_at_a_time() {
-    use miadpo::backend::KeyGroups;
-    use miadpo::model::llava::GenerateItem;
     let dir = fixture_dir();
     let m = model(&dir);
-    let all = cases();
-    let mut prompts = Vec::new();
-    let mut feats = Vec::new();
-    for c in all["generate"].as_array().unwrap() {
-        let (prompt, px) = case_inputs(&m, &dir, c, "question");
-        prompts.push(prompt);
-        feats.push(m.image_features(&px));
-    }
+    let inputs = GenerateInputs::load(&m, &dir);
+    let items = inputs.items();
     // two answer lengths; every sequence stays in the batch to the end (no EOS in the fixture)
     for max_new in [10, 3] {
         let opts = GenerateOptions {
@@ -286,24 +278,10 @@ fn batched_generation_equals_one_at_a_time() {
             attn_layer: Some(1),
             use_adapter: false,
         };
-        let groups: Vec<KeyGroups> = prompts
-            .iter()
-            .map(|p| KeyGroups::per_span(&p.image_spans).unwrap())
-            .collect();
-        let items: Vec<GenerateItem<CpuBackend>> = prompts
-            .iter()
-            .zip(&feats)
-            .zip(&groups)
-            .map(|((p, f), g)| GenerateItem {
-                prompt: p,
-                features: f,
-                groups: Some(g),
-            })
-            .collect();
         let mut steps = 0;
         let batch = m.generate_batch(&items, &opts, &mut |k| steps += k).unwrap();
         assert_eq!(steps, 3 * max_new);
-        for (p, (f, b)) in prompts.iter().zip(feats.iter().zip(&batch)) {
+        for (p, (f, b)) in inputs.prompts.iter().zip(inputs.feats.iter().zip(&batch)) {
             let one = m.generate_ids(p, f, &p.image_spans, &opts).unwrap();
             assert_eq!(one.token_ids, b.token_ids);
             assert_eq!(one.image_attention, b.image_attention);

@@ -59,6 +59,48 @@ pub fn case_inputs<B: miadpo::backend::Backend>(
     (prompt, px)
 }
 
+/// The fixture's generate cases as `generate_batch` takes them: each case's prompt (its "question"),
+/// its images' features, and one key group per image span.
+pub struct GenerateInputs<B: miadpo::backend::Backend> {
+    pub prompts: Vec<miadpo::text::tokenizer::PromptIds>,
+    pub feats: Vec<B::Buf>,
+    pub groups: Vec<miadpo::backend::KeyGroups>,
+}
+
+impl<B: miadpo::backend::Backend> GenerateInputs<B> {
+    pub fn load(m: &miadpo::model::llava::Llava<B>, dir: &Path) -> Self {
+        let (mut prompts, mut feats) = (Vec::new(), Vec::new());
+        for c in cases_of(dir)["generate"].as_array().unwrap() {
+            let (prompt, px) = case_inputs(m, dir, c, "question");
+            prompts.push(prompt);
+            feats.push(m.image_features(&px));
+        }
+        let groups = prompts
+            .iter()
+            .map(|p| miadpo::backend::KeyGroups::per_span(&p.image_spans).unwrap())
+            .collect();
+        GenerateInputs {
+            prompts,
+            feats,
+            groups,
+        }
+    }
+
+    /// One item per case, with its image groups.
+    pub fn items(&self) -> Vec<miadpo::model::llava::GenerateItem<'_, B>> {
+        self.prompts
+            .iter()
+            .zip(&self.feats)
+            .zip(&self.groups)
+            .map(|((p, f), g)| miadpo::model::llava::GenerateItem {
+                prompt: p,
+                features: f,
+                groups: Some(g),
+            })
+            .collect()
+    }
+}
+
 /// The vision tower's attention over n images of t rows (q, k, v: (n·t, heads·d) each, not causal)
 /// two ways: `clip::images_attention` (the images side by side in one call, what the tower runs),
 /// and one `attention` per image. Returns both, (n·t, heads·d).
